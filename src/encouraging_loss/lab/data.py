@@ -1,0 +1,469 @@
+"""Local dataset loaders for the lab: MNIST-format idx files and CIFAR-10.
+
+Datasets are looked up by name under a *data root* laid out like ``../shared/data``
+(``ROOT/fashion-mnist``, ``ROOT/mnist``, ``ROOT/notmnist``, ``ROOT/cifar10``). The root is, in
+order: the ``data_root`` argument (``--data-root``), the ``ENCOURAGING_LOSS_DATA`` environment
+variable, then ``~/.cache/encouraging-loss/data``. Fashion-MNIST is also found at the Debian
+package path ``/usr/share/datasets/fashion-mnist`` without any configuration.
+
+Nothing here touches the network except :func:`download`, which is explicit and optional.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENV_VAR = "ENCOURAGING_LOSS_DATA"
+DEFAULT_CACHE_ROOT = Path("~/.cache/encouraging-loss/data")
+# Where Debian packages install datasets; searched after the configured root.
+SYSTEM_PATHS: dict[str, tuple[Path, ...]] = {
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+IDX_DATASETS = ("fashion-mnist", "mnist", "notmnist")
+DATASETS = (*IDX_DATASETS, "cifar10")
+CIFAR10_NPZ = "cifar10-jpeg-q75.npz"
+
+_CLASS_NAMES = {
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "mnist": tuple(str(d) for d in range(10)),
+    "notmnist": tuple("ABCDEFGHIJ"),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset was not found in any of the searched folders (the message lists them)."""
+
+
+@dataclass
+class ImageDataset:
+    """An image classification dataset held in memory as uint8 arrays.
+
+    Attributes:
+        name: dataset name, e.g. ``"fashion-mnist"``.
+        train_images: ``(N, H, W)`` or ``(N, H, W, C)`` uint8, or ``None`` when absent.
+        train_labels: ``(N,)`` int64, or ``None``.
+        test_images: like ``train_images`` for the test split.
+        test_labels: ``(M,)`` int64.
+        classes: class names, index = label.
+        source: the folder the files were read from.
+    """
+
+    name: str
+    train_images: np.ndarray | None
+    train_labels: np.ndarray | None
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: Path
+
+
+def default_data_root() -> Path:
+    """Return the data root used when ``--data-root`` is not given.
+
+    Returns:
+        ``$ENCOURAGING_LOSS_DATA`` if set and non-empty, else ``~/.cache/encouraging-loss/data``.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    return Path(env).expanduser() if env else DEFAULT_CACHE_ROOT.expanduser()
+
+
+def candidate_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[Path]:
+    """List the folders searched for dataset ``name``, in order.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_root: explicit root holding datasets by name; ``None`` uses :func:`default_data_root`.
+
+    Returns:
+        Folders to try, first match wins.
+
+    Raises:
+        ValueError: if ``name`` is not a known dataset.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    return [root / name, *SYSTEM_PATHS.get(name, ())]
+
+
+def _has_files(name: str, folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    if name == "cifar10":
+        return (folder / CIFAR10_NPZ).is_file() or _cifar_pickle_dir(folder) is not None
+    return _find_idx(folder, "t10k-images-idx3-ubyte") is not None
+
+
+def find_dataset(name: str, data_root: str | os.PathLike | None = None) -> Path:
+    """Return the folder holding dataset ``name``.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_root: explicit data root, or ``None`` for the default search.
+
+    Returns:
+        The first candidate folder that holds the dataset's files.
+
+    Raises:
+        DatasetNotFoundError: with a one-line message listing every folder searched.
+    """
+    dirs = candidate_dirs(name, data_root)
+    for folder in dirs:
+        if _has_files(name, folder):
+            return folder
+    looked = ", ".join(str(d) for d in dirs)
+    hint = " (or apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    raise DatasetNotFoundError(
+        f"dataset {name!r} not found; looked in: {looked}; pass --data-root DIR with DIR/{name}"
+        f" or set {ENV_VAR}{hint}"
+    )
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (optionally gzip-compressed) as a numpy array.
+
+    Args:
+        path: file in the MNIST idx format (magic ``0x000008DD``: uint8 data, DD dimensions).
+
+    Returns:
+        The array with the shape stored in the header.
+
+    Raises:
+        ValueError: if the header is not a uint8 idx header or the size does not match.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4:
+        raise ValueError(f"path: {path} is too short to be an idx file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"path: {path} is not a uint8 idx file (magic {raw[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"path: {path} holds {data.size} values, header says {shape}")
+    return data.reshape(shape)
+
+
+def load_idx_dataset(name: str, folder: str | os.PathLike) -> ImageDataset:
+    """Load an MNIST-format dataset (train split optional, as for notMNIST).
+
+    Args:
+        name: dataset name, used for class names.
+        folder: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
+
+    Returns:
+        The dataset; ``train_images`` is ``None`` when the folder has no train files.
+
+    Raises:
+        FileNotFoundError: if the test files are missing.
+    """
+    folder = Path(folder)
+    splits: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+    for split in ("train", "t10k"):
+        images = _find_idx(folder, f"{split}-images-idx3-ubyte")
+        labels = _find_idx(folder, f"{split}-labels-idx1-ubyte")
+        if images is None or labels is None:
+            splits[split] = None
+            continue
+        x, y = read_idx(images), read_idx(labels).astype(np.int64)
+        if len(x) != len(y):
+            raise ValueError(f"folder: {folder} has {len(x)} {split} images but {len(y)} labels")
+        splits[split] = (x, y)
+    if splits["t10k"] is None:
+        raise FileNotFoundError(f"folder: no t10k idx files in {folder}")
+    train = splits["train"]
+    return ImageDataset(
+        name=name,
+        train_images=None if train is None else train[0],
+        train_labels=None if train is None else train[1],
+        test_images=splits["t10k"][0],
+        test_labels=splits["t10k"][1],
+        classes=_CLASS_NAMES.get(name, tuple(str(i) for i in range(10))),
+        source=folder,
+    )
+
+
+def _cifar_pickle_dir(folder: Path) -> Path | None:
+    for candidate in (folder, folder / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file() and (candidate / "data_batch_1").is_file():
+            return candidate
+    return None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(data), np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    from PIL import Image  # Pillow is part of the [lab] extra; only CIFAR's JPEG pack needs it
+
+    out = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
+    for row, i in enumerate(indices):
+        jpeg = blob[offsets[i] : offsets[i + 1]].tobytes()
+        with Image.open(io.BytesIO(jpeg)) as image:
+            out[row] = np.asarray(image.convert("RGB"))
+    return out
+
+
+def _subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    # A seeded permutation: the JPEG pack is sorted by class, so a prefix would be one class.
+    order = np.random.default_rng(seed).permutation(n)
+    return order if limit is None else np.sort(order[:limit])
+
+
+def load_cifar10(
+    folder: str | os.PathLike,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    subset_seed: int = 0,
+) -> ImageDataset:
+    """Load CIFAR-10 from the official python pickles or the JPEG ``.npz`` pack.
+
+    Args:
+        folder: folder with ``cifar-10-batches-py/`` (or its contents) or ``cifar10-jpeg-q75.npz``.
+        max_train: decode at most this many train images (a seeded random subset), ``None`` = all.
+        max_test: the same for the test split.
+        subset_seed: seed of the subset choice.
+
+    Returns:
+        The dataset with ``(N, 32, 32, 3)`` uint8 images.
+
+    Raises:
+        FileNotFoundError: if neither layout is present.
+        ValueError: if a limit is not positive.
+    """
+    for arg, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{arg}: must be positive or None, got {value}")
+    folder = Path(folder)
+    pickles = _cifar_pickle_dir(folder)
+    if pickles is not None:
+        parts = [_read_cifar_batch(pickles / f"data_batch_{i}") for i in range(1, 6)]
+        train_x = np.concatenate([p[0] for p in parts])
+        train_y = np.concatenate([p[1] for p in parts])
+        test_x, test_y = _read_cifar_batch(pickles / "test_batch")
+        train_idx = _subset_indices(len(train_y), max_train, subset_seed)
+        test_idx = _subset_indices(len(test_y), max_test, subset_seed + 1)
+        train_x, train_y = train_x[train_idx], train_y[train_idx]
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
+    elif (folder / CIFAR10_NPZ).is_file():
+        with np.load(folder / CIFAR10_NPZ) as pack:
+            arrays = {key: pack[key] for key in pack.files}
+        train_idx = _subset_indices(len(arrays["train_labels"]), max_train, subset_seed)
+        test_idx = _subset_indices(len(arrays["test_labels"]), max_test, subset_seed + 1)
+        train_x = _decode_jpegs(arrays["train_jpeg"], arrays["train_offsets"], train_idx)
+        test_x = _decode_jpegs(arrays["test_jpeg"], arrays["test_offsets"], test_idx)
+        train_y = arrays["train_labels"][train_idx].astype(np.int64)
+        test_y = arrays["test_labels"][test_idx].astype(np.int64)
+    else:
+        raise FileNotFoundError(f"folder: no CIFAR-10 pickles or {CIFAR10_NPZ} in {folder}")
+    return ImageDataset(
+        name="cifar10",
+        train_images=train_x,
+        train_labels=train_y,
+        test_images=test_x,
+        test_labels=test_y,
+        classes=_CLASS_NAMES["cifar10"],
+        source=folder,
+    )
+
+
+def load_dataset(
+    name: str,
+    data_root: str | os.PathLike | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    subset_seed: int = 0,
+) -> ImageDataset:
+    """Find and load dataset ``name``.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_root: explicit data root or ``None`` for the default search.
+        max_train: keep at most this many train examples (seeded random subset).
+        max_test: keep at most this many test examples (seeded random subset).
+        subset_seed: seed of the subset choice; fixed across runs so losses see the same data.
+
+    Returns:
+        The loaded dataset.
+
+    Raises:
+        DatasetNotFoundError: if the dataset is in none of the searched folders.
+    """
+    folder = find_dataset(name, data_root)
+    if name == "cifar10":
+        return load_cifar10(folder, max_train, max_test, subset_seed)
+    for arg, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{arg}: must be positive or None, got {value}")
+    data = load_idx_dataset(name, folder)
+    if data.train_images is not None and max_train is not None:
+        keep = _subset_indices(len(data.train_labels), max_train, subset_seed)
+        data.train_images, data.train_labels = data.train_images[keep], data.train_labels[keep]
+    if max_test is not None:
+        keep = _subset_indices(len(data.test_labels), max_test, subset_seed + 1)
+        data.test_images, data.test_labels = data.test_images[keep], data.test_labels[keep]
+    return data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Convert uint8 images to float ``(N, C, H, W)`` in ``[0, 1]``.
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, H, W, C)`` uint8 array.
+
+    Returns:
+        A float32 tensor with a channel axis.
+
+    Raises:
+        ValueError: if ``images`` is not 3- or 4-dimensional.
+    """
+    if images.ndim == 3:
+        images = images[:, None, :, :]
+    elif images.ndim == 4:
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(f"images: expected 3 or 4 dimensions, got shape {images.shape}")
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+
+
+@dataclass
+class Splits:
+    """Float tensors ready for training: train, held-out validation and test.
+
+    The validation split is cut from the training data (never from test) and is what model
+    selection uses.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, ``(C, H, W)``."""
+        return tuple(self.train_x.shape[1:])
+
+
+def make_splits(data: ImageDataset, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+    """Hold a validation split out of train and standardise with train statistics.
+
+    Args:
+        data: a dataset with a train split.
+        val_fraction: share of train examples held out for validation, in ``(0, 1)``.
+        split_seed: seed of the split, fixed so that all losses and seeds share the same split.
+
+    Returns:
+        Per-channel standardised tensors (mean and std of the remaining train part).
+
+    Raises:
+        ValueError: if the dataset has no train split or ``val_fraction`` is out of range.
+    """
+    if data.train_images is None or data.train_labels is None:
+        raise ValueError(f"data: dataset {data.name!r} has no train split to train on")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    x = to_tensor(data.train_images)
+    y = torch.from_numpy(data.train_labels.astype(np.int64))
+    n_val = max(1, int(round(len(y) * val_fraction)))
+    if n_val >= len(y):
+        raise ValueError(f"val_fraction: leaves no training examples out of {len(y)}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_x, val_x = x[train_idx], x[val_idx]
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    test_x = to_tensor(data.test_images)
+    return Splits(
+        train_x=(train_x - mean) / std,
+        train_y=y[train_idx],
+        val_x=(val_x - mean) / std,
+        val_y=y[val_idx],
+        test_x=(test_x - mean) / std,
+        test_y=torch.from_numpy(data.test_labels.astype(np.int64)),
+        num_classes=len(data.classes),
+    )
+
+
+def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
+    """Download ``name`` into the data root with torchvision (explicit ``--download`` only).
+
+    Args:
+        name: ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
+        data_root: target root; ``None`` uses :func:`default_data_root`.
+
+    Returns:
+        The dataset folder.
+
+    Raises:
+        RuntimeError: if torchvision is not installed.
+        ValueError: if the dataset cannot be downloaded this way.
+    """
+    try:
+        import torchvision.datasets as tvd  # optional; not a lab dependency
+    except ImportError as error:
+        raise RuntimeError("--download needs torchvision, which is not installed") from error
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    target = root / name
+    target.mkdir(parents=True, exist_ok=True)
+    if name in ("fashion-mnist", "mnist"):
+        cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
+        for train in (True, False):
+            cls(str(target / "_tv"), train=train, download=True)
+        raw = next((target / "_tv").glob("*/raw"))
+        for path in raw.glob("*-ubyte.gz"):
+            os.replace(path, target / path.name)
+    elif name == "cifar10":
+        tvd.CIFAR10(str(target), train=True, download=True)
+    else:
+        raise ValueError(f"name: {name!r} cannot be downloaded; place its files under {target}")
+    return target

@@ -1,0 +1,181 @@
+"""Architectures shared by the lab's tasks: an MLP, a small CNN and ResNet-18 with a CIFAR stem.
+
+Every model exposes ``features(x)`` (the penultimate representation, used by the linear probe
+and classifier re-training) and ``classifier`` (the last ``nn.Linear``), so diagnostics need not
+know the architecture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "cnn", "resnet18")
+
+
+class MLP(nn.Module):
+    """Fully connected network: flatten, hidden ReLU layers, linear classifier.
+
+    Args:
+        in_features: flattened input size, e.g. 784.
+        num_classes: number of classes.
+        hidden: sizes of the hidden layers.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)):
+        super().__init__()
+        if in_features <= 0:
+            raise ValueError(f"in_features: must be positive, got {in_features}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+        if not hidden or any(h <= 0 for h in hidden):
+            raise ValueError(f"hidden: needs at least one positive size, got {hidden}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation ``(N, hidden[-1])``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (32, 64 channels, each conv-BN-ReLU-maxpool), a 128-unit layer, classifier.
+
+    Args:
+        in_channels: input channels (1 for MNIST-like, 3 for CIFAR).
+        num_classes: number of classes.
+        image_size: input height (= width); must be divisible by 4.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
+        super().__init__()
+        if in_channels <= 0:
+            raise ValueError(f"in_channels: must be positive, got {in_channels}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+        if image_size <= 0 or image_size % 4:
+            raise ValueError(f"image_size: must be a positive multiple of 4, got {image_size}")
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * (image_size // 4) ** 2, 128),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(128, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation ``(N, 128)``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual output."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 stride-1 first conv, no max-pool).
+
+    Args:
+        in_channels: input channels.
+        num_classes: number of classes.
+        width: channels of the first stage (64 in the standard network).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        if in_channels <= 0:
+            raise ValueError(f"in_channels: must be positive, got {in_channels}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+        if width <= 0:
+            raise ValueError(f"width: must be positive, got {width}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        in_planes = width
+        for index, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if index == 0 else 2
+            stages += [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+            in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(in_planes, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation ``(N, 8 * width)`` after global average pooling."""
+        return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.classifier(self.features(x))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a model by name for inputs of shape ``(C, H, W)``.
+
+    Args:
+        name: ``"mlp"``, ``"cnn"`` or ``"resnet18"``.
+        input_shape: shape of one example, ``(C, H, W)``.
+        num_classes: number of classes.
+
+    Returns:
+        The freshly initialised model (initialisation follows the global torch seed).
+
+    Raises:
+        ValueError: for an unknown name or a malformed ``input_shape``.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape: expected (C, H, W), got {input_shape}")
+    channels, height, width = input_shape
+    if name == "mlp":
+        return MLP(math.prod(input_shape), num_classes)
+    if name == "cnn":
+        if height != width:
+            raise ValueError(f"input_shape: cnn needs square images, got {input_shape}")
+        return SmallCNN(channels, num_classes, image_size=height)
+    if name == "resnet18":
+        return ResNet18(channels, num_classes)
+    raise ValueError(f"name: unknown model {name!r}; known: {', '.join(MODELS)}")

@@ -1,0 +1,546 @@
+"""One training loop for every lab task.
+
+Seeds and determinism, SGD/AdamW, cosine and multi-step learning-rate schedules, bfloat16
+autocast on CUDA, a held-out validation split for model selection, bonus-scale schedules,
+atomic per-epoch checkpoints with exact resume, divergence detection, and data parallelism
+under ``torchrun`` (DistributedDataParallel: gloo on CPU, nccl on GPU).
+
+Reproducibility rests on two choices: the shuffling order of epoch ``e`` is drawn from a
+generator seeded by ``(seed, e)`` (so a resumed run needs no sampler state), and the learning
+rate is a pure function of the global step (so there is no scheduler state to drift).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: global batch size (split evenly over processes under ``torchrun``).
+        optimizer: ``"sgd"`` (with momentum) or ``"adamw"``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: decoupled for AdamW, L2 for SGD.
+        schedule: ``"cosine"`` (to 0 over training), ``"multistep"`` or ``"constant"``.
+        milestones: fractions of training where ``multistep`` multiplies the lr by ``gamma``.
+        gamma: multi-step decay factor.
+        warmup_epochs: linear warm-up length in epochs (0 = none).
+        clip_grad_norm: clip the global gradient norm to this value; ``None`` = no clipping.
+        amp: bfloat16 autocast on CUDA (ignored on CPU).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or ``"auto"``.
+        seed: seed of initialisation and shuffling.
+        deterministic: ask torch for deterministic kernels.
+        eval_batch_size: batch size of evaluation passes.
+        augment: random 4-pixel-padded crops and horizontal flips (the CIFAR recipe).
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = None
+    amp: bool = True
+    device: str = "cpu"
+    seed: int = 0
+    deterministic: bool = True
+    eval_batch_size: int = 1024
+    augment: bool = False
+
+    def validate(self) -> None:
+        """Check every field.
+
+        Raises:
+            ValueError: naming the first invalid field.
+        """
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a positive number, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("momentum, weight_decay: must be non-negative")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError(f"milestones: fractions in (0, 1) expected, got {self.milestones}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma: must be in (0, 1], got {self.gamma}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs: must be non-negative, got {self.warmup_epochs}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm: must be positive or None, got {self.clip_grad_norm}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: must be at least 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+        model: the trained module, holding the weights of the best validation epoch.
+        history: one dict per finished epoch (train loss/accuracy, val accuracy/NLL, lr, ...).
+        best_epoch: 1-based epoch selected on validation accuracy (0 if none finished).
+        best_val_accuracy: its validation accuracy.
+        diverged: whether the loss became non-finite.
+        diverged_step: global step (1-based) of the first non-finite loss.
+        diverged_epoch: 1-based epoch of that step.
+        interrupted: stopped early on purpose (``stop_after_epochs``); a checkpoint remains.
+        train_seconds: wall time spent in this call.
+    """
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = float("nan")
+    diverged: bool = False
+    diverged_step: int | None = None
+    diverged_epoch: int | None = None
+    interrupted: bool = False
+    train_seconds: float = 0.0
+
+
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; optionally request deterministic kernels.
+
+    Args:
+        seed: a non-negative integer.
+        deterministic: call ``torch.use_deterministic_algorithms(True, warn_only=True)``.
+
+    Raises:
+        ValueError: if ``seed`` is negative or not an int.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: must be a non-negative int, got {seed!r}")
+    # cuBLAS needs this set before its first use to be deterministic.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    # The legacy global state is what third-party code (and users) draw from.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``"auto"``/``"cpu"``/``"cuda[:i]"`` into a device, the local rank's GPU under DDP.
+
+    Args:
+        device: device string.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: if CUDA is requested but not available, or the string is malformed.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device: {device!r} is not a device ({error})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+        if resolved.index is None and world_size() > 1:
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolved
+
+
+def world_size() -> int:
+    """Number of processes (``WORLD_SIZE`` from ``torchrun``, else 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank (``RANK`` from ``torchrun``, else 0)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Initialise the process group when launched by ``torchrun`` with more than one process.
+
+    Args:
+        device: the training device (nccl for CUDA, gloo otherwise).
+
+    Returns:
+        Whether training is distributed.
+    """
+    if world_size() <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            # Share the cores instead of oversubscribing them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size()))
+    return True
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """Save with ``torch.save`` to a temporary file, then ``os.replace`` it into place.
+
+    Args:
+        obj: anything ``torch.save`` accepts.
+        path: destination; a reader never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning rate at a 0-based global ``step`` (warm-up, then the configured schedule).
+
+    Args:
+        config: the run's configuration.
+        step: 0-based global step.
+        total_steps: steps in the whole run.
+        steps_per_epoch: steps per epoch (for the warm-up length).
+
+    Returns:
+        The learning rate.
+    """
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "multistep":
+        return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
+    return config.lr
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, returned on the CPU as float32.
+
+    Args:
+        model: the model (its train/eval mode is restored afterwards).
+        x: inputs.
+        batch_size: evaluation batch size.
+        device: where to run.
+
+    Returns:
+        ``(N, num_classes)`` float32 logits.
+    """
+    was_training = model.training
+    model.eval()
+    out = [
+        model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def random_crop_flip(
+    images: torch.Tensor, generator: torch.Generator, pad: int = 4
+) -> torch.Tensor:
+    """Random crops of zero-padded images and random horizontal flips.
+
+    Args:
+        images: ``(N, C, H, W)`` batch.
+        generator: CPU generator deciding crops and flips (seeded per step for exact resume).
+        pad: padding on each side; crops shift by up to ``pad`` pixels.
+
+    Returns:
+        The augmented batch on the input's device.
+
+    Raises:
+        ValueError: if ``images`` is not 4-dimensional or ``pad`` is negative.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (N, C, H, W), got shape {tuple(images.shape)}")
+    if pad < 0:
+        raise ValueError(f"pad: must be non-negative, got {pad}")
+    n, channels, height, width = images.shape
+    padded = nn.functional.pad(images, (pad, pad, pad, pad))
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = shifts[:, 0, None] + torch.arange(height, device=images.device)
+    cols = shifts[:, 1, None] + torch.arange(width, device=images.device)
+    batch_index = torch.arange(n, device=images.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=images.device)[None, :, None, None]
+    crops = padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.where(flips[:, None, None, None], crops.flip(3), crops)
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_reduce_sum(values: list[float], distributed: bool) -> list[float]:
+    if not distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train(
+    model: nn.Module,
+    criterion: nn.Module,
+    splits,
+    config: TrainConfig,
+    *,
+    bonus_schedule: Callable[[float], float] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` with ``criterion`` and select the epoch with the best validation accuracy.
+
+    Args:
+        model: freshly initialised model (seed it with :func:`set_seed` before building it).
+        criterion: ``criterion(logits, targets)`` returning a scalar loss.
+        splits: object with ``train_x, train_y, val_x, val_y`` tensors (see ``data.Splits``).
+        config: hyper-parameters.
+        bonus_schedule: callable mapping training progress in ``[0, 1]`` to the criterion's
+            ``bonus_scale``, applied before every step; ``None`` leaves the scale alone.
+        checkpoint_path: where the per-epoch checkpoint is written (atomically); ``None`` = none.
+        resume: continue from ``checkpoint_path`` if it exists.
+        stop_after_epochs: return after this many epochs of *this call* as if killed (the
+            checkpoint stays); used to test ``--resume``.
+        progress: show a tqdm progress bar (rank 0 only).
+        description: progress-bar label.
+
+    Returns:
+        A :class:`TrainResult`; the model holds the best validation weights.
+
+    Raises:
+        ValueError: for an invalid configuration, a checkpoint for another setup, or ``resume``
+            without ``checkpoint_path``.
+    """
+    config.validate()
+    if resume and checkpoint_path is None:
+        raise ValueError("checkpoint_path: resume=True needs a checkpoint path")
+    if stop_after_epochs is not None and stop_after_epochs < 1:
+        raise ValueError(f"stop_after_epochs: must be at least 1, got {stop_after_epochs}")
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    world, my_rank = world_size(), rank()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} processes")
+    model.to(device)
+    train_x, train_y = splits.train_x, splits.train_y
+    n_train = len(train_y)
+    # Global batches must split evenly across ranks so that averaged gradients equal the
+    # gradient of the global mean; a dataset smaller than the batch becomes one batch.
+    batch = min(config.batch_size, n_train - n_train % world)
+    if batch < world:
+        raise ValueError(f"splits: {n_train} training examples cannot feed {world} processes")
+    steps_per_epoch = n_train // batch
+    total_steps = steps_per_epoch * config.epochs
+    ddp_model: nn.Module = model
+    if distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = _make_optimizer(model, config)
+    use_amp = config.amp and device.type == "cuda"
+
+    result = TrainResult(model=model)
+    best_state: dict | None = None
+    start_epoch, global_step = 0, 0
+    setup = {"config": asdict(config), "n_train": n_train, "world_batch": batch}
+    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state["setup"]["config"] != setup["config"] or state["setup"]["n_train"] != n_train:
+            raise ValueError(f"checkpoint_path: {checkpoint_path} was written for another setup")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        result.history = state["history"]
+        result.best_epoch, result.best_val_accuracy = (
+            state["best_epoch"],
+            state["best_val_accuracy"],
+        )
+        best_state = state["best_state"]
+
+    show = progress and my_rank == 0
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the [lab] extra; train silently without it
+        show = False
+    bar = (
+        tqdm(
+            total=config.epochs,
+            initial=start_epoch,
+            desc=description,
+            disable=not show,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        if show
+        else None
+    )
+
+    for epoch in range(start_epoch, config.epochs):
+        ddp_model.train()
+        order = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        )
+        # sums: loss*count, correct, count, grad-norm of well-classified, total grad-norm
+        sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        diverged = False
+        for step_in_epoch in range(steps_per_epoch):
+            lr = learning_rate(config, global_step, total_steps, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if bonus_schedule is not None:
+                criterion.bonus_scale = float(bonus_schedule(global_step / max(1, total_steps)))
+            index = order[step_in_epoch * batch : (step_in_epoch + 1) * batch][my_rank::world]
+            xb, yb = train_x[index].to(device), train_y[index].to(device)
+            if config.augment:
+                # Seeded by (seed, step, rank) so a resumed run draws the same crops.
+                step_seed = (config.seed * 1_000_003 + global_step) * 64 + my_rank
+                xb = random_crop_flip(xb, torch.Generator().manual_seed(step_seed))
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = ddp_model(xb)
+            logits = logits.float()
+            logits.retain_grad()
+            loss = criterion(logits, yb)
+            global_step += 1
+            finite = torch.isfinite(loss.detach()).float()
+            if distributed:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                probs = logits.detach().softmax(dim=1)
+                p_true = probs.gather(1, yb[:, None]).squeeze(1)
+                grad_norms = logits.grad.norm(dim=1)  # per-example gradient w.r.t. logits
+                count = len(yb)
+                sums[0] += loss.item() * count
+                sums[1] += (probs.argmax(dim=1) == yb).sum().item()
+                sums[2] += count
+                sums[3] += grad_norms[p_true > 0.5].sum().item()
+                sums[4] += grad_norms.sum().item()
+        if diverged:
+            result.diverged, result.diverged_step, result.diverged_epoch = (
+                True,
+                global_step,
+                epoch + 1,
+            )
+            break
+        loss_sum, correct, count, well_norm, total_norm = _all_reduce_sum(sums, distributed)
+        val_logits = predict_logits(model, splits.val_x, config.eval_batch_size, device)
+        val_accuracy = (val_logits.argmax(1) == splits.val_y).float().mean().item()
+        val_nll = nn.functional.cross_entropy(val_logits, splits.val_y).item()
+        record = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "lr": lr,
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct / count,
+            "val_accuracy": val_accuracy,
+            "val_nll": val_nll,
+            "grad_share_well_classified": well_norm / total_norm if total_norm > 0 else 0.0,
+            "bonus_scale": float(getattr(criterion, "bonus_scale", float("nan"))),
+        }
+        result.history.append(record)
+        if best_state is None or val_accuracy > result.best_val_accuracy:
+            result.best_epoch, result.best_val_accuracy = epoch + 1, val_accuracy
+            best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+        if checkpoint_path is not None and my_rank == 0:
+            atomic_torch_save(
+                {
+                    "setup": setup,
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_state": best_state,
+                },
+                checkpoint_path,
+            )
+        if distributed:
+            dist.barrier()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_accuracy:.3f}")
+        if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+            result.interrupted = epoch + 1 < config.epochs
+            if result.interrupted:
+                break
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.train_seconds = time.perf_counter() - started
+    return result
