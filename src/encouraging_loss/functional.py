@@ -104,7 +104,7 @@ def encouraging_loss(
         >>> loss = encouraging_loss(logits, target, log_end=0.75)
         >>> loss.backward()
         >>> round(loss.item(), 4)
-        -0.4948
+        -1.5262
     """
     is_index = check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
