@@ -1,3 +1,30 @@
-"""The encouraging loss (Zhao et al., AAAI 2022) as a drop-in for ``torch.nn.CrossEntropyLoss``."""
+"""The encouraging loss (Zhao et al., AAAI 2022) as a drop-in for ``torch.nn.CrossEntropyLoss``.
+
+Example:
+    >>> import torch
+    >>> from encouraging_loss import EncouragingLoss
+    >>> criterion = EncouragingLoss(log_end=0.75)
+    >>> loss = criterion(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 4, 9]))
+"""
+
+from .binary import binary_encouraging_loss_with_logits
+from .bonus import Bonus
+from .functional import encouraging_loss
+from .modules import BinaryEncouragingLoss, EncouragingLoss, FocalLoss, Poly1Loss
+from .peers import focal_loss, poly1_loss
+from .schedules import BonusSchedule
+
+__all__ = [
+    "BinaryEncouragingLoss",
+    "Bonus",
+    "BonusSchedule",
+    "EncouragingLoss",
+    "FocalLoss",
+    "Poly1Loss",
+    "binary_encouraging_loss_with_logits",
+    "encouraging_loss",
+    "focal_loss",
+    "poly1_loss",
+]
 
 __version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""The encouraging loss with the semantics of ``torch.nn.functional.cross_entropy``."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import (
+    check_class_vector,
+    check_input_and_target,
+    check_int,
+    check_real,
+    check_reduction,
+    check_target_range,
+    value_checks_enabled,
+)
+from .bonus import Bonus
+from .ops.rowwise import DenseTargetEL, HardTargetEL
+
+__all__ = ["encouraging_loss"]
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32; float32 and float64 as they are."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def class_last(tensor: torch.Tensor) -> torch.Tensor:
+    """View (C), (N, C) or (N, C, d1..dK) with the class dimension last.
+
+    The view may be strided; the private copy the loss makes anyway gathers it into rows.
+    """
+    if tensor.dim() == 1:
+        return tensor.unsqueeze(0)
+    return tensor.movedim(1, -1)
+
+
+def class_weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
+    if weight is not None:
+        return weight
+    return torch.ones(num_classes, dtype=dtype, device=like.device)
+
+
+def encouraging_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    log_end: float = 0.75,
+    bonus_scale: float = 1.0,
+    bonus: str = "log",
+    bonus_gamma: float = 1.0,
+    bonus_start: float = 0.0,
+    bonus_weight: torch.Tensor | None = None,
+    validate_args: bool = True,
+) -> torch.Tensor:
+    r"""The encouraging loss: cross-entropy plus a bonus for confident correct predictions.
+
+    .. math::
+        \mathrm{EL} = \sum_j w_j q_j \big(-\log p_j + \rho\, v_j\, b(p_j)\big),
+        \qquad b(p) = \log(1 - p)
+
+    where ``p = softmax(input)``, ``q`` is the target distribution torch's cross-entropy uses
+    (one-hot; ``(1 - eps) one-hot + eps / C`` with label smoothing; the given probabilities for
+    probability targets), ``w`` the class ``weight``, ``rho`` the ``bonus_scale`` and ``v`` the
+    per-class ``bonus_weight``. The result is reduced exactly as ``F.cross_entropy`` reduces it, and
+    with ``bonus_scale=0`` (or ``bonus="none"``) the loss *is* ``F.cross_entropy`` in value and
+    gradient. With ``rho = 1`` and the plain log bonus, the loss of a sample equals
+    ``log sum_{j != y} exp(z_j - z_y)``: the gradient on the target logit stays -1 instead of
+    vanishing as ``p_y -> 1``.
+
+    Args:
+        input: logits of shape (C), (N, C) or (N, C, d1, ..., dK); any floating dtype
+            (float16/bfloat16 are computed in float32).
+        target: class indices of shape (), (N) or (N, d1, ..., dK) (an integer dtype, values in
+            [0, C) or ``ignore_index``), or class probabilities with the input's shape.
+        weight: optional class weights of shape (C,), as in ``F.cross_entropy``.
+        ignore_index: class-index target value that contributes nothing (index targets only).
+        reduction: ``"mean"`` (weighted mean over non-ignored items, as torch), ``"sum"`` or
+            ``"none"``.
+        label_smoothing: in [0, 1]; applied to the cross-entropy and the bonus alike.
+        log_end: where the conservative log bonus turns linear, in (0, 1]. The paper recommends
+            0.75 for tasks that reach high accuracy, 0.5 otherwise; 1 gives the plain log bonus.
+        bonus_scale: rho, the weight of the bonus (0 gives cross-entropy).
+        bonus: the bonus shape, ``"log"``, ``"power"`` (-p**bonus_gamma), ``"cosine"``
+            (cos(pi p) - 1) or ``"none"``.
+        bonus_gamma: exponent of the power bonus, > 0.
+        bonus_start: in [0, 1): no bonus for p < bonus_start (shifted to stay continuous).
+        bonus_weight: optional per-class bonus weights of shape (C,), separate from ``weight``
+            (e.g. the class-balanced bonus for imbalanced data).
+        validate_args: check that class indices are in range. This reads the target's values and
+            so synchronises a GPU; pass ``False`` on a hot path. Shape checks always run.
+
+    Returns:
+        The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape.
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss import encouraging_loss
+        >>> logits = torch.tensor([[4.0, 1.0, 0.0], [0.5, 2.0, 0.1]], requires_grad=True)
+        >>> target = torch.tensor([0, 1])
+        >>> loss = encouraging_loss(logits, target, log_end=0.75)
+        >>> loss.backward()
+        >>> round(loss.item(), 4)
+        -1.5262
+    """
+    is_index = check_input_and_target(input, target)
+    num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    check_int("ignore_index", ignore_index)
+    check_reduction(reduction)
+    epsilon = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    rho = check_real("bonus_scale", bonus_scale)
+    shape = Bonus(bonus, log_end, bonus_gamma, bonus_start)
+    weight = check_class_vector("weight", weight, num_classes, input)
+    bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
+    if is_index and value_checks_enabled(validate_args):
+        check_target_range(target, num_classes, ignore_index)
+
+    dtype = compute_dtype_for(input.dtype)
+    logits = class_last(input)
+    if weight is not None:
+        weight = weight.to(dtype)
+    if bonus_weight is not None:
+        bonus_weight = bonus_weight.to(dtype)
+
+    if is_index:
+        flat_target = target.reshape(-1).long()
+        valid = flat_target != ignore_index
+        safe_target = torch.where(valid, flat_target, 0)
+        target_weight = (
+            torch.ones_like(safe_target, dtype=dtype) if weight is None else weight[safe_target]
+        )
+        target_weight = torch.where(valid, target_weight, 0.0)
+        if epsilon == 0.0:
+            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
+            row_loss = HardTargetEL.apply(
+                logits, safe_target.unsqueeze(1), target_weight, row_bonus_weight, rho, shape, dtype
+            )
+        else:
+            # a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            row_loss = DenseTargetEL.apply(
+                logits,
+                valid.to(dtype) * (epsilon / num_classes),
+                class_weight_or_ones(weight, num_classes, input, dtype),
+                None,
+                safe_target.unsqueeze(1),
+                (1.0 - epsilon) * target_weight,
+                bonus_weight,
+                rho,
+                shape,
+                dtype,
+            )
+        denominator = target_weight.sum()
+    else:
+        # a_k = w_k ((1 - eps) q_k + eps / C)
+        class_weight = class_weight_or_ones(weight, num_classes, input, dtype)
+        dense_mass = torch.empty(logits.shape, dtype=dtype, device=input.device)
+        dense_mass.copy_(class_last(target))
+        dense_mass = dense_mass.view(-1, num_classes).mul_(class_weight * (1.0 - epsilon))
+        row_alpha = torch.full(
+            (dense_mass.shape[0],), epsilon / num_classes, dtype=dtype, device=input.device
+        )
+        row_loss = DenseTargetEL.apply(
+            logits, row_alpha, class_weight, dense_mass, None, None, bonus_weight, rho, shape, dtype
+        )
+        denominator = dense_mass.shape[0]
+
+    if reduction == "none":
+        index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+        return row_loss.reshape(index_shape).to(input.dtype)
+    total = row_loss.sum()
+    if reduction == "mean":
+        total = total / denominator
+    return total.to(input.dtype)

@@ -1,0 +1,284 @@
+"""The encouraging loss over rows of logits, with closed-form gradients.
+
+Both autograd Functions here take logits with the class dimension last, ``(..., C)`` (a possibly
+strided view of the caller's tensor), treat them as rows ``(M, C)``
+and return one loss per row; the caller reduces. They work on a single private float buffer that is
+first a copy of the logits, then the softmax over the non-special classes, then the gradient, so the
+extra memory is one ``(M, C)`` buffer (plus a second one for dense targets) and every pass after the
+copy is in place.
+
+Exactness: log(1 - p_s) for the special class s of a row (the target for hard targets, the arg-max
+for dense targets) is taken as ``logsumexp_{j != s} z_j - logsumexp_j z_j``, written through
+the single difference ``d = z_s - logsumexp_{j != s} z_j``: ``-log p_s = softplus(-d)`` and
+``log(1 - p_s) = -softplus(d)``. No clamp is involved, so a confident row (p_s = 1 - 1e-8) gets the
+exact loss and gradient. Every other class has p <= 1/2, where 1 - p has no cancellation.
+
+Notation: a_k >= 0 is the weight of class k in the row's loss (class weight times target mass),
+b is the bonus and g(p) = p (1 - p) b'(p). The row loss is
+``sum_k a_k (-log p_k + rho v_k b(p_k))`` and its gradient, with h_k = rho a_k v_k p_k b'(p_k) and
+A = sum_k a_k, H = sum_k h_k, is ``dL/dz_k = p_k (A - H) - a_k + h_k``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..bonus import Bonus
+
+NEG_INF = float("-inf")
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) without the threshold approximation of ``F.softplus``."""
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def copy_rows(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A private contiguous ``dtype`` copy of ``logits`` (..., C), possibly strided, as rows."""
+    buffer = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    buffer.copy_(logits)
+    return buffer.view(-1, logits.shape[-1])
+
+
+def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
+    """The gradient rows in the logits' shape and dtype."""
+    grad = buffer.view(ctx.logits_shape)
+    return grad if grad.dtype == ctx.input_dtype else grad.to(ctx.input_dtype)
+
+
+def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
+    """Turn ``buffer`` (a copy of the logits) into exp(z_j - m) for j != special, 0 at special.
+
+    Returns (z_special, sum_exp, d) as column vectors: z at the special class, the sum of the
+    buffer per row, and d = z_special - logsumexp_{j != special} z_j.
+    """
+    z_special = buffer.gather(1, special)
+    buffer.scatter_(1, special, NEG_INF)
+    row_max = buffer.amax(1, keepdim=True)
+    # A row with a single class (or only -inf elsewhere) has an empty "rest": keep it finite.
+    row_max = torch.where(row_max == NEG_INF, 0.0, row_max)
+    buffer.sub_(row_max).exp_()
+    sum_exp = buffer.sum(1, keepdim=True)
+    d = z_special - (row_max + sum_exp.log())
+    return z_special, sum_exp, d
+
+
+def _special_terms(d: torch.Tensor, bonus: Bonus):
+    """-log p, p, 1 - p and the bonus pair (b, g) at the special class, all exact."""
+    neg_log_p = softplus(-d)
+    p = torch.sigmoid(d)
+    one_minus_p = torch.sigmoid(-d)
+    b, g = bonus.value_and_slope(p, one_minus_p, -softplus(d))
+    return neg_log_p, p, one_minus_p, b, g
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
+class HardTargetEL(torch.autograd.Function):
+    """Rows with one target class each (no label smoothing).
+
+    Inputs: logits (M, C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
+    target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
+    Output: (M,) row losses in the compute dtype.
+
+    The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
+    k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
+    T = k (1 - p_y) = (1 - p_y) - rho v_y g(p_y): dL/dz_j = w_y T q_j for j != y, dL/dz_y = -w_y T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
+        buffer = copy_rows(logits, compute_dtype)
+        _, sum_exp, d = _exclude_and_normalise(buffer, target)
+        neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
+        scale = rho if row_bonus_weight is None else rho * row_bonus_weight
+        valid = row_weight != 0
+        row_loss = torch.where(valid, row_weight * (neg_log_p + scale * b), 0.0)
+        push = one_minus_p - scale * g
+        ctx.save_for_backward(buffer, target, row_weight, sum_exp.squeeze(1), push)
+        ctx.input_dtype = logits.dtype
+        ctx.logits_shape = logits.shape
+        return row_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        buffer, target, row_weight, sum_exp, push = ctx.saved_tensors
+        target_grad = grad_rows * row_weight * push
+        # The buffer is private to this node: turning it into the gradient in place saves a pass and
+        # a full-size allocation; a second backward through the node fails autograd's version check.
+        buffer.mul_(_safe_divide(target_grad, sum_exp).unsqueeze(1))
+        buffer.scatter_(1, target, (-target_grad).unsqueeze(1))
+        return grad_like(buffer, ctx), None, None, None, None, None, None
+
+
+class DenseTargetEL(torch.autograd.Function):
+    """Rows with a weight on every class: label smoothing or probability targets.
+
+    The class mass of row i is a_ik = alpha_i w_k + D_ik + beta_i [k = y_i], each part optional:
+    label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
+    targets pass D (a private buffer this Function overwrites).
+
+    The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
+    non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
+    r_k = p_k b'(p_k), h_k = rho a_k v_k r_k:
+    dL/dz_k = q_k [(1 - p_s)(A - H') - rho a_s v_s g_s] + a_k (rho v_k r_k - 1)  (k != s),
+    dL/dz_s = A' - H' - (1 - p_s)(A - H') + rho a_s v_s g_s.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits,
+        row_alpha,
+        class_weight,
+        dense_mass,
+        target,
+        target_mass,
+        bonus_weight,
+        rho,
+        bonus,
+        compute_dtype,
+    ):
+        buffer = copy_rows(logits, compute_dtype)
+        z_max, special = buffer.max(1, keepdim=True)
+        z_max = z_max.squeeze(1)
+        alpha = row_alpha
+
+        # Masses and mass-weighted logits, split into the special class and the rest.
+        w_special = class_weight[special.squeeze(1)]
+        mass_special = alpha * w_special
+        mass_rest = alpha * (class_weight.sum() - w_special)
+        logits_rest = alpha * (buffer @ class_weight - w_special * z_max)
+        if dense_mass is not None:
+            mass_special = mass_special + dense_mass.gather(1, special).squeeze(1)
+            dense_mass.scatter_(1, special, 0.0)
+            mass_rest = mass_rest + dense_mass.sum(1)
+            logits_rest = logits_rest + _row_dot(dense_mass, buffer)
+        if target is not None:
+            target_is_special = (target == special).squeeze(1)
+            target_rest = torch.where(target_is_special, 0.0, target_mass)
+            mass_special = mass_special + torch.where(target_is_special, target_mass, 0.0)
+            mass_rest = mass_rest + target_rest
+            logits_rest = logits_rest + target_rest * buffer.gather(1, target).squeeze(1)
+        else:
+            target_rest = None
+        mass_total = mass_rest + mass_special
+
+        _, sum_exp, d = _exclude_and_normalise(buffer, special)
+        sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
+        neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
+        # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
+        row_loss = mass_rest * z_max - logits_rest + mass_total * neg_log_p_s
+        buffer.mul_(_safe_divide(torch.ones_like(sum_exp), sum_exp).unsqueeze(1))  # q_k
+
+        v_special = 1.0 if bonus_weight is None else bonus_weight[special.squeeze(1)]
+        bonus_special = rho * mass_special * v_special
+        v_weight = class_weight if bonus_weight is None else class_weight * bonus_weight
+        if bonus.is_zero or rho == 0.0:
+            hessian_rest = torch.zeros_like(sum_exp)
+            slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
+            target_correction = None if target is None else -target_rest
+        else:
+            values = bonus.rest_terms_(buffer * one_minus_p_s.unsqueeze(1))
+            b_rest, r_rest = values
+            dense_v = None
+            if dense_mass is not None:
+                dense_v = dense_mass if bonus_weight is None else dense_mass * bonus_weight
+            bonus_rest = _weighted_row_sum(
+                b_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
+            )
+            row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
+            if r_rest is None:
+                r_rest = bonus.ratio_from_value_(b_rest)
+            hessian_rest = rho * _weighted_row_sum(
+                r_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
+            )
+            del dense_v
+            # slope_rest becomes rho v_k r_k - 1, the factor of a_k in the gradient.
+            slope_rest = r_rest.mul_(rho if bonus_weight is None else rho * bonus_weight).sub_(1.0)
+            target_correction = (
+                None if target is None else target_rest * slope_rest.gather(1, target).squeeze(1)
+            )
+        push = one_minus_p_s * (mass_total - hessian_rest) - bonus_special * g_s
+        grad_special = (
+            mass_rest
+            - hessian_rest
+            - one_minus_p_s * (mass_total - hessian_rest)
+            + bonus_special * g_s
+        )
+        # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
+        if dense_mass is not None:
+            dense_mass.addr_(alpha, class_weight)
+            mass_slope = dense_mass if slope_rest is None else dense_mass.mul_(slope_rest)
+            if slope_rest is None:
+                mass_slope.neg_()
+            del slope_rest
+            class_slope = None
+        else:
+            mass_slope = None
+            class_slope = None if slope_rest is None else slope_rest.mul_(class_weight)
+        ctx.save_for_backward(
+            buffer,
+            special,
+            push,
+            grad_special,
+            alpha,
+            class_weight,
+            mass_slope,
+            class_slope,
+            target,
+            target_correction,
+        )
+        ctx.input_dtype = logits.dtype
+        ctx.logits_shape = logits.shape
+        return row_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        (
+            buffer,
+            special,
+            push,
+            grad_special,
+            alpha,
+            class_weight,
+            mass_slope,
+            class_slope,
+            target,
+            target_correction,
+        ) = ctx.saved_tensors
+        grad_column = grad_rows.unsqueeze(1)
+        buffer.mul_(grad_column * push.unsqueeze(1))
+        if mass_slope is not None:
+            buffer.addcmul_(mass_slope, grad_column)
+        elif class_slope is not None:
+            buffer.addcmul_(class_slope, (grad_rows * alpha).unsqueeze(1))
+        else:
+            buffer.addr_(grad_rows * alpha, class_weight, alpha=-1.0)
+        if target is not None:
+            buffer.scatter_add_(1, target, (grad_rows * target_correction).unsqueeze(1))
+        buffer.scatter_(1, special, (grad_rows * grad_special).unsqueeze(1))
+        return grad_like(buffer, ctx), None, None, None, None, None, None, None, None, None
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two (M, C) tensors without an (M, C) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def _weighted_row_sum(values, alpha, v_weight, dense_v, target, target_rest, bonus_weight):
+    """sum_{k != s} a_k v_k values_k for class mass alpha w + D + beta [k = y] (values_s = 0)."""
+    total = alpha * (values @ v_weight)
+    if dense_v is not None:
+        total = total + _row_dot(dense_v, values)
+    if target is not None:
+        at_target = values.gather(1, target).squeeze(1)
+        if bonus_weight is not None:
+            at_target = at_target * bonus_weight[target.squeeze(1)]
+        total = total + target_rest * at_target
+    return total

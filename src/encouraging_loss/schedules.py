@@ -1,0 +1,77 @@
+"""Schedules for the bonus scale (or log_end) over training.
+
+The paper enables the bonus late on some tasks (graphs, translation) and ramps it in. A schedule
+maps training progress t in [0, 1] (or an epoch) to a value: ``initial`` until ``start``, then a
+ramp of length ``ramp`` (both fractions of training) to ``final``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._validate import check_choice, check_int, check_real
+
+RAMP_SHAPES = ("linear", "exp", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class BonusSchedule:
+    """A delayed ramp from ``initial`` to ``final``.
+
+    Args:
+        final: the value reached at the end of the ramp (e.g. the bonus scale rho).
+        start: training progress in [0, 1] before which the value stays ``initial`` (the delay).
+        ramp: length of the ramp as a fraction of training, in [0, 1]; 0 switches at ``start``.
+        shape: ``"linear"``, ``"exp"`` (the sigmoid-shaped exp(-5 (1 - r)^2) ramp), ``"cosine"``
+            (half a cosine) or ``"step"`` (jump to ``final`` at ``start``).
+        initial: the value before ``start``.
+
+    Example:
+        >>> from encouraging_loss import BonusSchedule
+        >>> schedule = BonusSchedule(final=1.0, start=0.5, ramp=0.25, shape="linear")
+        >>> [schedule(t) for t in (0.0, 0.5, 0.625, 0.75, 1.0)]
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+        >>> schedule.at_epoch(5, num_epochs=10)
+        0.0
+    """
+
+    final: float = 1.0
+    start: float = 0.0
+    ramp: float = 0.0
+    shape: str = "linear"
+    initial: float = 0.0
+
+    def __post_init__(self):
+        check_real("final", self.final)
+        check_real("initial", self.initial)
+        check_real("start", self.start, low=0.0, high=1.0)
+        check_real("ramp", self.ramp, low=0.0, high=1.0)
+        check_choice("shape", self.shape, RAMP_SHAPES)
+
+    def fraction(self, progress: float) -> float:
+        """How far along the ramp training is at ``progress``, in [0, 1]."""
+        progress = check_real("progress", progress, low=0.0, high=1.0)
+        if progress < self.start:
+            return 0.0
+        if self.shape == "step" or self.ramp == 0.0:
+            return 1.0
+        r = min(1.0, (progress - self.start) / self.ramp)
+        if self.shape == "linear":
+            return r
+        if self.shape == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * r))
+        return math.exp(-5.0 * (1.0 - r) ** 2) if r < 1.0 else 1.0
+
+    def __call__(self, progress: float) -> float:
+        return self.initial + (self.final - self.initial) * self.fraction(progress)
+
+    def at_epoch(self, epoch: int, num_epochs: int) -> float:
+        """The value for 0-based ``epoch`` of ``num_epochs`` (progress = epoch / num_epochs)."""
+        check_int("epoch", epoch)
+        check_int("num_epochs", num_epochs)
+        if num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive, got {num_epochs}")
+        if not 0 <= epoch <= num_epochs:
+            raise ValueError(f"epoch must be in [0, num_epochs={num_epochs}], got {epoch}")
+        return self(epoch / num_epochs)
