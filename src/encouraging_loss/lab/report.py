@@ -563,7 +563,8 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
     _save_figure(fig, out_dir / "accuracy_curves.png")
     plt.close(fig)
     written.append(out_dir / "accuracy_curves.png")
@@ -597,7 +598,8 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
                         label=loss,
                         color=f"C{losses.index(loss)}",
                     )
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density (all seeds pooled)")
         _save_figure(fig, out_dir / filename)
@@ -639,7 +641,8 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram (test, seeds pooled)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     _save_figure(fig, out_dir / "reliability.png")
     plt.close(fig)
     written.append(out_dir / "reliability.png")
@@ -659,7 +662,8 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
     ax.set_ylabel("share of logit-gradient norm")
     ax.set_title("gradient share of well-classified examples (p_y > 0.5)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     _save_figure(fig, out_dir / "grad_share.png")
     plt.close(fig)
     written.append(out_dir / "grad_share.png")

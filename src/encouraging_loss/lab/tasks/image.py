@@ -376,10 +376,13 @@ def run_image(options: ImageOptions) -> dict | None:
     runs = []
     for spec in specs:
         for seed in range(options.seeds):
-            record = _train_and_measure(spec, seed, recipe, splits, out_dir, options)
-            if record is None:
-                return None  # interrupted on purpose, or not the main rank
-            runs.append(record)
+            record, interrupted = _train_and_measure(spec, seed, recipe, splits, out_dir, options)
+            if interrupted:
+                _finish_distributed()
+                return None  # stopped on purpose (--stop-after-epochs); --resume continues
+            if record is not None:
+                runs.append(record)
+    _finish_distributed()
 
     # --- report --------------------------------------------------------------------------
     config["wall_seconds"] = time.perf_counter() - started
@@ -391,13 +394,17 @@ def run_image(options: ImageOptions) -> dict | None:
 
 def _train_and_measure(
     spec: LossSpec, seed: int, recipe: Recipe, splits, out_dir: Path, options: ImageOptions
-) -> dict | None:
-    """Train one (loss, seed) run, measure it, and save its record; reuse it under --resume."""
+) -> tuple[dict | None, bool]:
+    """Train one (loss, seed) run, measure it, and save its record; reuse it under --resume.
+
+    Returns:
+        ``(record, interrupted)``; ``record`` is ``None`` on ranks other than 0.
+    """
     slug = report.run_slug(spec.name, seed)
     record_path = out_dir / "runs" / f"{slug}.json"
     checkpoint_path = out_dir / "checkpoints" / f"{slug}.pt"
     if options.resume and record_path.is_file():
-        return json.loads(record_path.read_text(encoding="utf-8"))
+        return json.loads(record_path.read_text(encoding="utf-8")), False
 
     train_config = replace(recipe.train, seed=seed, lr=lr_for(spec, recipe))
     set_seed(seed, train_config.deterministic)
@@ -416,7 +423,7 @@ def _train_and_measure(
         description=f"{spec.name} seed {seed}",
     )
     if outcome.interrupted or rank() != 0:
-        return None
+        return None, outcome.interrupted
 
     metrics: dict = {
         "diverged": outcome.diverged,
@@ -445,7 +452,14 @@ def _train_and_measure(
     report.atomic_write_json(record_path, record)
     if checkpoint_path.is_file():
         checkpoint_path.unlink()  # the record now holds everything; checkpoints can be large
-    return record
+    return record, False
+
+
+def _finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (no-op without torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _measure(model, splits, recipe: Recipe, out_dir: Path, loss: str, seed: int, config) -> dict:
