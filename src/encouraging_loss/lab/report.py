@@ -598,8 +598,7 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
                         label=loss,
                         color=f"C{losses.index(loss)}",
                     )
-            if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+            ax.legend(fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density (all seeds pooled)")
         _save_figure(fig, out_dir / filename)
