@@ -79,6 +79,13 @@ def _add_common(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (0 = torch default). Default: the preset's — 1 for quick and "
+        "standard (small models; extra threads mostly spin on a busy machine), torch's for full",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +223,7 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
         test_size=getattr(args, "test_size", None),
         device=args.device,
         amp=args.amp,
+        threads=args.threads,
         progress=args.progress,
         stop_after_epochs=getattr(args, "stop_after_epochs", None),
     )

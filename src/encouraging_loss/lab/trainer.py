@@ -203,7 +203,8 @@ def init_distributed(device: torch.device) -> bool:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu":
             # Share the cores instead of oversubscribing them.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size()))
+            fair_share = max(1, (os.cpu_count() or 1) // world_size())
+            torch.set_num_threads(min(torch.get_num_threads(), fair_share))
     return True
 
 
