@@ -1,4 +1,4 @@
-"""encouraging_loss against torch's cross-entropy and a float64 reference written from the formula."""
+"""encouraging_loss against torch's cross-entropy and a float64 reference from the formula."""
 
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ BONUS_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", BONUS_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def _name(options):
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+@pytest.mark.parametrize("options", BONUS_OPTIONS, ids=_name)
 @pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
 @pytest.mark.parametrize("use_weight,use_bonus_weight", [(False, False), (True, True)])
 def test_matches_float64_reference(options, probs, smoothing, use_weight, use_bonus_weight):

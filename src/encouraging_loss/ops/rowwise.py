@@ -149,12 +149,16 @@ def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus,
     _, sum_exp, d = _exclude_and_normalise(buffer, target)
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
+    per_row = neg_log_p
     if not bonus.is_zero and rho != 0.0:
         # 0 * b stays 0 even where b = -inf (a single class, or a zero bonus weight).
-        neg_log_p = neg_log_p + torch.where(torch.as_tensor(scale) != 0, scale * b, 0.0)
-    row_loss = torch.where(row_weight != 0, row_weight * neg_log_p, 0.0)
-    push = one_minus_p - scale * g
-    return row_loss, buffer, (target, row_weight, sum_exp.squeeze(1), push)
+        per_row = per_row + torch.where(torch.as_tensor(scale) != 0, scale * b, 0.0)
+    row_loss = torch.where(row_weight != 0, row_weight * per_row, 0.0)
+    sum_exp = sum_exp.squeeze(1)
+    # With no other class left (C = 1, or all others at -inf) p_y is identically 1: the loss does
+    # not depend on the logits and the gradient is zero, not the limit of the formula.
+    push = torch.where(sum_exp > 0, one_minus_p - scale * g, 0.0)
+    return row_loss, buffer, (target, row_weight, sum_exp, push)
 
 
 class DenseTargetEL(torch.autograd.Function):
@@ -311,6 +315,8 @@ def _dense_target_terms(
     grad_special = (
         mass_rest - hessian_rest - one_minus_p_s * (mass_total - hessian_rest) + bonus_special * g_s
     )
+    # A row with no other finite class has p_s identically 1: no gradient (see the hard case).
+    grad_special = torch.where(sum_exp > 0, grad_special, 0.0)
     # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
     if dense_mass is not None:
         dense_mass.addr_(_rows_as(dense_mass, alpha).squeeze(1), class_weight)
