@@ -192,6 +192,8 @@ def test_all_ignored_gives_nan_mean_as_cross_entropy(smoothing):
     value = encouraging_loss(logits, target, label_smoothing=smoothing)
     expected = F.cross_entropy(logits, target, label_smoothing=smoothing)
     assert math.isnan(value.item()) and math.isnan(expected.item())
+    value.backward()
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits))  # torch CE's gradient too
     assert encouraging_loss(logits, target, reduction="sum").item() == 0.0
 
 

@@ -137,7 +137,9 @@ class HardTargetEL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_rows):
         buffer, (target, row_weight, sum_exp, push) = _take_for_backward(ctx)
-        target_grad = grad_rows * row_weight * push
+        # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
+        # is not finite (the mean over zero items is NaN, as in torch).
+        target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
         buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
         buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
         return grad_like(buffer, ctx), None, None, None, None, None, None
@@ -209,7 +211,7 @@ class DenseTargetEL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, state = _take_for_backward(ctx)
+        buffer, (row_active, *state) = _take_for_backward(ctx)
         (
             special,
             push,
@@ -221,6 +223,8 @@ class DenseTargetEL(torch.autograd.Function):
             target,
             target_correction,
         ) = state
+        # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
+        grad_rows = torch.where(row_active, grad_rows, 0.0)
         buffer.mul_(_rows_as(buffer, grad_rows * push))
         if mass_slope is not None:
             buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
@@ -329,6 +333,7 @@ def _dense_target_terms(
         mass_slope = None
         class_slope = None if slope_rest is None else slope_rest.mul_(class_weight)
     state = (
+        mass_total != 0,
         special,
         push,
         grad_special,
