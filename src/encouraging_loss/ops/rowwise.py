@@ -1,11 +1,11 @@
 """The encouraging loss over rows of logits, with closed-form gradients.
 
 Both autograd Functions here take logits with the class dimension last, ``(..., C)`` (a possibly
-strided view of the caller's tensor), treat them as rows ``(M, C)``
-and return one loss per row; the caller reduces. They work on a single private float buffer that is
-first a copy of the logits, then the softmax over the non-special classes, then the gradient, so the
-extra memory is one ``(M, C)`` buffer (plus a second one for dense targets) and every pass after the
-copy is in place.
+strided view of the caller's tensor), treat them as rows ``(M, C)`` and return one float64 loss per
+row; the caller reduces. They work on a single private buffer that is first a copy of the logits,
+then the softmax over the non-special classes, then the gradient, so the extra memory is one
+``(M, C)`` buffer (plus one more while a dense-target forward runs, and one kept for its backward)
+and every pass after the copy is in place.
 
 Exactness: log(1 - p_s) for the special class s of a row (the target for hard targets, the arg-max
 for dense targets) is taken as ``logsumexp_{j != s} z_j - logsumexp_j z_j``, written through
@@ -53,8 +53,8 @@ def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
 def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     """Turn ``buffer`` (a copy of the logits) into exp(z_j - m) for j != special, 0 at special.
 
-    Returns (z_special, sum_exp, d) as column vectors: z at the special class, the sum of the
-    buffer per row, and d = z_special - logsumexp_{j != special} z_j.
+    Returns (sum_exp, d) as float64 column vectors: the sum of the buffer per row and
+    d = z_special - logsumexp_{j != special} z_j.
     """
     z_special = buffer.gather(1, special)
     buffer.scatter_(1, special, NEG_INF)
@@ -63,9 +63,8 @@ def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     row_max = torch.where(row_max == NEG_INF, 0.0, row_max)
     buffer.sub_(row_max).exp_()
     sum_exp = buffer.sum(1, keepdim=True).to(ROW_DTYPE)
-    z_special = z_special.to(ROW_DTYPE)
-    d = z_special - (row_max.to(ROW_DTYPE) + sum_exp.log())
-    return z_special, sum_exp, d
+    d = z_special.to(ROW_DTYPE) - (row_max.to(ROW_DTYPE) + sum_exp.log())
+    return sum_exp, d
 
 
 def _special_terms(d: torch.Tensor, bonus: Bonus):
@@ -119,7 +118,7 @@ class HardTargetEL(torch.autograd.Function):
 
     Inputs: logits (..., C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
     target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
-    Output: (M,) row losses in the compute dtype.
+    Output: (M,) float64 row losses.
 
     The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
     k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
@@ -148,7 +147,7 @@ class HardTargetEL(torch.autograd.Function):
 def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
     """Row losses, the buffer exp(z_j - m) (j != y) and the row terms backward needs."""
     buffer = copy_rows(logits, compute_dtype)
-    _, sum_exp, d = _exclude_and_normalise(buffer, target)
+    sum_exp, d = _exclude_and_normalise(buffer, target)
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
     per_row = neg_log_p
@@ -280,7 +279,7 @@ def _dense_target_terms(
         target_rest = None
     mass_total = mass_rest + mass_special
 
-    _, sum_exp, d = _exclude_and_normalise(buffer, special)
+    sum_exp, d = _exclude_and_normalise(buffer, special)
     sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
     neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
     # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
