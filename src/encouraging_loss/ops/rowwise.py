@@ -93,7 +93,7 @@ def _keep_for_backward(ctx, terms, logits, args, buffer, state):
     ``terms`` from the saved logits. Under ``torch.compile`` it is saved as usual and the compiler
     makes the in-place update safe.
     """
-    ctx.input_dtype, ctx.logits_shape = logits.dtype, logits.shape
+    ctx.input_dtype, ctx.logits_shape, ctx.num_args = logits.dtype, logits.shape, len(args)
     ctx.eager = not torch.compiler.is_compiling()
     if ctx.eager:
         ctx.terms, ctx.args, ctx.buffer = terms, args, buffer
@@ -126,8 +126,7 @@ class HardTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-        args = (target, row_weight, row_bonus_weight, rho, bonus, compute_dtype)
+    def forward(ctx, logits, *args):
         row_loss, buffer, state = _hard_target_terms(logits, *args)
         _keep_for_backward(ctx, _hard_target_terms, logits, args, buffer, state)
         return row_loss
@@ -141,7 +140,7 @@ class HardTargetEL(torch.autograd.Function):
         target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
         buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
         buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
-        return grad_like(buffer, ctx), None, None, None, None, None, None
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
@@ -169,6 +168,9 @@ class DenseTargetEL(torch.autograd.Function):
     label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
     targets pass D as the target probabilities times a scale.
 
+    Inputs: logits (..., C), then the arguments of :func:`_dense_target_terms`.
+    Output: (M,) float64 row losses.
+
     The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
     non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
     r_k = p_k b'(p_k), h_k = rho a_k v_k r_k:
@@ -177,32 +179,7 @@ class DenseTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        row_alpha,
-        class_weight,
-        dense_target,
-        dense_scale,
-        target,
-        target_mass,
-        bonus_weight,
-        rho,
-        bonus,
-        compute_dtype,
-    ):
-        args = (
-            row_alpha,
-            class_weight,
-            dense_target,
-            dense_scale,
-            target,
-            target_mass,
-            bonus_weight,
-            rho,
-            bonus,
-            compute_dtype,
-        )
+    def forward(ctx, logits, *args):
         row_loss, buffer, state = _dense_target_terms(logits, *args)
         _keep_for_backward(ctx, _dense_target_terms, logits, args, buffer, state)
         return row_loss
@@ -234,7 +211,7 @@ class DenseTargetEL(torch.autograd.Function):
         if target is not None:
             buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
         buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
-        return grad_like(buffer, ctx), *([None] * 10)
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 def _dense_target_terms(
