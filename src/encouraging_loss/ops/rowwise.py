@@ -227,7 +227,21 @@ def _dense_target_terms(
     bonus,
     compute_dtype,
 ):
-    """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs."""
+    """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs.
+
+    Args:
+        logits: (..., C) logits, class dimension last.
+        row_alpha: (M,) float64 alpha_i, the weight of the class-weight vector in each row's mass.
+        class_weight: (C,) w (ones when the caller has no class weights).
+        dense_target: (..., C) target probabilities D / dense_scale / w, or None.
+        dense_scale: float factor of ``dense_target`` (1 - label smoothing).
+        target: (M, 1) int64 class index y_i carrying beta_i, or None.
+        target_mass: (M,) float64 beta_i, or None.
+        bonus_weight: (C,) per-class bonus weight v, or None.
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: dtype of the (M, C) passes.
+    """
     buffer = copy_rows(logits, compute_dtype)
     dense_mass = None
     if dense_target is not None:
