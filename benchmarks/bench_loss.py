@@ -475,7 +475,13 @@ def main(argv=None) -> int:
     if not args.quick:
         failed = [f"{r['case']}/{r['contender']}" for r in rows if r["verdict"] == "FAIL"]
         print(f"\nverdict: {'all targets met' if not failed else 'FAIL: ' + ', '.join(failed)}")
-    print("(wall-clock medians on a possibly shared machine: expect a few percent of noise)")
+    load_start, load_end = info["load_average_1_5_15"][0], os.getloadavg()[0]
+    print(
+        f"(wall-clock medians; 1-min load average {load_start:.2f} at start, {load_end:.2f} at end "
+        f"on {info['cpu_count']} CPUs: on a shared machine expect noise"
+        + (", here a lot: other work competed for the CPUs)" if max(load_start, load_end)
+           > (info["cpu_count"] or 1) else ")")
+    )  # fmt: skip
 
     info["load_average_at_end_1_5_15"] = list(os.getloadavg())
     data = {
