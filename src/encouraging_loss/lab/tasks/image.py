@@ -329,7 +329,12 @@ def lr_for(spec: LossSpec, recipe: Recipe) -> float:
 
     Returns:
         The learning rate.
+
+    Raises:
+        ValueError: if ``spec`` is not a :class:`LossSpec`.
     """
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec: expected a LossSpec, got {type(spec).__name__}")
     for key in (spec.name, spec.family):
         if key in recipe.lr_by_loss:
             return recipe.lr_by_loss[key]
@@ -350,6 +355,8 @@ def run_image(options: ImageOptions) -> dict | None:
         ValueError: for bad options or loss names.
         lab_data.DatasetNotFoundError: if the dataset is missing.
     """
+    if not isinstance(options, ImageOptions):
+        raise ValueError(f"options: expected ImageOptions, got {type(options).__name__}")
     # --- configuration -------------------------------------------------------------------
     specs = parse_loss_list(options.losses)
     dataset_name, recipe = resolve_recipe(options)
