@@ -293,8 +293,8 @@ def _dense_target_terms(
         slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
         target_correction = None if target is None else -target_rest
     else:
-        values = bonus.rest_terms_(buffer * _rows_as(buffer, one_minus_p_s))
-        b_rest, r_rest = values
+        one_minus_p_column = _rows_as(buffer, one_minus_p_s)
+        b_rest, r_rest = bonus.rest_terms_(buffer * one_minus_p_column)
         dense_v = None
         if dense_mass is not None:
             dense_v = dense_mass if bonus_weight is None else dense_mass * bonus_weight
@@ -303,7 +303,9 @@ def _dense_target_terms(
         )
         row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
         if r_rest is None:
-            r_rest = bonus.ratio_from_value_(b_rest)
+            r_rest = bonus.rest_ratio_(
+                b_rest, lambda out: torch.mul(buffer, one_minus_p_column, out=out)
+            )
         hessian_rest = rho * _weighted_row_sum(
             r_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
         )
