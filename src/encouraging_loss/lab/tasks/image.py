@@ -55,8 +55,8 @@ class Recipe:
 _SGD_NOTE = (
     "SGD momentum 0.9 with lr {lr:g} for every loss: one learning rate keeps the comparison "
     "paired (same seed = same initialisation and batches). EL's conservative bonus "
-    "(log_end < 1) is bounded below and its gradients are no larger than CE's, so CE's rate "
-    "suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
+    "(log_end < 1) is bounded below and, like CE's, its gradient vanishes as p_y -> 1, so "
+    "CE's rate suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
     "unbounded below (the loss falls linearly in the logit gap and its gradient never vanishes), "
     "so at CE's rate it is expected to diverge, and the divergence is the result reported. "
     "Compare it at other settings with --lr or --clip-grad-norm."
