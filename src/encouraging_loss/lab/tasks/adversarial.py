@@ -12,6 +12,12 @@ torchattacks`` (it also needs scipy, tqdm, requests and numpy, which the lab's e
 Without torchattacks the task falls back to :func:`fgsm` and :func:`pgd` below, the same
 algorithms in a few lines (``config.attack_backend`` records which one ran).
 
+``pgd-margin`` is the same PGD on the margin (CW) loss ``max_{j≠y} z_j − z_y`` instead of CE
+(built in; torchattacks has no L∞ version). CE's gradient vanishes in float32 once the softmax
+saturates, and EL trains larger logits than CE, so a CE-gradient attack can find nothing to
+follow on very confident examples (gradient masking); the margin loss has no such plateau, so
+it is the check on whether a robustness gain under FGSM/PGD is real.
+
 ε is in pixel units of [0, 1] images. Metrics: ``clean_accuracy``,
 ``robust_accuracy/<attack>/<ε>`` (ε written with ``%.4g``, e.g. ``robust_accuracy/pgd/0.3``).
 """
@@ -33,7 +39,7 @@ from ..models import build_model
 from ..trainer import TrainConfig, rank, resolve_device, set_seed, train
 
 TASK = "adversarial"
-ATTACKS = ("fgsm", "pgd")
+ATTACKS = ("fgsm", "pgd", "pgd-margin")
 
 
 # --- presets ---------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ PRESETS: dict[str, Recipe] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this task's options to the ``run`` parser."""
-    group = parser.add_argument_group("adversarial task", "attacks: fgsm, pgd (L∞)")
+    group = parser.add_argument_group("adversarial task", "attacks: fgsm, pgd, pgd-margin (L∞)")
     group.add_argument(
         "--epsilons",
         metavar="LIST",
@@ -142,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the preset's)",
     )
     group.add_argument(
-        "--attacks", metavar="LIST", help="comma-separated attacks from fgsm,pgd (default both)"
+        "--attacks",
+        metavar="LIST",
+        help="comma-separated attacks from fgsm,pgd,pgd-margin (default all three)",
     )
     group.add_argument("--pgd-steps", type=int, metavar="K", help="PGD iterations")
     group.add_argument(
@@ -197,19 +205,36 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
 
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed CW margin ``max_{j≠y} z_j − z_y`` (positive once an example is misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return (others.max(1).values - true).sum()
+
+
 def pgd(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    loss: str = "ce",
 ) -> torch.Tensor:
     """PGD-L∞ (Madry et al. 2018) with a uniform random start in the ε-ball.
 
-    Fallback when torchattacks is not installed; matches ``torchattacks.PGD``.
+    With ``loss="ce"`` this is the fallback when torchattacks is not installed and matches
+    ``torchattacks.PGD``; ``loss="margin"`` ascends :func:`margin_loss` instead.
     """
+    if loss not in ("ce", "margin"):
+        raise ValueError(f"loss: expected ce or margin, got {loss!r}")
+    objective = nn.functional.cross_entropy if loss == "ce" else margin_loss
     x = x.clone().detach()
     adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
     for _ in range(steps):
         adv.requires_grad_(True)
-        loss = nn.functional.cross_entropy(model(adv), y)
-        (grad,) = torch.autograd.grad(loss, adv)
+        loss_value = objective(model(adv), y)
+        (grad,) = torch.autograd.grad(loss_value, adv)
         adv = adv.detach() + alpha * grad.sign()
         adv = (x + (adv - x).clamp(-eps, eps)).clamp(0.0, 1.0).detach()
     return adv
@@ -228,7 +253,7 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, backend: st
     """An attack as a callable ``attack(x, y) -> x_adv`` (the model is put in eval mode).
 
     Args:
-        name: ``"fgsm"`` or ``"pgd"``.
+        name: ``"fgsm"``, ``"pgd"`` or ``"pgd-margin"`` (always built in).
         model: takes pixels in [0, 1].
         eps: L∞ radius, non-negative.
         steps: PGD iterations, at least 1 (step size ``2.5 ε / steps``).
@@ -250,7 +275,7 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, backend: st
     if backend not in ("torchattacks", "builtin"):
         raise ValueError(f"backend: expected torchattacks or builtin, got {backend!r}")
     alpha = 2.5 * eps / steps
-    if backend == "torchattacks":
+    if backend == "torchattacks" and name != "pgd-margin":
         import torchattacks
 
         if name == "fgsm":
@@ -263,7 +288,7 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, backend: st
         try:
             if name == "fgsm":
                 return fgsm(model, x, y, eps)
-            return pgd(model, x, y, eps, alpha, steps)
+            return pgd(model, x, y, eps, alpha, steps, "margin" if name == "pgd-margin" else "ce")
         finally:
             model.train(was_training)
 
@@ -545,8 +570,10 @@ def _report_spec(losses: list[str], recipe: Recipe, attacks, adv_train: bool) ->
         "notes": [
             "Mean ± std over seeds of test accuracy under attack (ε in pixel units of [0, 1] "
             f"images). FGSM: one step of size ε. PGD-L∞: {recipe.pgd_steps} steps of size "
-            "2.5 ε / steps from a uniform random start in the ε-ball. Attacks use the CE loss "
-            "of the evaluated model whatever loss trained it.",
+            "2.5 ε / steps from a uniform random start in the ε-ball. FGSM and PGD ascend the "
+            "CE loss of the evaluated model whatever loss trained it; pgd-margin is the same "
+            "PGD on the margin max_{j≠y} z_j − z_y, which does not saturate, so a gain that "
+            "holds under FGSM/PGD but not under pgd-margin is gradient masking, not robustness.",
             "The paper's argument: EL enlarges margins, so it should be harder to push an "
             f"example across the decision boundary; the direction line tests ε={key}.",
         ],
