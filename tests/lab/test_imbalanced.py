@@ -157,3 +157,11 @@ def test_resume_reuses_finished_runs(tiny_imbalanced):
 def test_unknown_loss_is_a_usage_error(capsys):
     assert main(["run", "imbalanced", "--losses", "ce,nope", "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_report_rebuilds_with_the_task_layout(tiny_imbalanced, tmp_path):
+    out, _ = tiny_imbalanced
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["report", str(out), "--out", str(rebuilt)]) == 0
+    text = (rebuilt / "report.md").read_text(encoding="utf-8")
+    assert "| few |" in text and "balanced test accuracy is higher" in text

@@ -319,6 +319,8 @@ def load_results(dirs: list[str | os.PathLike]) -> tuple[dict, dict[tuple[str, i
         if merged is None:
             merged = {k: data[k] for k in ("task", "dataset", "config")}
             merged["config"] = dict(merged["config"])
+            if "report" in data:  # a task's report layout (see report_spec)
+                merged["report"] = data["report"]
         elif (data["task"], data["dataset"]) != (merged["task"], merged["dataset"]):
             raise ValueError(
                 f"dirs: {folder} holds {data['task']}/{data['dataset']}, "
