@@ -127,3 +127,35 @@ def test_adversarial_training_runs(tmp_path):
     config = load_results(out)["config"]
     assert config["adversarial_training"]["enabled"] is True
     assert config["adversarial_training"]["epsilon"] == pytest.approx(0.1)
+
+
+def test_interrupted_adversarial_training_resumes_to_identical_metrics(tmp_path):
+    shared_dataset("mnist")
+    common = [
+        "run",
+        "adversarial",
+        "--losses",
+        "el",
+        "--train-size",
+        "200",
+        "--test-size",
+        "100",
+        "--epochs",
+        "2",
+        "--adv-train",
+        "--epsilons",
+        "0,0.1",
+        "--attacks",
+        "pgd",
+        "--pgd-steps",
+        "2",
+        "--no-progress",
+        "--data-root",
+        str(SHARED_DATA),
+    ]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    interrupted = [*common, "--out", str(tmp_path / "resumed")]
+    assert main([*interrupted, "--stop-after-epochs", "1"]) == 0
+    assert main([*interrupted, "--resume"]) == 0
+    straight = load_results(tmp_path / "straight")["runs"][0]["metrics"]
+    assert load_results(tmp_path / "resumed")["runs"][0]["metrics"] == straight

@@ -165,3 +165,35 @@ def test_report_rebuilds_with_the_task_layout(tiny_imbalanced, tmp_path):
     assert main(["report", str(out), "--out", str(rebuilt)]) == 0
     text = (rebuilt / "report.md").read_text(encoding="utf-8")
     assert "| few |" in text and "balanced test accuracy is higher" in text
+
+
+def test_interrupted_drw_run_resumes_to_identical_metrics(tmp_path):
+    shared_dataset("fashion-mnist")
+    common = [
+        "run",
+        "imbalanced",
+        "--losses",
+        "ce-drw",
+        "--n-max",
+        "100",
+        "--epochs",
+        "3",
+        "--drw-start",
+        "0.5",
+        "--test-size",
+        "100",
+        "--no-progress",
+        "--data-root",
+        str(SHARED_DATA),
+    ]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    interrupted = [*common, "--out", str(tmp_path / "resumed")]
+    assert main([*interrupted, "--stop-after-epochs", "1"]) == 0
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert main([*interrupted, "--resume"]) == 0
+    straight = load_results(tmp_path / "straight")["runs"][0]
+    resumed = load_results(tmp_path / "resumed")["runs"][0]
+    assert resumed["metrics"] == straight["metrics"]
+    assert [h["train_loss"] for h in resumed["history"]] == [
+        h["train_loss"] for h in straight["history"]
+    ]
