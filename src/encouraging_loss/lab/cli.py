@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 from pathlib import Path
 
 from .tasks import TASKS
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after K epochs as if killed, keeping the checkpoint (to test --resume)",
     )
     _add_common(run, "quick")
+    for task in TASKS:
+        if task != "image":  # each other task adds its own options in a group of its own
+            import_module(f"{__package__}.tasks.{task}").add_arguments(run)
 
     reproduce = commands.add_parser(
         "reproduce",
@@ -203,6 +207,14 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task != "image":
+        if args.download:
+            raise ValueError("--download: only the image task downloads; stage the data first")
+        results, where = import_module(f"{__package__}.tasks.{task}").run_from_args(args)
+        if results is not None:
+            print(summary_table(results))
+            print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
+        return 0
     options = ImageOptions(
         losses=losses,
         seeds=args.seeds,

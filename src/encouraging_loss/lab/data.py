@@ -387,6 +387,10 @@ class Splits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # Per-channel statistics used to standardise, shaped (1, C, 1, 1): raw pixels in [0, 1]
+    # are ``x * std + mean`` (attacks with an ε in pixel units need them).
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -431,6 +435,8 @@ def make_splits(data: ImageDataset, val_fraction: float = 0.1, split_seed: int =
         test_x=(test_x - mean) / std,
         test_y=torch.from_numpy(data.test_labels.astype(np.int64)),
         num_classes=len(data.classes),
+        mean=mean,
+        std=std,
     )
 
 

@@ -10,6 +10,7 @@ most one leading bare value for the family's main parameter. Examples::
     ls-el:0.1               EncouragingLoss(label_smoothing=0.1)
     el:log_end=0.5,bonus_scale=0.5
     el:ramp=0.5,start=0.1   bonus scale scheduled by BonusSchedule(final=bonus_scale, ...)
+    el:bonus_start=0.5      bonus only where p_y > 0.5
     focal:gamma=2           FocalLoss(gamma=2)
     poly1:epsilon=1         Poly1Loss(epsilon=1)
 """
@@ -37,6 +38,7 @@ _FAMILIES: dict[str, tuple[str, dict[str, type], dict[str, object]]] = {
             "log_end": float,
             "bonus_scale": float,
             "bonus": str,
+            "bonus_start": float,
             "label_smoothing": float,
             "start": float,
             "ramp": float,
@@ -51,6 +53,7 @@ _FAMILIES: dict[str, tuple[str, dict[str, type], dict[str, object]]] = {
             "log_end": float,
             "bonus_scale": float,
             "bonus": str,
+            "bonus_start": float,
             "start": float,
             "ramp": float,
             "shape": str,
@@ -101,11 +104,14 @@ def _format_value(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def parse_loss(name: str) -> LossSpec:
+def parse_loss(name: str, extra_families: dict | None = None) -> LossSpec:
     """Parse one loss name.
 
     Args:
         name: e.g. ``"el:log_end=1"``; see the module docstring for the grammar.
+        extra_families: task-specific families added to (or replacing) the built-in ones, in
+            the same ``{family: (main parameter, {parameter: type}, defaults)}`` layout; the
+            task that adds them also builds their criteria.
 
     Returns:
         The parsed :class:`LossSpec`.
@@ -118,12 +124,13 @@ def parse_loss(name: str) -> LossSpec:
     name = name.strip()
     family, _, arg_text = name.partition(":")
     family = family.strip().lower()
-    if family not in _FAMILIES:
+    families = {**_FAMILIES, **(extra_families or {})}
+    if family not in families:
         raise UnknownLossError(
-            f"unknown loss {name!r}; known families: {', '.join(LOSS_FAMILIES)} "
+            f"unknown loss {name!r}; known families: {', '.join(families)} "
             "(e.g. ce, el, el:log_end=1, ls-ce:0.1, ls-el:0.1, focal:gamma=2, poly1:epsilon=1)"
         )
-    main_param, types, defaults = _FAMILIES[family]
+    main_param, types, defaults = families[family]
     params: dict[str, object] = dict(defaults)
     if arg_text.strip():
         for position, item in enumerate(arg_text.split(",")):
@@ -153,7 +160,7 @@ def parse_loss(name: str) -> LossSpec:
     return LossSpec(name=name, family=family, params=params)
 
 
-def parse_loss_list(text: str) -> list[LossSpec]:
+def parse_loss_list(text: str, extra_families: dict | None = None) -> list[LossSpec]:
     """Parse a ``--losses`` value: names separated by ``,`` where a new name starts a family.
 
     Commas also separate a loss's parameters (``el:log_end=0.5,bonus_scale=0.5``), so an item
@@ -161,6 +168,7 @@ def parse_loss_list(text: str) -> list[LossSpec]:
 
     Args:
         text: e.g. ``"ce,el,el:log_end=0.5,bonus_scale=0.5,ls-ce:0.1"``.
+        extra_families: task-specific families, as in :func:`parse_loss`.
 
     Returns:
         The parsed specs, in order, without duplicates.
@@ -176,14 +184,15 @@ def parse_loss_list(text: str) -> list[LossSpec]:
         if not item:
             continue
         head = item.partition(":")[0].strip().lower()
-        continues_previous = groups and ":" in groups[-1] and head not in _FAMILIES
+        known = head in _FAMILIES or head in (extra_families or {})
+        continues_previous = groups and ":" in groups[-1] and not known
         if continues_previous:
             groups[-1] += "," + item
         else:
             groups.append(item)
     specs: list[LossSpec] = []
     for group in groups:
-        spec = parse_loss(group)
+        spec = parse_loss(group, extra_families)
         if spec.name not in {s.name for s in specs}:
             specs.append(spec)
     if not specs:
@@ -213,7 +222,7 @@ def build_criterion(spec: LossSpec | str) -> nn.Module:
     if spec.family in ("el", "ls-el"):
         kwargs = {
             key: p[key]
-            for key in ("log_end", "bonus_scale", "bonus", "label_smoothing")
+            for key in ("log_end", "bonus_scale", "bonus", "bonus_start", "label_smoothing")
             if key in p
         }
         return EncouragingLoss(**kwargs)

@@ -75,6 +75,56 @@ CLAIMS = (
 )
 
 
+DEFAULT_NOTE = (
+    "Mean ± std over seeds of finished runs (test split, model selected on validation "
+    "accuracy). margin = z_y − max_{j≠y} z_j; energy −lse = −logsumexp(z); probe = linear "
+    "probe on frozen penultimate features; cRT = last layer re-trained with CE; grad share = "
+    "share of the per-example logit-gradient norm from examples with p_y > 0.5 in the last "
+    "training epoch."
+)
+DEFAULT_PLOTS = (
+    ("accuracy curves", "accuracy_curves.png"),
+    ("margin histogram", "margin_hist.png"),
+    ("energy histogram", "energy_hist.png"),
+    ("reliability diagram", "reliability.png"),
+    ("gradient share", "grad_share.png"),
+)
+
+
+def report_spec(results: dict) -> dict:
+    """What the report shows for a task: ``results["report"]`` over the image task's defaults.
+
+    A task other than ``image`` may store a ``"report"`` entry in its results (so that
+    ``encouraging-loss report`` rebuilds the same report from ``results.json``) with any of:
+    ``title``; ``table`` (``[metric, label, higher_is_better]`` rows); ``claims`` (``[claim,
+    metric, direction, wording]`` rows); ``comparisons`` (``[loss, baseline]`` pairs for the
+    paired-difference table); ``claim_pairs`` (pairs the claims are checked on, default
+    ``comparisons``); ``notes`` (paragraphs under the table); ``plots`` (``[alt, file]`` rows);
+    ``curves`` (line plots of a metric against x, see :func:`plot_curves`).
+
+    Args:
+        results: loaded results.
+
+    Returns:
+        Dict with every key above filled in; ``comparisons`` is ``None`` when each loss is to
+        be compared with its CE counterpart (the image task's rule).
+    """
+    spec = results.get("report") or {}
+    return {
+        "title": spec.get(
+            "title",
+            f"{results['task']} on {results['dataset']}: encouraging loss vs cross-entropy",
+        ),
+        "table": [tuple(row) for row in spec["table"]] if "table" in spec else TABLE_METRICS,
+        "claims": [tuple(row) for row in spec["claims"]] if "claims" in spec else CLAIMS,
+        "comparisons": [tuple(p) for p in spec["comparisons"]] if "comparisons" in spec else None,
+        "claim_pairs": [tuple(p) for p in spec["claim_pairs"]] if "claim_pairs" in spec else None,
+        "notes": list(spec.get("notes", [DEFAULT_NOTE])),
+        "plots": [tuple(row) for row in spec["plots"]] if "plots" in spec else DEFAULT_PLOTS,
+        "curves": list(spec.get("curves", [])),
+    }
+
+
 def t_quantile_975(df: int) -> float:
     """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom.
 
@@ -279,6 +329,8 @@ def load_results(dirs: list[str | os.PathLike]) -> tuple[dict, dict[tuple[str, i
         if merged is None:
             merged = {k: data[k] for k in ("task", "dataset", "config")}
             merged["config"] = dict(merged["config"])
+            if "report" in data:  # a task's report layout (see report_spec)
+                merged["report"] = data["report"]
         elif (data["task"], data["dataset"]) != (merged["task"], merged["dataset"]):
             raise ValueError(
                 f"dirs: {folder} holds {data['task']}/{data['dataset']}, "
@@ -354,7 +406,7 @@ def summary_rows(results: dict) -> list[dict]:
         runs = [r for r in results["runs"] if r["loss"] == loss]
         ok = [r for r in runs if _ok(r)]
         stats = {}
-        for metric, _, _ in TABLE_METRICS:
+        for metric, _, _ in report_spec(results)["table"]:
             values = [r["metrics"][metric] for r in ok if r["metrics"].get(metric) is not None]
             stats[metric] = mean_std(values) if values else (float("nan"), float("nan"))
         rows.append(
@@ -446,18 +498,11 @@ def markdown_report(results: dict) -> str:
     _check_results(results)
     losses = _losses_in_order(results)
     rows = summary_rows(results)
-    lines = [
-        f"# {results['task']} on {results['dataset']}: encouraging loss vs cross-entropy",
-        "",
-        summary_table(results),
-        "",
-        "Mean ± std over seeds of finished runs (test split, model selected on validation "
-        "accuracy). margin = z_y − max_{j≠y} z_j; energy −lse = −logsumexp(z); probe = linear "
-        "probe on frozen penultimate features; cRT = last layer re-trained with CE; grad share = "
-        "share of the per-example logit-gradient norm from examples with p_y > 0.5 in the last "
-        "training epoch.",
-        "",
-    ]
+    spec = report_spec(results)
+    table_metrics = spec["table"]
+    lines = [f"# {spec['title']}", "", summary_table(results), ""]
+    for note in spec["notes"]:
+        lines += [note, ""]
     diverged = [r for r in rows if r["n_diverged"]]
     if diverged:
         lines += ["## Diverged runs", ""]
@@ -469,21 +514,27 @@ def markdown_report(results: dict) -> str:
             )
         lines.append("")
     diverged_losses = {r["loss"]: r["n_ok"] == 0 and r["n_diverged"] > 0 for r in rows}
-    comparisons = [(loss, _baseline_for(loss, losses)) for loss in losses]
-    comparisons = [(loss, base) for loss, base in comparisons if base is not None]
+    if spec["comparisons"] is None:
+        comparisons = [(loss, _baseline_for(loss, losses)) for loss in losses]
+        comparisons = [(loss, base) for loss, base in comparisons if base is not None]
+    else:
+        comparisons = [(a, b) for a, b in spec["comparisons"] if a in losses and b in losses]
+    claim_pairs = comparisons
+    if spec["claim_pairs"] is not None:
+        claim_pairs = [(a, b) for a, b in spec["claim_pairs"] if a in losses and b in losses]
     if comparisons:
         lines += [
             "## Paired difference to the CE baseline (same seed), mean [95% t-interval]",
             "",
             "| loss − baseline | pairs | "
-            + " | ".join(label for _, label, _ in TABLE_METRICS)
+            + " | ".join(label for _, label, _ in table_metrics)
             + " |",
-            "|---|---|" + "---|" * len(TABLE_METRICS),
+            "|---|---|" + "---|" * len(table_metrics),
         ]
         for loss, base in comparisons:
             cells = []
             pairs = 0
-            for metric, _, _ in TABLE_METRICS:
+            for metric, _, _ in table_metrics:
                 diffs = paired_differences(results, loss, base, metric)
                 pairs = max(pairs, len(diffs))
                 if not diffs:
@@ -492,9 +543,10 @@ def markdown_report(results: dict) -> str:
                 mean, low, high = paired_interval(diffs)
                 cells.append(f"{mean:+.4f} [{_fmt(low)}, {_fmt(high)}]")
             lines.append(f"| `{loss}` − `{base}` | {pairs} | " + " | ".join(cells) + " |")
-        lines += ["", "## The paper's three claims, checked on these runs", ""]
-        for claim, metric, direction, wording in CLAIMS:
-            for loss, base in comparisons:
+        heading = "three claims" if spec["claims"] is CLAIMS else "direction"
+        lines += ["", f"## The paper's {heading}, checked on these runs", ""]
+        for claim, metric, direction, wording in spec["claims"]:
+            for loss, base in claim_pairs:
                 diffs = paired_differences(results, loss, base, metric)
                 verdict = claim_verdict(diffs, direction)
                 if not diffs and diverged_losses.get(loss):
@@ -507,14 +559,10 @@ def markdown_report(results: dict) -> str:
                     f"- **{claim}** — `{loss}` vs `{base}`: {wording}: **{verdict}**{detail}"
                 )
         lines.append("")
+    lines += ["## Plots", ""]
+    lines += [f"![{alt}]({file})" for alt, file in spec["plots"]]
+    lines += [f"![{curve['title']}]({curve['file']})" for curve in spec["curves"]]
     lines += [
-        "## Plots",
-        "",
-        "![accuracy curves](accuracy_curves.png)",
-        "![margin histogram](margin_hist.png)",
-        "![energy histogram](energy_hist.png)",
-        "![reliability diagram](reliability.png)",
-        "![gradient share](grad_share.png)",
         "",
         "## Configuration",
         "",
@@ -535,15 +583,16 @@ def summary_table(results: dict) -> str:
     Returns:
         A Markdown table.
     """
+    table_metrics = report_spec(results)["table"]
     header = (
         "| loss | lr | runs ok | diverged | "
-        + " | ".join(label for _, label, _ in TABLE_METRICS)
+        + " | ".join(label for _, label, _ in table_metrics)
         + " |"
     )
-    lines = [header, "|---|---|---|---|" + "---|" * len(TABLE_METRICS)]
+    lines = [header, "|---|---|---|---|" + "---|" * len(table_metrics)]
     for row in summary_rows(results):
         cells = []
-        for metric, _, _ in TABLE_METRICS:
+        for metric, _, _ in table_metrics:
             mean, std = row["stats"][metric]
             if not math.isfinite(mean):
                 cells.append("—")
@@ -706,6 +755,73 @@ def make_plots(results: dict, source: dict[tuple[str, int], Path], out_dir: Path
     _save_figure(fig, out_dir / "grad_share.png")
     plt.close(fig)
     written.append(out_dir / "grad_share.png")
+    written += plot_curves(results, out_dir)
+    return written
+
+
+def plot_curves(results: dict, out_dir: Path) -> list[Path]:
+    """Line plots of metrics against a numeric x, one colour per loss (``report`` ``curves``).
+
+    Each curve entry is ``{"file", "title", "xlabel", "ylabel", "series": [{"label",
+    "points": [[x, metric], ...]}]}``; every series is drawn per loss as the mean over finished
+    seeds with ± std error bars, series told apart by line style (e.g. robust accuracy against
+    ε for FGSM and PGD).
+
+    Args:
+        results: loaded results.
+        out_dir: where the PNGs go.
+
+    Returns:
+        Paths of the written PNGs.
+    """
+    curves = report_spec(results)["curves"]
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = _losses_in_order(results)
+    styles = ("-", "--", ":", "-.")
+    written = []
+    for curve in curves:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for series_index, series in enumerate(curve["series"]):
+            for loss in losses:
+                ok = [r for r in results["runs"] if r["loss"] == loss and _ok(r)]
+                xs, means, stds = [], [], []
+                for x, metric in series["points"]:
+                    values = [
+                        r["metrics"][metric] for r in ok if r["metrics"].get(metric) is not None
+                    ]
+                    if values:
+                        mean, std = mean_std(values)
+                        xs.append(float(x))
+                        means.append(mean)
+                        stds.append(std)
+                if xs:
+                    ax.errorbar(
+                        xs,
+                        means,
+                        yerr=stds,
+                        marker="o",
+                        markersize=3,
+                        capsize=2,
+                        linestyle=styles[series_index % len(styles)],
+                        color=f"C{losses.index(loss)}",
+                        label=f"{loss} ({series['label']})",
+                    )
+        ax.set_xlabel(curve.get("xlabel", "x"))
+        ax.set_ylabel(curve.get("ylabel", "value"))
+        ax.set_title(curve.get("title", ""))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        path = out_dir / curve["file"]
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
     return written
 
 

@@ -360,6 +360,8 @@ def train(
     config: TrainConfig,
     *,
     bonus_schedule: Callable[[float], float] | None = None,
+    progress_hook: Callable[[float], None] | None = None,
+    perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after_epochs: int | None = None,
@@ -375,6 +377,11 @@ def train(
         config: hyper-parameters.
         bonus_schedule: callable mapping training progress in ``[0, 1]`` to the criterion's
             ``bonus_scale``, applied before every step; ``None`` leaves the scale alone.
+        progress_hook: called before every step with training progress in ``[0, 1]`` (e.g.
+            deferred re-weighting swaps the criterion's class weights at a fixed progress);
+            it must be a pure function of progress so that resumed runs stay identical.
+        perturb: ``perturb(model, x, y)`` returns the batch the model trains on (e.g. PGD
+            adversarial examples for adversarial training); ``None`` trains on ``x``.
         checkpoint_path: where the per-epoch checkpoint is written (atomically); ``None`` = none.
         resume: continue from ``checkpoint_path`` if it exists.
         stop_after_epochs: return after this many epochs of *this call* as if killed (the
@@ -469,12 +476,16 @@ def train(
                 group["lr"] = lr
             if bonus_schedule is not None:
                 criterion.bonus_scale = float(bonus_schedule(global_step / max(1, total_steps)))
+            if progress_hook is not None:
+                progress_hook(global_step / max(1, total_steps))
             index = order[step_in_epoch * batch : (step_in_epoch + 1) * batch][my_rank::world]
             xb, yb = train_x[index].to(device), train_y[index].to(device)
             if config.augment:
                 # Seeded by (seed, step, rank) so a resumed run draws the same crops.
                 step_seed = (config.seed * 1_000_003 + global_step) * 64 + my_rank
                 xb = random_crop_flip(xb, torch.Generator().manual_seed(step_seed))
+            if perturb is not None:
+                xb = perturb(model, xb, yb).detach()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = ddp_model(xb)
             logits = logits.float()

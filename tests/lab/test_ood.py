@@ -1,0 +1,112 @@
+"""The OOD task: scores, scikit-learn metrics on a fixed toy case, a tiny run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from encouraging_loss.lab.cli import main
+from encouraging_loss.lab.tasks import ood as task
+
+from .helpers import SHARED_DATA, load_results, shared_dataset
+
+
+def test_metrics_on_a_fixed_toy_case():
+    id_scores = np.array([0.9, 0.8, 0.7, 0.3])
+    ood_scores = np.array([0.2, 0.6, 0.1])
+    metrics = task.ood_metrics(id_scores, ood_scores)
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    scores = np.concatenate([id_scores, ood_scores])
+    # 11 of the 12 (ID, OOD) pairs are ordered correctly.
+    assert metrics["auroc"] == pytest.approx(11 / 12)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert metrics["aupr_in"] == pytest.approx(average_precision_score(labels, scores))
+    assert metrics["aupr_out"] == pytest.approx(average_precision_score(1 - labels, -scores))
+    # Keeping >= 95% of ID images needs the threshold 0.3, which lets 0.6 through: 1 of 3.
+    assert metrics["fpr95"] == pytest.approx(1 / 3)
+
+
+def test_metrics_validate_inputs():
+    with pytest.raises(ValueError, match="id_scores"):
+        task.ood_metrics(np.array([]), np.array([0.1]))
+    with pytest.raises(ValueError, match="finite"):
+        task.ood_metrics(np.array([np.nan]), np.array([0.1]))
+
+
+def test_scores_from_logits():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    scores = task.scores_from_logits(logits)
+    assert scores["max_logit"].tolist() == [2.0, 0.0]
+    assert scores["energy"] == pytest.approx(torch.logsumexp(logits, 1).numpy())
+    assert scores["msp"][1] == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_ood(tmp_path_factory):
+    shared_dataset("mnist")
+    shared_dataset("fashion-mnist")
+    notmnist = shared_dataset("notmnist")
+    out = tmp_path_factory.mktemp("ood") / "out"
+    argv = [
+        "run",
+        "ood",
+        "--losses",
+        "ce,el",
+        "--seeds",
+        "2",
+        "--train-size",
+        "500",
+        "--test-size",
+        "200",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--ood-sets",
+        f"fashion-mnist,{notmnist}",
+        "--ood-scores",
+        "msp,max_logit,energy,odin",
+        "--data-root",
+        str(SHARED_DATA),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_tiny_run_files_and_metric_names(tiny_ood):
+    for name in ("results.json", "results.csv", "report.md"):
+        assert (tiny_ood / name).is_file(), name
+    results = load_results(tiny_ood)
+    assert results["config"]["data"]["ood_sets"] == {"fashion-mnist": 200, "notmnist": 200}
+    for run in results["runs"]:
+        m = run["metrics"]
+        assert m["test_accuracy"] > 0.5
+        for name in ("fashion-mnist", "notmnist"):
+            for score in ("msp", "max_logit", "energy", "odin"):
+                for metric in ("auroc", "aupr_in", "aupr_out", "fpr95"):
+                    assert 0.0 <= m[f"ood/{name}/{score}/{metric}"] <= 1.0
+    assert "energy AUROC against fashion-mnist is higher" in (tiny_ood / "report.md").read_text(
+        encoding="utf-8"
+    )
+
+
+def test_unknown_ood_set_is_a_usage_error(capsys):
+    shared_dataset("mnist")
+    argv = [
+        "run",
+        "ood",
+        "--ood-sets",
+        "nowhere",
+        "--data-root",
+        str(SHARED_DATA),
+        "--train-size",
+        "100",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    assert "ood_sets" in capsys.readouterr().err
