@@ -44,6 +44,17 @@ def copy_rows(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buffer.view(-1, logits.shape[-1])
 
 
+def working_rows(logits: torch.Tensor, dtype: torch.dtype, consume: bool) -> torch.Tensor:
+    """The buffer the terms functions work in: ``logits`` itself when the caller hands it over.
+
+    ``consume=True`` says the caller owns ``logits`` and will not read it again (the fused linear
+    path's chunk of logits); it is then used in place if it already is contiguous ``dtype`` rows.
+    """
+    if consume and logits.dtype == dtype and logits.dim() == 2 and logits.is_contiguous():
+        return logits
+    return copy_rows(logits, dtype)
+
+
 def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
     """The gradient rows in the logits' shape and dtype."""
     grad = buffer.view(ctx.logits_shape)
@@ -129,25 +140,46 @@ class HardTargetEL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
         args = (target, row_weight, row_bonus_weight, rho, bonus, compute_dtype)
-        row_loss, buffer, state = _hard_target_terms(logits, *args)
-        _keep_for_backward(ctx, _hard_target_terms, logits, args, buffer, state)
+        row_loss, buffer, state = hard_target_terms(logits, *args)
+        _keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, (target, row_weight, sum_exp, push) = _take_for_backward(ctx)
-        # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
-        # is not finite (the mean over zero items is NaN, as in torch).
-        target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
-        buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
-        buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+        buffer, state = _take_for_backward(ctx)
+        hard_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), None, None, None, None, None, None
 
 
-def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-    """Row losses, the buffer exp(z_j - m) (j != y) and the row terms backward needs."""
-    buffer = copy_rows(logits, compute_dtype)
+def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Turn the buffer of :func:`hard_target_terms` into the gradient of the logits, in place.
+
+    Args:
+        buffer: (M, C) exp(z_j - m) for j != y, 0 at y, as the terms function left it.
+        state: the row terms the terms function returned with it.
+        grad_rows: (M,) incoming gradient of each row loss (any value for ignored rows).
+
+    Returns:
+        ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
+    """
+    target, row_weight, sum_exp, push = state
+    # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
+    # is not finite (the mean over zero items is NaN, as in torch).
+    target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
+    buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
+    buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+    return buffer
+
+
+def hard_target_terms(
+    logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype, *, consume=False
+):
+    """Row losses, the buffer exp(z_j - m) (j != y) and the row terms backward needs.
+
+    With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
+    """
+    buffer = working_rows(logits, compute_dtype, consume)
     _, sum_exp, d = _exclude_and_normalise(buffer, target)
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
@@ -204,41 +236,57 @@ class DenseTargetEL(torch.autograd.Function):
             bonus,
             compute_dtype,
         )
-        row_loss, buffer, state = _dense_target_terms(logits, *args)
-        _keep_for_backward(ctx, _dense_target_terms, logits, args, buffer, state)
+        row_loss, buffer, state = dense_target_terms(logits, *args)
+        _keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, (row_active, *state) = _take_for_backward(ctx)
-        (
-            special,
-            push,
-            grad_special,
-            alpha,
-            class_weight,
-            mass_slope,
-            class_slope,
-            target,
-            target_correction,
-        ) = state
-        # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
-        grad_rows = torch.where(row_active, grad_rows, 0.0)
-        buffer.mul_(_rows_as(buffer, grad_rows * push))
-        if mass_slope is not None:
-            buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
-        elif class_slope is not None:
-            buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
-        else:
-            buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
-        if target is not None:
-            buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
-        buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+        buffer, state = _take_for_backward(ctx)
+        dense_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * 10)
 
 
-def _dense_target_terms(
+def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Turn the buffer of :func:`dense_target_terms` into the gradient of the logits, in place.
+
+    Args:
+        buffer: (M, C) non-special softmax q, as the terms function left it.
+        state: the row terms the terms function returned with it.
+        grad_rows: (M,) incoming gradient of each row loss (any value for rows without mass).
+
+    Returns:
+        ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
+    """
+    (
+        row_active,
+        special,
+        push,
+        grad_special,
+        alpha,
+        class_weight,
+        mass_slope,
+        class_slope,
+        target,
+        target_correction,
+    ) = state
+    # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
+    grad_rows = torch.where(row_active, grad_rows, 0.0)
+    buffer.mul_(_rows_as(buffer, grad_rows * push))
+    if mass_slope is not None:
+        buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
+    elif class_slope is not None:
+        buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
+    else:
+        buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
+    if target is not None:
+        buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
+    buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+    return buffer
+
+
+def dense_target_terms(
     logits,
     row_alpha,
     class_weight,
@@ -250,9 +298,14 @@ def _dense_target_terms(
     rho,
     bonus,
     compute_dtype,
+    *,
+    consume=False,
 ):
-    """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs."""
-    buffer = copy_rows(logits, compute_dtype)
+    """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs.
+
+    With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
+    """
+    buffer = working_rows(logits, compute_dtype, consume)
     dense_mass = None
     if dense_target is not None:
         dense_mass = copy_rows(dense_target, compute_dtype).mul_(class_weight * dense_scale)
