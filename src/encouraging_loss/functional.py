@@ -14,7 +14,7 @@ from ._validate import (
     value_checks_enabled,
 )
 from .bonus import Bonus
-from .ops.rowwise import ROW_DTYPE, DenseTargetEL, HardTargetEL
+from .ops.rowwise import ROW_DTYPE, DenseTargetEL, IndexTargetRows
 
 __all__ = ["encouraging_loss"]
 
@@ -126,27 +126,11 @@ def encouraging_loss(
         bonus_weight = bonus_weight.to(dtype)
 
     if is_index:
-        flat_target = target.reshape(-1).long()
-        valid = flat_target != ignore_index
-        safe_target = torch.where(valid, flat_target, 0)
-        if weight is None:
-            target_weight = valid.to(ROW_DTYPE)
-        else:
-            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
-        if epsilon == 0.0:
-            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
-            row_loss = HardTargetEL.apply(
-                logits, safe_target.unsqueeze(1), target_weight, row_bonus_weight, rho, shape, dtype
-            )
-        else:
-            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
-            row_loss = DenseTargetEL.apply(
-                logits, valid.to(ROW_DTYPE) * (epsilon / num_classes),
-                _weight_or_ones(weight, num_classes, input, dtype), None, None,
-                safe_target.unsqueeze(1), (1.0 - epsilon) * target_weight, bonus_weight, rho,
-                shape, dtype,
-            )  # fmt: skip
-        denominator = target_weight.sum()
+        rows = IndexTargetRows(
+            target, num_classes, weight, bonus_weight, ignore_index, epsilon, rho, shape, dtype
+        )
+        row_loss = rows.function.apply(logits, *rows.args())
+        denominator = rows.denominator
     else:
         # Class mass a_k = w_k ((1 - eps) q_k + eps / C).
         num_rows = logits.numel() // num_classes

@@ -416,3 +416,83 @@ def _weighted_row_sum(values, alpha, v_weight, dense_v, target, target_rest, bon
             at_target = at_target * bonus_weight[target.squeeze(1)]
         total = total + target_rest * at_target
     return total
+
+
+class IndexTargetRows:
+    """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
+
+    Built once for the whole batch; :meth:`terms` computes row losses and the gradient buffer for
+    any slice of rows, and :meth:`grad_` turns that buffer into the gradient.
+    ``encouraging_loss`` uses it whole through :class:`HardTargetEL` / :class:`DenseTargetEL`, the
+    fused linear path chunk by chunk.
+
+    Args:
+        target: (M,) class indices or ``ignore_index``.
+        num_classes: C.
+        weight: optional (C,) class weights in the compute dtype.
+        bonus_weight: optional (C,) bonus weights in the compute dtype.
+        ignore_index: the target value that contributes nothing.
+        label_smoothing: epsilon in [0, 1].
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: float32 or float64, the dtype of the (M, C) passes.
+    """
+
+    def __init__(
+        self,
+        target,
+        num_classes,
+        weight,
+        bonus_weight,
+        ignore_index,
+        label_smoothing,
+        rho,
+        bonus,
+        compute_dtype,
+    ):
+        flat_target = target.reshape(-1).long()
+        valid = flat_target != ignore_index
+        safe_target = torch.where(valid, flat_target, 0)
+        if weight is None:
+            target_weight = valid.to(ROW_DTYPE)
+        else:
+            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
+        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
+        self.denominator = target_weight.sum()
+        self.num_rows = flat_target.numel()
+        self.hard = label_smoothing == 0.0
+        self.target = safe_target.unsqueeze(1)
+        self.tail = (rho, bonus, compute_dtype)
+        if self.hard:
+            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
+            self.row_vectors = (target_weight, row_bonus_weight)
+        else:
+            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            if weight is None:
+                weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
+            row_alpha = valid.to(ROW_DTYPE) * (label_smoothing / num_classes)
+            self.class_vectors = (weight, bonus_weight)
+            self.row_vectors = (row_alpha, (1.0 - label_smoothing) * target_weight)
+
+    def args(self, rows: slice = slice(None)) -> tuple:
+        """The positional arguments after the logits of the terms function, for ``rows``."""
+        target = self.target[rows]
+        first, second = (None if v is None else v[rows] for v in self.row_vectors)
+        if self.hard:
+            return (target, first, second, *self.tail)
+        weight, bonus_weight = self.class_vectors
+        return (first, weight, None, None, target, second, bonus_weight, *self.tail)
+
+    @property
+    def function(self):
+        """The autograd Function for whole-batch use."""
+        return HardTargetEL if self.hard else DenseTargetEL
+
+    def terms(self, logits: torch.Tensor, rows: slice, *, consume: bool = False):
+        """(row losses, buffer, state) for the logits of ``rows`` (see the terms functions)."""
+        terms = hard_target_terms if self.hard else dense_target_terms
+        return terms(logits, *self.args(rows), consume=consume)
+
+    def grad_(self, buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+        """The buffer of :meth:`terms`, turned into the gradient in place (see ``*_grad_``)."""
+        return (hard_target_grad_ if self.hard else dense_target_grad_)(buffer, state, grad_rows)
