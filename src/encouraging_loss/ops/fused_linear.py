@@ -1,0 +1,159 @@
+"""A final linear layer fused with the encouraging loss, chunked over tokens (pure torch).
+
+For hidden states X (N, H), a projection W (C, H) and an optional bias, the loss of
+``encouraging_loss(X @ W.T + bias, target)`` is computed without the (N, C) logits: rows are
+processed in chunks of ``chunk_size``; for each chunk the logits (chunk, C) are formed, the row
+losses and the logits' gradient come in closed form from :mod:`.rowwise` (the same maths and code
+as :func:`encouraging_loss`), and the gradient is pushed through the projection at once:
+``grad_X[chunk] = G @ W``, ``grad_W += G.T @ X[chunk]``, ``grad_bias += G.sum(0)``. Peak extra
+memory is a few (chunk, C) buffers plus the gradients of X, W and bias themselves.
+
+When the incoming gradient of every row is known before the backward pass, the gradients are
+computed during the forward pass (as Liger-Kernel's fused linear cross-entropy does) and backward
+only scales them by the scalar ``grad_output``: that is the case for ``"mean"`` (every row's
+gradient is its target weight over the denominator, computed before the loop) and ``"sum"``.
+For ``"none"`` the incoming gradients are per row and known only in backward; the forward pass
+then computes the losses alone and backward recomputes each chunk's logits (one extra
+(chunk, H) @ (H, C) product per chunk, no stored state beyond the inputs). The same recomputation
+serves a second backward through a retained graph.
+
+Precision: logits are formed in the inputs' dtype (as ``F.linear`` would); the loss terms run in
+float32 for half-precision inputs (float64 for float64); the chunk gradient is rounded to the input
+dtype for ``grad_X`` (as the materialised path does), and ``grad_W`` / ``grad_bias`` are
+accumulated over chunks in float32 (a float32 product of the float32 chunk gradient and the
+upcast hidden chunk) and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .rowwise import ROW_DTYPE, IndexTargetRows
+
+
+def default_chunk_size(num_rows: int, hidden_size: int, num_classes: int) -> int:
+    """Rows per chunk: Liger-Kernel's rule, chunk logits about as large as the hidden states.
+
+    ``next_power_of_2(ceil(N / ceil(C / H)))``, at least 1 and at most N rounded up.
+    """
+    splits = max(1, -(-num_classes // max(hidden_size, 1)))
+    rows = max(1, -(-num_rows // splits))
+    return 1 << (rows - 1).bit_length()
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunked_linear_el(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: IndexTargetRows,
+    chunk_size: int,
+    grad_rows: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+):
+    """One pass over row chunks: row losses and, if ``grad_rows`` is given, the gradients.
+
+    Args:
+        hidden: (N, H) hidden states.
+        weight: (C, H) projection.
+        bias: (C,) or None.
+        rows: the per-row arguments of the loss.
+        chunk_size: rows per chunk.
+        grad_rows: (N,) incoming gradient of each row loss (float64), or None for losses only.
+        needs: whether the gradients of (hidden, weight, bias) are wanted.
+
+    Returns:
+        (row_losses (N,) float64, grad_hidden or None, grad_weight or None, grad_bias or None);
+        the gradients in the inputs' dtype.
+    """
+    num_rows = hidden.shape[0]
+    row_losses = torch.empty(num_rows, dtype=ROW_DTYPE, device=hidden.device)
+    want_grads = grad_rows is not None
+    need_hidden, need_weight, need_bias = (want_grads and n for n in needs)
+    accumulate = _accumulator_dtype(hidden.dtype)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) \
+        if need_weight else None  # fmt: skip
+    grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) \
+        if need_bias else None  # fmt: skip
+    compute_dtype = rows.tail[-1]
+    for start in range(0, num_rows, chunk_size):
+        chunk = slice(start, min(start + chunk_size, num_rows))
+        hidden_chunk = hidden[chunk]
+        logits = torch.nn.functional.linear(hidden_chunk, weight, bias)
+        loss, buffer, state = rows.terms(logits, chunk, consume=True)
+        row_losses[chunk] = loss
+        del logits, loss
+        if not want_grads:
+            continue
+        grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
+        del state
+        if grad_hidden is not None:
+            rounded = grad_logits if compute_dtype == hidden.dtype else grad_logits.to(hidden.dtype)
+            torch.mm(rounded, weight, out=grad_hidden[chunk])
+            del rounded
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(accumulate))
+        if grad_bias is not None:
+            grad_bias.add_(grad_logits.sum(0))
+        del grad_logits, buffer
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return row_losses, grad_hidden, grad_weight, grad_bias
+
+
+class LinearEL(torch.autograd.Function):
+    """Autograd Function of the fused linear + encouraging loss (see the module docstring).
+
+    Inputs: hidden (N, H), weight (C, H), bias (C,) or None, rows (:class:`IndexTargetRows`),
+    reduction, chunk_size. Output: the reduced loss (float64 scalar), or (N,) float64 row
+    losses for ``"none"``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, reduction, chunk_size):
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.rows, ctx.reduction, ctx.chunk_size, ctx.needs = rows, reduction, chunk_size, needs
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.grads = None
+        if reduction == "none" or not any(needs):
+            row_losses, *_ = chunked_linear_el(hidden, weight, bias, rows, chunk_size, None, needs)
+            return row_losses
+        unit = _unit_row_grad(rows, reduction, hidden.device)
+        row_losses, *grads = chunked_linear_el(hidden, weight, bias, rows, chunk_size, unit, needs)
+        ctx.grads = grads
+        total = row_losses.sum()
+        return total / rows.denominator if reduction == "mean" else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight, bias = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            # "none", or a second backward through a retained graph: recompute chunk by chunk.
+            if ctx.reduction == "none":
+                grad_rows = grad_output.to(ROW_DTYPE)
+            else:
+                unit = _unit_row_grad(ctx.rows, ctx.reduction, hidden.device)
+                grad_rows = unit * grad_output.to(ROW_DTYPE)
+            _, *grads = chunked_linear_el(
+                hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs
+            )
+        else:
+            # The gradients were computed for a unit incoming gradient; they are ours to scale.
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None)
+
+
+def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:
+    """The incoming gradient of every row loss for a unit gradient of the reduced loss."""
+    if reduction == "mean":
+        return (1.0 / rows.denominator).to(ROW_DTYPE).expand(rows.num_rows)
+    return torch.ones((), dtype=ROW_DTYPE, device=device).expand(rows.num_rows)
