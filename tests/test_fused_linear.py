@@ -214,8 +214,9 @@ def test_module_matches_function():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 1024, 32000) == 128
-    assert default_chunk_size(10, 64, 32) == 16
+    assert default_chunk_size(8192, 4096, 128256) == 256  # Liger's rule
+    assert default_chunk_size(4096, 1024, 32000) == 512  # at least 2**23 logits
+    assert default_chunk_size(10, 64, 32) == 16  # never above N rounded up
     assert default_chunk_size(0, 8, 8) == 1
 
 

@@ -32,13 +32,21 @@ from torch.autograd.function import once_differentiable
 from .rowwise import ROW_DTYPE, IndexTargetRows
 
 
-def default_chunk_size(num_rows: int, hidden_size: int, num_classes: int) -> int:
-    """Rows per chunk: Liger-Kernel's rule, chunk logits about as large as the hidden states.
+# The fewest logits a chunk should hold: below this, the per-chunk passes are too short to keep
+# the threads busy and every chunk re-reads the whole projection (and its gradient) for little work.
+MIN_CHUNK_ELEMENTS = 1 << 23
 
-    ``next_power_of_2(ceil(N / ceil(C / H)))``, at least 1 and at most N rounded up.
+
+def default_chunk_size(num_rows: int, hidden_size: int, num_classes: int) -> int:
+    """Rows per chunk: chunk logits about as large as the hidden states, and not tiny.
+
+    Liger-Kernel's rule ``next_power_of_2(ceil(N / ceil(C / H)))``, raised to the power of 2 that
+    gives at least ``MIN_CHUNK_ELEMENTS`` logits per chunk (2**23: 32 MiB in float32), and never
+    above N rounded up to a power of 2.
     """
     splits = max(1, -(-num_classes // max(hidden_size, 1)))
-    rows = max(1, -(-num_rows // splits))
+    rows = max(1, -(-num_rows // splits), -(-MIN_CHUNK_ELEMENTS // num_classes))
+    rows = min(rows, max(num_rows, 1))
     return 1 << (rows - 1).bit_length()
 
 
