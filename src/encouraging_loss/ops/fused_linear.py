@@ -31,7 +31,6 @@ from torch.autograd.function import once_differentiable
 
 from .rowwise import ROW_DTYPE, IndexTargetRows
 
-
 # The fewest logits a chunk should hold: below this, the per-chunk passes are too short to keep
 # the threads busy and every chunk re-reads the whole projection (and its gradient) for little work.
 MIN_CHUNK_ELEMENTS = 1 << 23
