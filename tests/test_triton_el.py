@@ -182,3 +182,32 @@ def test_triton_function_validates_arguments():
         triton_encouraging_loss(logits, target, bonus="log")
     with pytest.raises(TypeError, match="in_place must be a bool"):
         triton_encouraging_loss(logits, target, bonus=Bonus(), in_place=1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(reduction="none", label_smoothing=0.1, log_end=1.0), dict(reduction="sum")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_with_triton_chunks(options, dtype):
+    """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights."""
+    from encouraging_loss import linear_encouraging_loss
+
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(10, 8, generator=generator).to(dtype)
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator).to(dtype)
+    bias = torch.randn(NUM_CLASSES, generator=generator).to(dtype)
+    class_weight = torch.rand(NUM_CLASSES, generator=generator) + 0.5
+    target = torch.randint(0, NUM_CLASSES, (10,), generator=generator)
+    target[3] = -100
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, projection, bias)]
+        value = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2], chunk_size=4,
+                                        class_weight=class_weight, backend=backend, **options)
+        grads = torch.autograd.grad(value.sum(), leaves)
+        results[backend] = (value, *grads)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tolerance)

@@ -39,7 +39,7 @@ def class_last(tensor: torch.Tensor) -> torch.Tensor:
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _use_triton(backend: str, input, target, epsilon: float, shape: Bonus) -> bool:
+def use_triton_backend(backend: str, input, target, epsilon: float, shape: Bonus) -> bool:
     """Whether to run the Triton kernels (see ``backend`` in :func:`encouraging_loss`)."""
     if backend == "torch":
         return False
@@ -145,7 +145,8 @@ def encouraging_loss(
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
     if is_index and value_checks_enabled(validate_args):
         check_target_range(target, num_classes, ignore_index)
-    if _use_triton(check_choice("backend", backend, BACKENDS), input, target, epsilon, shape):
+    check_choice("backend", backend, BACKENDS)
+    if use_triton_backend(backend, input, target, epsilon, shape):
         return triton_encouraging_loss(
             input, target, weight, ignore_index, reduction, epsilon,
             bonus_scale=rho, bonus=shape, bonus_weight=bonus_weight,

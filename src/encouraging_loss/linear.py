@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ._validate import (
+    check_choice,
     check_class_vector,
     check_int,
     check_real,
@@ -15,8 +16,8 @@ from ._validate import (
     value_checks_enabled,
 )
 from .bonus import Bonus
-from .functional import compute_dtype_for
-from .ops.fused_linear import LinearEL, chunked_linear_el, default_chunk_size
+from .functional import BACKENDS, compute_dtype_for, use_triton_backend
+from .ops.fused_linear import LinearEL, TritonRows, chunked_linear_el, default_chunk_size
 from .ops.rowwise import IndexTargetRows
 
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss"]
@@ -80,6 +81,7 @@ def linear_encouraging_loss(
     bonus_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     validate_args: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``encouraging_loss(F.linear(hidden, weight, bias), target)`` without the full logits.
 
@@ -112,6 +114,11 @@ def linear_encouraging_loss(
         chunk_size: rows per chunk, a positive int; ``None`` picks
             ``next_power_of_2(ceil(N / ceil(C / H)))`` (chunk logits about the size of ``hidden``).
         validate_args: check that class indices are in range (reads the target: a GPU sync).
+        backend: how each chunk's loss and logits gradient are computed: ``"torch"`` (the
+            row-wise torch passes), ``"triton"`` (one Triton kernel launch per chunk that writes
+            the gradient over the chunk's logits) or ``"auto"`` (Triton on CUDA when it imports
+            and supports the options, as in :func:`encouraging_loss`). The projections are
+            torch matrix products either way.
 
     Returns:
         The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``.
@@ -155,12 +162,20 @@ def linear_encouraging_loss(
     )
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
+    triton_rows = None
+    check_choice("backend", backend, BACKENDS)
+    if use_triton_backend(backend, flat_hidden, target, epsilon, shape):
+        triton_rows = TritonRows(
+            target, class_weight, bonus_weight, ignore_index, epsilon, rho, shape
+        )
     inputs = (flat_hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        result = LinearEL.apply(flat_hidden, weight, bias, rows, reduction, chunk_size)
+        result = LinearEL.apply(
+            flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows
+        )
     else:
         row_losses, *_ = chunked_linear_el(
-            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False)
+            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows
         )
         if reduction == "none":
             result = row_losses
@@ -205,6 +220,7 @@ class LinearEncouragingLoss(nn.Module):
         bonus_weight: torch.Tensor | None = None,
         chunk_size: int | None = None,
         validate_args: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         self.register_buffer("class_weight", class_weight)
@@ -222,6 +238,7 @@ class LinearEncouragingLoss(nn.Module):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
         self.chunk_size = chunk_size
         self.validate_args = validate_args
+        self.backend = check_choice("backend", backend, BACKENDS)
 
     def forward(
         self,
@@ -247,6 +264,7 @@ class LinearEncouragingLoss(nn.Module):
             bonus_weight=self.bonus_weight,
             chunk_size=self.chunk_size,
             validate_args=self.validate_args,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

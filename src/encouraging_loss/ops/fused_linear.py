@@ -53,6 +53,36 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class TritonRows:
+    """The arguments of the Triton EL kernel for the whole batch (see :mod:`.triton_el`).
+
+    With it, each chunk's loss and gradient come from one kernel launch that writes the gradient
+    over the chunk's logits (Liger-Kernel's fused linear cross-entropy design), instead of the
+    torch row-wise passes.
+    """
+
+    def __init__(self, target, weight, bonus_weight, ignore_index, label_smoothing, rho, bonus):
+        self.target = target.reshape(-1).long().contiguous()
+        self.weight = None if weight is None else weight.float().contiguous()
+        self.bonus_weight = None if bonus_weight is None else bonus_weight.float().contiguous()
+        self.options = (ignore_index, float(label_smoothing), float(rho), bonus)
+
+    def loss_and_grad_(self, logits, chunk, grad_rows):
+        """Row losses (float64) of the chunk; ``logits`` becomes the gradient, in place."""
+        from .triton_el import _launch
+
+        if grad_rows is None:
+            row_scale = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        else:
+            row_scale = grad_rows[chunk].to(torch.float32).contiguous()
+        ignore_index, label_smoothing, rho, bonus = self.options
+        row_loss = _launch(
+            logits, self.target[chunk], self.weight, self.bonus_weight, ignore_index,
+            label_smoothing, rho, bonus, row_scale, logits,
+        )  # fmt: skip
+        return row_loss.to(ROW_DTYPE), logits
+
+
 def chunked_linear_el(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -61,6 +91,7 @@ def chunked_linear_el(
     chunk_size: int,
     grad_rows: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
+    triton_rows: TritonRows | None = None,
 ):
     """One pass over row chunks: row losses and, if ``grad_rows`` is given, the gradients.
 
@@ -72,6 +103,7 @@ def chunked_linear_el(
         chunk_size: rows per chunk.
         grad_rows: (N,) incoming gradient of each row loss (float64), or None for losses only.
         needs: whether the gradients of (hidden, weight, bias) are wanted.
+        triton_rows: compute each chunk's loss and gradient with the Triton kernel instead.
 
     Returns:
         (row_losses (N,) float64, grad_hidden or None, grad_weight or None, grad_bias or None);
@@ -87,26 +119,33 @@ def chunked_linear_el(
         if need_weight else None  # fmt: skip
     grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) \
         if need_bias else None  # fmt: skip
-    compute_dtype = rows.tail[-1]
     for start in range(0, num_rows, chunk_size):
         chunk = slice(start, min(start + chunk_size, num_rows))
         hidden_chunk = hidden[chunk]
         logits = torch.nn.functional.linear(hidden_chunk, weight, bias)
-        loss, buffer, state = rows.terms(logits, chunk, consume=True)
-        row_losses[chunk] = loss
-        del logits, loss
-        if not want_grads:
-            continue
-        grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
-        del state
+        if triton_rows is not None:
+            loss, grad_logits = triton_rows.loss_and_grad_(logits, chunk, grad_rows)
+            row_losses[chunk] = loss
+            del logits, loss
+            if not want_grads:
+                continue
+            buffer = grad_logits
+        else:
+            loss, buffer, state = rows.terms(logits, chunk, consume=True)
+            row_losses[chunk] = loss
+            del logits, loss
+            if not want_grads:
+                continue
+            grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
+            del state
         if grad_hidden is not None:
-            rounded = grad_logits if compute_dtype == hidden.dtype else grad_logits.to(hidden.dtype)
+            rounded = grad_logits.to(hidden.dtype)
             torch.mm(rounded, weight, out=grad_hidden[chunk])
             del rounded
         if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(accumulate))
+            grad_weight.addmm_(grad_logits.t().to(accumulate), hidden_chunk.to(accumulate))
         if grad_bias is not None:
-            grad_bias.add_(grad_logits.sum(0))
+            grad_bias.add_(grad_logits.sum(0, dtype=accumulate))
         del grad_logits, buffer
     if grad_weight is not None and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
@@ -119,21 +158,26 @@ class LinearEL(torch.autograd.Function):
     """Autograd Function of the fused linear + encouraging loss (see the module docstring).
 
     Inputs: hidden (N, H), weight (C, H), bias (C,) or None, rows (:class:`IndexTargetRows`),
-    reduction, chunk_size. Output: the reduced loss (float64 scalar), or (N,) float64 row
-    losses for ``"none"``.
+    reduction, chunk_size, triton_rows (:class:`TritonRows` or None). Output: the reduced loss
+    (float64 scalar), or (N,) float64 row losses for ``"none"``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, reduction, chunk_size):
+    def forward(ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.rows, ctx.reduction, ctx.chunk_size, ctx.needs = rows, reduction, chunk_size, needs
+        ctx.triton_rows = triton_rows
         ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = None
         if reduction == "none" or not any(needs):
-            row_losses, *_ = chunked_linear_el(hidden, weight, bias, rows, chunk_size, None, needs)
+            row_losses, *_ = chunked_linear_el(
+                hidden, weight, bias, rows, chunk_size, None, needs, triton_rows
+            )
             return row_losses
         unit = _unit_row_grad(rows, reduction, hidden.device)
-        row_losses, *grads = chunked_linear_el(hidden, weight, bias, rows, chunk_size, unit, needs)
+        row_losses, *grads = chunked_linear_el(
+            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows
+        )
         ctx.grads = grads
         total = row_losses.sum()
         return total / rows.denominator if reduction == "mean" else total
@@ -151,12 +195,13 @@ class LinearEL(torch.autograd.Function):
                 unit = _unit_row_grad(ctx.rows, ctx.reduction, hidden.device)
                 grad_rows = unit * grad_output.to(ROW_DTYPE)
             _, *grads = chunked_linear_el(
-                hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs
+                hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs,
+                ctx.triton_rows,
             )
         else:
             # The gradients were computed for a unit incoming gradient; they are ours to scale.
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:
