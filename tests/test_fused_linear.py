@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_loss
 
+from conftest import reference_loss
 from encouraging_loss import LinearEncouragingLoss, encouraging_loss, linear_encouraging_loss
 from encouraging_loss.ops.fused_linear import default_chunk_size
 
@@ -247,3 +247,15 @@ def test_validation_names_the_argument(change, error, match):
     )
     with pytest.raises(error, match=match):
         linear_encouraging_loss(hidden, weight, target, bias, **arguments)
+
+
+def test_module_compiles_without_graph_breaks():
+    (hidden, weight, bias), target = make_linear_case(10, dtype=torch.float32)
+    criterion = LinearEncouragingLoss(label_smoothing=0.1, chunk_size=4)
+    compiled = torch.compile(criterion, fullgraph=True, backend="aot_eager")
+    value, grads = gradients(lambda h, w, b: compiled(h, w, target, b), (hidden, weight, bias))
+    expected, expected_grads = gradients(lambda h, w, b: criterion(h, w, target, b),
+                                         (hidden, weight, bias))
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
