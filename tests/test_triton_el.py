@@ -187,6 +187,26 @@ def test_triton_function_validates_arguments():
         triton_encouraging_loss(logits, target, bonus="log")
     with pytest.raises(TypeError, match="in_place must be a bool"):
         triton_encouraging_loss(logits, target, bonus=Bonus(), in_place=1)
+    with pytest.raises(ValueError, match="reduction"):
+        triton_encouraging_loss(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="weight"):
+        triton_encouraging_loss(logits, target, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="class-index targets"):
+        triton_encouraging_loss(logits, target[:1])
+
+
+def test_backward_twice_is_refused():
+    """The stored gradient is scaled in place: a second backward would be wrong, so it raises."""
+    logits, target = case(2, ignore=())
+    x = logits.clone().requires_grad_()
+    loss = triton_encouraging_loss(x, target)
+    (2.0 * loss).backward(retain_graph=True)
+    expected = x.grad.clone()
+    y = logits.clone().requires_grad_()
+    (2.0 * encouraging_loss(y, target, backend="torch")).backward()
+    torch.testing.assert_close(expected, y.grad)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
 
 
 @pytest.mark.parametrize(

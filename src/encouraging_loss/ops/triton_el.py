@@ -2,7 +2,8 @@
 
 One program per row; the row is read in blocks of ``BLOCK`` classes with an online softmax, and
 the loss and the gradient come out of the same launch (the gradient is computed in the forward
-pass, as Liger-Kernel's cross-entropy does, and backward only scales it by ``grad_output``).
+pass, as Liger-Kernel's cross-entropy does, and backward scales it by ``grad_output`` in place:
+one backward pass per forward, ``retain_graph`` second passes raise).
 The maths and its exactness are those of :mod:`.rowwise`:
 
 * **hard targets** (two passes over the row): pass 1 keeps the running max and sum of
@@ -33,6 +34,13 @@ import os
 
 import torch
 
+from .._validate import (
+    check_class_vector,
+    check_input_and_target,
+    check_int,
+    check_real,
+    check_reduction,
+)
 from ..bonus import Bonus
 
 __all__ = ["TRITON_AVAILABLE", "triton_encouraging_loss", "triton_supports", "triton_can_run"]
@@ -135,12 +143,18 @@ class TritonEL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = ctx.grad
+        # The stored gradient is scaled in place (no second (N, C) tensor), so it serves once.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "the Triton encouraging loss supports one backward pass per forward (it scales "
+                "its stored gradient in place); use backend='torch' to backward twice"
+            )
         if ctx.reduction == "none":
-            scaled = grad * grad_output.unsqueeze(1).to(grad.dtype)
+            grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
         else:
-            scaled = grad * grad_output.to(grad.dtype)
-        return scaled, None, None, None, None, None, None, None, None, None
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def triton_encouraging_loss(
@@ -186,6 +200,14 @@ def triton_encouraging_loss(
         >>> if triton_can_run(logits):  # CUDA, or TRITON_INTERPRET=1
         ...     triton_encouraging_loss(logits, torch.tensor([1, 2, 3, -100])).backward()
     """
+    check_input_and_target(logits, target)
+    check_int("ignore_index", ignore_index)
+    check_reduction(reduction)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    bonus_scale = check_real("bonus_scale", bonus_scale)
+    num_classes = logits.shape[-1]
+    weight = check_class_vector("weight", weight, num_classes, logits)
+    bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, logits)
     bonus = Bonus() if bonus is None else bonus
     if not isinstance(bonus, Bonus):
         raise TypeError(f"bonus must be a Bonus, got {type(bonus).__name__}")
