@@ -221,6 +221,27 @@ def linear_contenders(tokens, hidden_size, vocab, dtype, device, liger_fused):
     return contenders
 
 
+def agreement(contenders: dict, name: str, reference: str) -> dict:
+    """Largest differences of loss and input gradients between two contenders (one run each)."""
+    import torch
+
+    outputs = {}
+    for key in (name, reference):
+        prepare, _ = contenders[key]
+        state = prepare()
+        leaves = state if isinstance(state, tuple) else (state,)
+        # Re-run the contender's loss through its run() and read the leaves' gradients.
+        contenders[key][1](state)
+        outputs[key] = [leaf.grad.double() for leaf in leaves if leaf.grad is not None]
+        del state
+    diffs = {}
+    for index, (got, expected) in enumerate(zip(outputs[name], outputs[reference], strict=True)):
+        scale = expected.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        diffs[f"grad{index}_max_rel_diff"] = float((got - expected).abs().max() / scale)
+    print(f"  {name} vs {reference}: {diffs}")
+    return diffs
+
+
 def report(title: str, results: dict, reference: str) -> list[dict]:
     print(title)
     rows = []
@@ -274,23 +295,29 @@ def main(argv=None) -> dict:
         for num_rows, num_classes in SMOKE_LOSS_SHAPES if args.smoke else LOSS_SHAPES:
             for dtype in dtypes:
                 contenders = loss_contenders(num_rows, num_classes, dtype, device, liger_ce)
+                print(f"loss {num_rows} x {num_classes} {dtype}: gradient check")
+                check = agreement(contenders, "el-triton", "el-torch")
                 results = measure(contenders, timer, args.warmup, args.repeats)
                 reference = "liger-ce" if "liger-ce" in results else "torch-ce"
                 rows = report(f"loss {num_rows} x {num_classes} {dtype}", results, reference)
                 payload["loss"].append({"shape": [num_rows, num_classes], "dtype": str(dtype),
-                                        "reference": reference, "results": rows})
+                                        "reference": reference, "triton_vs_torch": check,
+                                        "results": rows})
                 del contenders
     if args.only in (None, "linear"):
         for tokens, hidden_size, vocab in SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES:
             for dtype in dtypes:
                 contenders = linear_contenders(tokens, hidden_size, vocab, dtype, device,
                                                liger_fused)  # fmt: skip
+                print(f"linear T={tokens} H={hidden_size} V={vocab} {dtype}: gradient check")
+                check = agreement(contenders, "fused-el", "linear+el")
                 results = measure(contenders, timer, args.warmup, args.repeats)
                 reference = "liger-fused-ce" if "liger-fused-ce" in results else "linear+ce"
                 rows = report(f"linear T={tokens} H={hidden_size} V={vocab} {dtype}", results,
                               reference)  # fmt: skip
                 payload["linear"].append({"shape": [tokens, hidden_size, vocab],
                                           "dtype": str(dtype), "reference": reference,
+                                          "fused_vs_materialised": check,
                                           "results": rows})  # fmt: skip
                 del contenders
     write_json_atomically(args.out, payload)

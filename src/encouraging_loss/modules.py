@@ -30,7 +30,8 @@ class EncouragingLoss(nn.Module):
 
     Takes ``nn.CrossEntropyLoss``'s arguments, in its order, plus the bonus options of
     :func:`encouraging_loss` as keywords. ``bonus_scale`` and ``log_end`` may be a
-    :class:`BonusSchedule`; then :meth:`step` sets them from training progress.
+    :class:`BonusSchedule`; then :meth:`step` sets them from training progress. The paper
+    recommends ``log_end=0.75`` for tasks that reach high accuracy and ``0.5`` otherwise.
 
     Example:
         >>> import torch

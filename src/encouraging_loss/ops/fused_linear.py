@@ -53,6 +53,31 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Whether CUDA's mixed-precision addmm (half inputs, float32 output) has worked here; None: not
+# tried yet. It is not available on CPU, and its absence is not an error.
+_MIXED_ADDMM_WORKS: bool | None = None
+
+
+def _accumulate_product_(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """``accumulator += left @ right`` with ``accumulator`` in float32/float64.
+
+    Half-precision operands on CUDA use ``torch.addmm(..., out_dtype=torch.float32)`` (a half
+    matrix product with float32 accumulation and output, tensor cores) when torch provides it;
+    otherwise both operands are upcast to the accumulator's dtype (a float32 product: correct
+    everywhere, slower on GPUs). Upcasting costs one temporary of each operand's size.
+    """
+    global _MIXED_ADDMM_WORKS
+    half = left.dtype in (torch.float16, torch.bfloat16) and left.dtype == right.dtype
+    if half and left.is_cuda and _MIXED_ADDMM_WORKS is not False:
+        try:
+            torch.addmm(accumulator, left, right, out_dtype=accumulator.dtype, out=accumulator)
+            _MIXED_ADDMM_WORKS = True
+            return accumulator
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM_WORKS = False
+    return accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
+
+
 class TritonRows:
     """The arguments of the Triton EL kernel for the whole batch (see :mod:`.triton_el`).
 
@@ -143,7 +168,7 @@ def chunked_linear_el(
             torch.mm(rounded, weight, out=grad_hidden[chunk])
             del rounded
         if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.t().to(accumulate), hidden_chunk.to(accumulate))
+            _accumulate_product_(grad_weight, grad_logits.t(), hidden_chunk)
         if grad_bias is not None:
             grad_bias.add_(grad_logits.sum(0, dtype=accumulate))
         del grad_logits, buffer

@@ -1,11 +1,11 @@
 """The encouraging loss over rows of logits, with closed-form gradients.
 
 Both autograd Functions here take logits with the class dimension last, ``(..., C)`` (a possibly
-strided view of the caller's tensor), treat them as rows ``(M, C)``
-and return one loss per row; the caller reduces. They work on a single private float buffer that is
-first a copy of the logits, then the softmax over the non-special classes, then the gradient, so the
-extra memory is one ``(M, C)`` buffer (plus a second one for dense targets) and every pass after the
-copy is in place.
+strided view of the caller's tensor), treat them as rows ``(M, C)`` and return one float64 loss per
+row; the caller reduces. They work on a single private buffer that is first a copy of the logits,
+then the softmax over the non-special classes, then the gradient, so the extra memory is one
+``(M, C)`` buffer (plus one more while a dense-target forward runs, and one kept for its backward)
+and every pass after the copy is in place.
 
 Exactness: log(1 - p_s) for the special class s of a row (the target for hard targets, the arg-max
 for dense targets) is taken as ``logsumexp_{j != s} z_j - logsumexp_j z_j``, written through
@@ -64,8 +64,8 @@ def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
 def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     """Turn ``buffer`` (a copy of the logits) into exp(z_j - m) for j != special, 0 at special.
 
-    Returns (z_special, sum_exp, d) as column vectors: z at the special class, the sum of the
-    buffer per row, and d = z_special - logsumexp_{j != special} z_j.
+    Returns (sum_exp, d) as float64 column vectors: the sum of the buffer per row and
+    d = z_special - logsumexp_{j != special} z_j.
     """
     z_special = buffer.gather(1, special)
     buffer.scatter_(1, special, NEG_INF)
@@ -74,9 +74,8 @@ def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     row_max = torch.where(row_max == NEG_INF, 0.0, row_max)
     buffer.sub_(row_max).exp_()
     sum_exp = buffer.sum(1, keepdim=True).to(ROW_DTYPE)
-    z_special = z_special.to(ROW_DTYPE)
-    d = z_special - (row_max.to(ROW_DTYPE) + sum_exp.log())
-    return z_special, sum_exp, d
+    d = z_special.to(ROW_DTYPE) - (row_max.to(ROW_DTYPE) + sum_exp.log())
+    return sum_exp, d
 
 
 def _special_terms(d: torch.Tensor, bonus: Bonus):
@@ -105,7 +104,7 @@ def _keep_for_backward(ctx, terms, logits, args, buffer, state):
     ``terms`` from the saved logits. Under ``torch.compile`` it is saved as usual and the compiler
     makes the in-place update safe.
     """
-    ctx.input_dtype, ctx.logits_shape = logits.dtype, logits.shape
+    ctx.input_dtype, ctx.logits_shape, ctx.num_args = logits.dtype, logits.shape, len(args)
     ctx.eager = not torch.compiler.is_compiling()
     if ctx.eager:
         ctx.terms, ctx.args, ctx.buffer = terms, args, buffer
@@ -130,7 +129,7 @@ class HardTargetEL(torch.autograd.Function):
 
     Inputs: logits (..., C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
     target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
-    Output: (M,) row losses in the compute dtype.
+    Output: (M,) float64 row losses.
 
     The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
     k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
@@ -138,8 +137,7 @@ class HardTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-        args = (target, row_weight, row_bonus_weight, rho, bonus, compute_dtype)
+    def forward(ctx, logits, *args):
         row_loss, buffer, state = hard_target_terms(logits, *args)
         _keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
         return row_loss
@@ -149,7 +147,7 @@ class HardTargetEL(torch.autograd.Function):
     def backward(ctx, grad_rows):
         buffer, state = _take_for_backward(ctx)
         hard_target_grad_(buffer, state, grad_rows)
-        return grad_like(buffer, ctx), None, None, None, None, None, None
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -180,7 +178,7 @@ def hard_target_terms(
     With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
     """
     buffer = working_rows(logits, compute_dtype, consume)
-    _, sum_exp, d = _exclude_and_normalise(buffer, target)
+    sum_exp, d = _exclude_and_normalise(buffer, target)
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
     per_row = neg_log_p
@@ -202,6 +200,9 @@ class DenseTargetEL(torch.autograd.Function):
     label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
     targets pass D as the target probabilities times a scale.
 
+    Inputs: logits (..., C), then the arguments of :func:`dense_target_terms`.
+    Output: (M,) float64 row losses.
+
     The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
     non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
     r_k = p_k b'(p_k), h_k = rho a_k v_k r_k:
@@ -210,32 +211,7 @@ class DenseTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        row_alpha,
-        class_weight,
-        dense_target,
-        dense_scale,
-        target,
-        target_mass,
-        bonus_weight,
-        rho,
-        bonus,
-        compute_dtype,
-    ):
-        args = (
-            row_alpha,
-            class_weight,
-            dense_target,
-            dense_scale,
-            target,
-            target_mass,
-            bonus_weight,
-            rho,
-            bonus,
-            compute_dtype,
-        )
+    def forward(ctx, logits, *args):
         row_loss, buffer, state = dense_target_terms(logits, *args)
         _keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
         return row_loss
@@ -245,7 +221,7 @@ class DenseTargetEL(torch.autograd.Function):
     def backward(ctx, grad_rows):
         buffer, state = _take_for_backward(ctx)
         dense_target_grad_(buffer, state, grad_rows)
-        return grad_like(buffer, ctx), *([None] * 10)
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -303,7 +279,19 @@ def dense_target_terms(
 ):
     """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs.
 
-    With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
+    Args:
+        logits: (..., C) logits, class dimension last.
+        row_alpha: (M,) float64 alpha_i, the weight of the class-weight vector in each row's mass.
+        class_weight: (C,) w (ones when the caller has no class weights).
+        dense_target: (..., C) target probabilities D / dense_scale / w, or None.
+        dense_scale: float factor of ``dense_target`` (1 - label smoothing).
+        target: (M, 1) int64 class index y_i carrying beta_i, or None.
+        target_mass: (M,) float64 beta_i, or None.
+        bonus_weight: (C,) per-class bonus weight v, or None.
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: dtype of the (M, C) passes.
+        consume: the buffer may be ``logits`` itself (see :func:`working_rows`).
     """
     buffer = working_rows(logits, compute_dtype, consume)
     dense_mass = None
@@ -333,7 +321,7 @@ def dense_target_terms(
         target_rest = None
     mass_total = mass_rest + mass_special
 
-    _, sum_exp, d = _exclude_and_normalise(buffer, special)
+    sum_exp, d = _exclude_and_normalise(buffer, special)
     sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
     neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
     # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
