@@ -10,6 +10,7 @@ Example:
 from .binary import binary_encouraging_loss_with_logits
 from .bonus import Bonus
 from .functional import encouraging_loss
+from .linear import LinearEncouragingLoss, linear_encouraging_loss
 from .modules import BinaryEncouragingLoss, EncouragingLoss, FocalLoss, Poly1Loss
 from .peers import focal_loss, poly1_loss
 from .schedules import BonusSchedule
@@ -20,10 +21,12 @@ __all__ = [
     "BonusSchedule",
     "EncouragingLoss",
     "FocalLoss",
+    "LinearEncouragingLoss",
     "Poly1Loss",
     "binary_encouraging_loss_with_logits",
     "encouraging_loss",
     "focal_loss",
+    "linear_encouraging_loss",
     "poly1_loss",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._validate import (
+    check_choice,
     check_class_vector,
     check_input_and_target,
     check_int,
@@ -14,7 +15,8 @@ from ._validate import (
     value_checks_enabled,
 )
 from .bonus import Bonus
-from .ops.rowwise import ROW_DTYPE, DenseTargetEL, HardTargetEL
+from .ops.rowwise import ROW_DTYPE, DenseTargetEL, IndexTargetRows
+from .ops.triton_el import triton_can_run, triton_encouraging_loss, triton_supports
 
 __all__ = ["encouraging_loss"]
 
@@ -32,6 +34,27 @@ def class_last(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dim() == 1:
         return tensor.unsqueeze(0)
     return tensor.movedim(1, -1)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def use_triton_backend(backend: str, input, target, epsilon: float, shape: Bonus) -> bool:
+    """Whether to run the Triton kernels (see ``backend`` in :func:`encouraging_loss`)."""
+    if backend == "torch":
+        return False
+    why_not = triton_supports(input, target, epsilon, shape)
+    if backend == "auto":
+        # Under torch.compile the torch path traces into the graph; a kernel launch would not.
+        return why_not is None and input.is_cuda and not torch.compiler.is_compiling()
+    if why_not is not None:
+        raise ValueError(f"backend='triton': {why_not}")
+    if not triton_can_run(input):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); input is on "
+            f"{input.device}"
+        )
+    return True
 
 
 def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
@@ -55,6 +78,7 @@ def encouraging_loss(
     bonus_start: float = 0.0,
     bonus_weight: torch.Tensor | None = None,
     validate_args: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""The encouraging loss: cross-entropy plus a bonus for confident correct predictions.
 
@@ -92,6 +116,10 @@ def encouraging_loss(
             (e.g. the class-balanced bonus for imbalanced data).
         validate_args: check that class indices are in range. This reads the target's values and
             so synchronises a GPU; pass ``False`` on a hot path. Shape checks always run.
+        backend: ``"auto"`` (the Triton kernels of :mod:`encouraging_loss.ops.triton_el` for
+            CUDA tensors when ``triton`` imports and they support the options, else torch),
+            ``"torch"`` (always the torch path) or ``"triton"`` (always the kernels; an error
+            names what they do not support). Both give the same results within rounding.
 
     Returns:
         The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape.
@@ -117,6 +145,12 @@ def encouraging_loss(
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
     if is_index and value_checks_enabled(validate_args):
         check_target_range(target, num_classes, ignore_index)
+    check_choice("backend", backend, BACKENDS)
+    if use_triton_backend(backend, input, target, epsilon, shape):
+        return triton_encouraging_loss(
+            input, target, weight, ignore_index, reduction, epsilon,
+            bonus_scale=rho, bonus=shape, bonus_weight=bonus_weight,
+        )  # fmt: skip
 
     dtype = compute_dtype_for(input.dtype)
     logits = class_last(input)
@@ -126,27 +160,11 @@ def encouraging_loss(
         bonus_weight = bonus_weight.to(dtype)
 
     if is_index:
-        flat_target = target.reshape(-1).long()
-        valid = flat_target != ignore_index
-        safe_target = torch.where(valid, flat_target, 0)
-        if weight is None:
-            target_weight = valid.to(ROW_DTYPE)
-        else:
-            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
-        if epsilon == 0.0:
-            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
-            row_loss = HardTargetEL.apply(
-                logits, safe_target.unsqueeze(1), target_weight, row_bonus_weight, rho, shape, dtype
-            )
-        else:
-            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
-            row_loss = DenseTargetEL.apply(
-                logits, valid.to(ROW_DTYPE) * (epsilon / num_classes),
-                _weight_or_ones(weight, num_classes, input, dtype), None, None,
-                safe_target.unsqueeze(1), (1.0 - epsilon) * target_weight, bonus_weight, rho,
-                shape, dtype,
-            )  # fmt: skip
-        denominator = target_weight.sum()
+        rows = IndexTargetRows(
+            target, num_classes, weight, bonus_weight, ignore_index, epsilon, rho, shape, dtype
+        )
+        row_loss = rows.function.apply(logits, *rows.args())
+        denominator = rows.denominator
     else:
         # Class mass a_k = w_k ((1 - eps) q_k + eps / C).
         num_rows = logits.numel() // num_classes

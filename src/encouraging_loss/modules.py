@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import _reduction
 
-from ._validate import check_int, check_real, check_reduction
+from ._validate import check_choice, check_int, check_real, check_reduction
 from .binary import binary_encouraging_loss_with_logits
 from .bonus import Bonus
 from .functional import encouraging_loss
@@ -60,6 +60,7 @@ class EncouragingLoss(nn.Module):
         bonus_start: float = 0.0,
         bonus_weight: torch.Tensor | None = None,
         validate_args: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -75,6 +76,7 @@ class EncouragingLoss(nn.Module):
         self.bonus_gamma = bonus_gamma
         self.bonus_start = bonus_start
         self.validate_args = validate_args
+        self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         # Fail early on bad options (the function checks them again on every call).
         Bonus(bonus, self.log_end, bonus_gamma, bonus_start)
         check_int("ignore_index", ignore_index)
@@ -104,6 +106,7 @@ class EncouragingLoss(nn.Module):
             bonus_start=self.bonus_start,
             bonus_weight=self.bonus_weight,
             validate_args=self.validate_args,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

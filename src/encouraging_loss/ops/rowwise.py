@@ -44,6 +44,17 @@ def copy_rows(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buffer.view(-1, logits.shape[-1])
 
 
+def working_rows(logits: torch.Tensor, dtype: torch.dtype, consume: bool) -> torch.Tensor:
+    """The buffer the terms functions work in: ``logits`` itself when the caller hands it over.
+
+    ``consume=True`` says the caller owns ``logits`` and will not read it again (the fused linear
+    path's chunk of logits); it is then used in place if it already is contiguous ``dtype`` rows.
+    """
+    if consume and logits.dtype == dtype and logits.dim() == 2 and logits.is_contiguous():
+        return logits
+    return copy_rows(logits, dtype)
+
+
 def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
     """The gradient rows in the logits' shape and dtype."""
     grad = buffer.view(ctx.logits_shape)
@@ -138,25 +149,48 @@ class HardTargetEL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, *args):
-        row_loss, buffer, state = _hard_target_terms(logits, *args)
-        _keep_for_backward(ctx, _hard_target_terms, logits, args, buffer, state)
+        row_loss, buffer, state = hard_target_terms(logits, *args)
+        _keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, (target, row_weight, push) = _take_for_backward(ctx)
-        # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
-        # is not finite (the mean over zero items is NaN, as in torch).
-        target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
-        buffer.mul_(_rows_as(buffer, target_grad))
-        buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+        buffer, state = _take_for_backward(ctx)
+        hard_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
-def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-    """Row losses, the buffer q (softmax over j != y) and the row terms backward needs."""
-    buffer, has_rest, d = _exclude_and_normalise(copy_rows(logits, compute_dtype), target)
+def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Turn the buffer of :func:`hard_target_terms` into the gradient of the logits, in place.
+
+    Args:
+        buffer: (M, C) softmax q over j != y, 0 at y, as the terms function left it.
+        state: the row terms the terms function returned with it.
+        grad_rows: (M,) incoming gradient of each row loss (any value for ignored rows).
+
+    Returns:
+        ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
+    """
+    target, row_weight, push = state
+    # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
+    # is not finite (the mean over zero items is NaN, as in torch).
+    target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
+    buffer.mul_(_rows_as(buffer, target_grad))
+    buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+    return buffer
+
+
+def hard_target_terms(
+    logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype, *, consume=False
+):
+    """Row losses, the buffer q (softmax over j != y) and the row terms backward needs.
+
+    With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
+    """
+    buffer, has_rest, d = _exclude_and_normalise(
+        working_rows(logits, compute_dtype, consume), target
+    )
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
     per_row = neg_log_p
@@ -177,7 +211,7 @@ class DenseTargetEL(torch.autograd.Function):
     label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
     targets pass D as the target probabilities times a scale.
 
-    Inputs: logits (..., C), then the arguments of :func:`_dense_target_terms`.
+    Inputs: logits (..., C), then the arguments of :func:`dense_target_terms`.
     Output: (M,) float64 row losses.
 
     The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
@@ -189,41 +223,57 @@ class DenseTargetEL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, *args):
-        row_loss, buffer, state = _dense_target_terms(logits, *args)
-        _keep_for_backward(ctx, _dense_target_terms, logits, args, buffer, state)
+        row_loss, buffer, state = dense_target_terms(logits, *args)
+        _keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, (row_active, *state) = _take_for_backward(ctx)
-        (
-            special,
-            push,
-            grad_special,
-            alpha,
-            class_weight,
-            mass_slope,
-            class_slope,
-            target,
-            target_correction,
-        ) = state
-        # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
-        grad_rows = torch.where(row_active, grad_rows, 0.0)
-        buffer.mul_(_rows_as(buffer, grad_rows * push))
-        if mass_slope is not None:
-            buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
-        elif class_slope is not None:
-            buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
-        else:
-            buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
-        if target is not None:
-            buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
-        buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+        buffer, state = _take_for_backward(ctx)
+        dense_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
-def _dense_target_terms(
+def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Turn the buffer of :func:`dense_target_terms` into the gradient of the logits, in place.
+
+    Args:
+        buffer: (M, C) non-special softmax q, as the terms function left it.
+        state: the row terms the terms function returned with it.
+        grad_rows: (M,) incoming gradient of each row loss (any value for rows without mass).
+
+    Returns:
+        ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
+    """
+    (
+        row_active,
+        special,
+        push,
+        grad_special,
+        alpha,
+        class_weight,
+        mass_slope,
+        class_slope,
+        target,
+        target_correction,
+    ) = state
+    # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
+    grad_rows = torch.where(row_active, grad_rows, 0.0)
+    buffer.mul_(_rows_as(buffer, grad_rows * push))
+    if mass_slope is not None:
+        buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
+    elif class_slope is not None:
+        buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
+    else:
+        buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
+    if target is not None:
+        buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
+    buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+    return buffer
+
+
+def dense_target_terms(
     logits,
     row_alpha,
     class_weight,
@@ -235,6 +285,8 @@ def _dense_target_terms(
     rho,
     bonus,
     compute_dtype,
+    *,
+    consume=False,
 ):
     """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs.
 
@@ -250,8 +302,9 @@ def _dense_target_terms(
         rho: the bonus scale.
         bonus: the :class:`Bonus` shape.
         compute_dtype: dtype of the (M, C) passes.
+        consume: the buffer may be ``logits`` itself (see :func:`working_rows`).
     """
-    buffer = copy_rows(logits, compute_dtype)
+    buffer = working_rows(logits, compute_dtype, consume)
     dense_mass = None
     if dense_target is not None:
         dense_mass = copy_rows(dense_target, compute_dtype).mul_(class_weight * dense_scale)
@@ -363,3 +416,83 @@ def _weighted_row_sum(values, alpha, v_weight, dense_v, target, target_rest, bon
             at_target = at_target * bonus_weight[target.squeeze(1)]
         total = total + target_rest * at_target
     return total
+
+
+class IndexTargetRows:
+    """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
+
+    Built once for the whole batch; :meth:`terms` computes row losses and the gradient buffer for
+    any slice of rows, and :meth:`grad_` turns that buffer into the gradient.
+    ``encouraging_loss`` uses it whole through :class:`HardTargetEL` / :class:`DenseTargetEL`, the
+    fused linear path chunk by chunk.
+
+    Args:
+        target: (M,) class indices or ``ignore_index``.
+        num_classes: C.
+        weight: optional (C,) class weights in the compute dtype.
+        bonus_weight: optional (C,) bonus weights in the compute dtype.
+        ignore_index: the target value that contributes nothing.
+        label_smoothing: epsilon in [0, 1].
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: float32 or float64, the dtype of the (M, C) passes.
+    """
+
+    def __init__(
+        self,
+        target,
+        num_classes,
+        weight,
+        bonus_weight,
+        ignore_index,
+        label_smoothing,
+        rho,
+        bonus,
+        compute_dtype,
+    ):
+        flat_target = target.reshape(-1).long()
+        valid = flat_target != ignore_index
+        safe_target = torch.where(valid, flat_target, 0)
+        if weight is None:
+            target_weight = valid.to(ROW_DTYPE)
+        else:
+            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
+        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
+        self.denominator = target_weight.sum()
+        self.num_rows = flat_target.numel()
+        self.hard = label_smoothing == 0.0
+        self.target = safe_target.unsqueeze(1)
+        self.tail = (rho, bonus, compute_dtype)
+        if self.hard:
+            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
+            self.row_vectors = (target_weight, row_bonus_weight)
+        else:
+            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            if weight is None:
+                weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
+            row_alpha = valid.to(ROW_DTYPE) * (label_smoothing / num_classes)
+            self.class_vectors = (weight, bonus_weight)
+            self.row_vectors = (row_alpha, (1.0 - label_smoothing) * target_weight)
+
+    def args(self, rows: slice = slice(None)) -> tuple:
+        """The positional arguments after the logits of the terms function, for ``rows``."""
+        target = self.target[rows]
+        first, second = (None if v is None else v[rows] for v in self.row_vectors)
+        if self.hard:
+            return (target, first, second, *self.tail)
+        weight, bonus_weight = self.class_vectors
+        return (first, weight, None, None, target, second, bonus_weight, *self.tail)
+
+    @property
+    def function(self):
+        """The autograd Function for whole-batch use."""
+        return HardTargetEL if self.hard else DenseTargetEL
+
+    def terms(self, logits: torch.Tensor, rows: slice, *, consume: bool = False):
+        """(row losses, buffer, state) for the logits of ``rows`` (see the terms functions)."""
+        terms = hard_target_terms if self.hard else dense_target_terms
+        return terms(logits, *self.args(rows), consume=consume)
+
+    def grad_(self, buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+        """The buffer of :meth:`terms`, turned into the gradient in place (see ``*_grad_``)."""
+        return (hard_target_grad_ if self.hard else dense_target_grad_)(buffer, state, grad_rows)

@@ -1,0 +1,275 @@
+"""The encouraging loss of a final linear layer, without materialising the logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validate import (
+    check_choice,
+    check_class_vector,
+    check_int,
+    check_real,
+    check_reduction,
+    check_target_range,
+    check_tensor,
+    value_checks_enabled,
+)
+from .bonus import Bonus
+from .functional import BACKENDS, compute_dtype_for, use_triton_backend
+from .ops.fused_linear import LinearEL, TritonRows, chunked_linear_el, default_chunk_size
+from .ops.rowwise import IndexTargetRows
+
+__all__ = ["LinearEncouragingLoss", "linear_encouraging_loss"]
+
+
+def _check_linear_inputs(hidden, weight, target, bias) -> None:
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("target", target)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., H), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (C, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
+            f"(weight shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class (row), got shape (0, H)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but hidden has dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target must have hidden's shape without the last dimension "
+            f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), got shape {tuple(bias.shape)}"
+            )
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def linear_encouraging_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    log_end: float = 0.75,
+    bonus_scale: float = 1.0,
+    bonus: str = "log",
+    bonus_gamma: float = 1.0,
+    bonus_start: float = 0.0,
+    bonus_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    validate_args: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``encouraging_loss(F.linear(hidden, weight, bias), target)`` without the full logits.
+
+    For a final projection of many tokens onto a large vocabulary (LLM training, translation):
+    the (tokens x classes) logits are formed and consumed ``chunk_size`` rows at a time, and the
+    gradients of ``hidden``, ``weight`` and ``bias`` are accumulated chunk by chunk, so the extra
+    memory is a few (chunk_size x C) buffers instead of several (N x C) ones. The result equals
+    the materialised loss (same maths, see :mod:`encouraging_loss.ops.fused_linear`) within
+    rounding; bfloat16/float16 inputs are computed in float32 and ``weight``/``bias`` gradients
+    are accumulated in float32.
+
+    Args:
+        hidden: (..., H) hidden states (e.g. (batch, sequence, H) or (tokens, H)).
+        weight: (C, H) projection, as ``nn.Linear(H, C).weight``; the same dtype as ``hidden``.
+        target: (...) class indices (``hidden``'s shape without H), or ``ignore_index``.
+        bias: optional (C,) bias.
+        class_weight: optional (C,) class weights (``weight`` of ``F.cross_entropy``; named
+            differently here because ``weight`` is the projection).
+        ignore_index: target value that contributes nothing.
+        reduction: ``"mean"`` (weighted mean over non-ignored tokens, as torch), ``"sum"`` or
+            ``"none"`` (the loss per token, target's shape; its backward recomputes the logits
+            chunk by chunk, one extra matrix product).
+        label_smoothing: in [0, 1], as in :func:`encouraging_loss`.
+        log_end: where the conservative log bonus turns linear, in (0, 1].
+        bonus_scale: rho, the weight of the bonus (0 gives cross-entropy).
+        bonus: bonus shape, ``"log"``, ``"power"``, ``"cosine"`` or ``"none"``.
+        bonus_gamma: exponent of the power bonus.
+        bonus_start: no bonus below this probability.
+        bonus_weight: optional (C,) per-class bonus weights.
+        chunk_size: rows per chunk, a positive int; ``None`` picks
+            ``next_power_of_2(ceil(N / ceil(C / H)))`` (chunk logits about the size of ``hidden``).
+        validate_args: check that class indices are in range (reads the target: a GPU sync).
+        backend: how each chunk's loss and logits gradient are computed: ``"torch"`` (the
+            row-wise torch passes), ``"triton"`` (one Triton kernel launch per chunk that writes
+            the gradient over the chunk's logits) or ``"auto"`` (Triton on CUDA when it imports
+            and supports the options, as in :func:`encouraging_loss`). The projections are
+            torch matrix products either way.
+
+    Returns:
+        The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss import encouraging_loss, linear_encouraging_loss
+        >>> hidden = torch.randn(6, 4, requires_grad=True)
+        >>> projection = torch.randn(10, 4, requires_grad=True)
+        >>> target = torch.tensor([1, 0, 9, -100, 3, 3])
+        >>> loss = linear_encouraging_loss(hidden, projection, target, chunk_size=4)
+        >>> loss.backward()
+        >>> materialised = encouraging_loss(hidden @ projection.T, target)
+        >>> bool(torch.allclose(loss, materialised))
+        True
+    """
+    _check_linear_inputs(hidden, weight, target, bias)
+    num_classes = weight.shape[0]
+    check_int("ignore_index", ignore_index)
+    check_reduction(reduction)
+    epsilon = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    rho = check_real("bonus_scale", bonus_scale)
+    shape = Bonus(bonus, log_end, bonus_gamma, bonus_start)
+    class_weight = check_class_vector("class_weight", class_weight, num_classes, hidden)
+    bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, hidden)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    if value_checks_enabled(validate_args):
+        check_target_range(target, num_classes, ignore_index)
+
+    dtype = compute_dtype_for(hidden.dtype)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    if class_weight is not None:
+        class_weight = class_weight.to(dtype)
+    if bonus_weight is not None:
+        bonus_weight = bonus_weight.to(dtype)
+    rows = IndexTargetRows(
+        target, num_classes, class_weight, bonus_weight, ignore_index, epsilon, rho, shape, dtype
+    )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
+    triton_rows = None
+    check_choice("backend", backend, BACKENDS)
+    if use_triton_backend(backend, flat_hidden, target, epsilon, shape):
+        triton_rows = TritonRows(
+            target, class_weight, bonus_weight, ignore_index, epsilon, rho, shape
+        )
+    inputs = (flat_hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        result = LinearEL.apply(
+            flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows
+        )
+    else:
+        row_losses, *_ = chunked_linear_el(
+            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows
+        )
+        if reduction == "none":
+            result = row_losses
+        else:
+            result = row_losses.sum()
+            if reduction == "mean":
+                result = result / rows.denominator
+    if reduction == "none":
+        result = result.reshape(target.shape)
+    return result.to(hidden.dtype)
+
+
+class LinearEncouragingLoss(nn.Module):
+    """Module form of :func:`linear_encouraging_loss`: ``criterion(hidden, weight, target, bias)``.
+
+    Holds the loss options (the keywords of :func:`linear_encouraging_loss`); the projection
+    stays the model's (pass ``lm_head.weight``).
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss import LinearEncouragingLoss
+        >>> criterion = LinearEncouragingLoss(log_end=0.75, label_smoothing=0.1)
+        >>> head = torch.nn.Linear(8, 50, bias=False)
+        >>> hidden, target = torch.randn(2, 5, 8), torch.randint(0, 50, (2, 5))
+        >>> criterion(hidden, head.weight, target).backward()
+        >>> head.weight.grad.shape
+        torch.Size([50, 8])
+    """
+
+    def __init__(
+        self,
+        class_weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        log_end: float = 0.75,
+        bonus_scale: float = 1.0,
+        bonus: str = "log",
+        bonus_gamma: float = 1.0,
+        bonus_start: float = 0.0,
+        bonus_weight: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        validate_args: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.register_buffer("bonus_weight", bonus_weight)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.reduction = check_reduction(reduction)
+        self.label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        Bonus(bonus, log_end, bonus_gamma, bonus_start)
+        self.log_end = log_end
+        self.bonus_scale = check_real("bonus_scale", bonus_scale)
+        self.bonus = bonus
+        self.bonus_gamma = bonus_gamma
+        self.bonus_start = bonus_start
+        if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.validate_args = validate_args
+        self.backend = check_choice("backend", backend, BACKENDS)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_encouraging_loss(
+            hidden,
+            weight,
+            target,
+            bias,
+            class_weight=self.class_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            log_end=self.log_end,
+            bonus_scale=self.bonus_scale,
+            bonus=self.bonus,
+            bonus_gamma=self.bonus_gamma,
+            bonus_start=self.bonus_start,
+            bonus_weight=self.bonus_weight,
+            chunk_size=self.chunk_size,
+            validate_args=self.validate_args,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"bonus={self.bonus!r}, log_end={self.log_end}, bonus_scale={self.bonus_scale}, "
+            f"chunk_size={self.chunk_size}"
+        )

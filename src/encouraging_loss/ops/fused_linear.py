@@ -1,0 +1,236 @@
+"""A final linear layer fused with the encouraging loss, chunked over tokens (pure torch).
+
+For hidden states X (N, H), a projection W (C, H) and an optional bias, the loss of
+``encouraging_loss(X @ W.T + bias, target)`` is computed without the (N, C) logits: rows are
+processed in chunks of ``chunk_size``; for each chunk the logits (chunk, C) are formed, the row
+losses and the logits' gradient come in closed form from :mod:`.rowwise` (the same maths and code
+as :func:`encouraging_loss`), and the gradient is pushed through the projection at once:
+``grad_X[chunk] = G @ W``, ``grad_W += G.T @ X[chunk]``, ``grad_bias += G.sum(0)``. Peak extra
+memory is a few (chunk, C) buffers plus the gradients of X, W and bias themselves.
+
+When the incoming gradient of every row is known before the backward pass, the gradients are
+computed during the forward pass (as Liger-Kernel's fused linear cross-entropy does) and backward
+only scales them by the scalar ``grad_output``: that is the case for ``"mean"`` (every row's
+gradient is its target weight over the denominator, computed before the loop) and ``"sum"``.
+For ``"none"`` the incoming gradients are per row and known only in backward; the forward pass
+then computes the losses alone and backward recomputes each chunk's logits (one extra
+(chunk, H) @ (H, C) product per chunk, no stored state beyond the inputs). The same recomputation
+serves a second backward through a retained graph.
+
+Precision: logits are formed in the inputs' dtype (as ``F.linear`` would); the loss terms run in
+float32 for half-precision inputs (float64 for float64); the chunk gradient is rounded to the input
+dtype for ``grad_X`` (as the materialised path does), and ``grad_W`` / ``grad_bias`` are
+accumulated over chunks in float32 (a float32 product of the float32 chunk gradient and the
+upcast hidden chunk) and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .rowwise import ROW_DTYPE, IndexTargetRows
+
+# The fewest logits a chunk should hold: below this, the per-chunk passes are too short to keep
+# the threads busy and every chunk re-reads the whole projection (and its gradient) for little work.
+MIN_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(num_rows: int, hidden_size: int, num_classes: int) -> int:
+    """Rows per chunk: chunk logits about as large as the hidden states, and not tiny.
+
+    Liger-Kernel's rule ``next_power_of_2(ceil(N / ceil(C / H)))``, raised to the power of 2 that
+    gives at least ``MIN_CHUNK_ELEMENTS`` logits per chunk (2**23: 32 MiB in float32), and never
+    above N rounded up to a power of 2.
+    """
+    splits = max(1, -(-num_classes // max(hidden_size, 1)))
+    rows = max(1, -(-num_rows // splits), -(-MIN_CHUNK_ELEMENTS // num_classes))
+    rows = min(rows, max(num_rows, 1))
+    return 1 << (rows - 1).bit_length()
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Whether CUDA's mixed-precision addmm (half inputs, float32 output) has worked here; None: not
+# tried yet. It is not available on CPU, and its absence is not an error.
+_MIXED_ADDMM_WORKS: bool | None = None
+
+
+def _accumulate_product_(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """``accumulator += left @ right`` with ``accumulator`` in float32/float64.
+
+    Half-precision operands on CUDA use ``torch.addmm(..., out_dtype=torch.float32)`` (a half
+    matrix product with float32 accumulation and output, tensor cores) when torch provides it;
+    otherwise both operands are upcast to the accumulator's dtype (a float32 product: correct
+    everywhere, slower on GPUs). Upcasting costs one temporary of each operand's size.
+    """
+    global _MIXED_ADDMM_WORKS
+    half = left.dtype in (torch.float16, torch.bfloat16) and left.dtype == right.dtype
+    if half and left.is_cuda and _MIXED_ADDMM_WORKS is not False:
+        try:
+            torch.addmm(accumulator, left, right, out_dtype=accumulator.dtype, out=accumulator)
+            _MIXED_ADDMM_WORKS = True
+            return accumulator
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM_WORKS = False
+    return accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
+
+
+class TritonRows:
+    """The arguments of the Triton EL kernel for the whole batch (see :mod:`.triton_el`).
+
+    With it, each chunk's loss and gradient come from one kernel launch that writes the gradient
+    over the chunk's logits (Liger-Kernel's fused linear cross-entropy design), instead of the
+    torch row-wise passes.
+    """
+
+    def __init__(self, target, weight, bonus_weight, ignore_index, label_smoothing, rho, bonus):
+        self.target = target.reshape(-1).long().contiguous()
+        self.weight = None if weight is None else weight.float().contiguous()
+        self.bonus_weight = None if bonus_weight is None else bonus_weight.float().contiguous()
+        self.options = (ignore_index, float(label_smoothing), float(rho), bonus)
+
+    def loss_and_grad_(self, logits, chunk, grad_rows):
+        """Row losses (float64) of the chunk; ``logits`` becomes the gradient, in place."""
+        from .triton_el import _launch
+
+        if grad_rows is None:
+            row_scale = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        else:
+            row_scale = grad_rows[chunk].to(torch.float32).contiguous()
+        ignore_index, label_smoothing, rho, bonus = self.options
+        row_loss = _launch(
+            logits, self.target[chunk], self.weight, self.bonus_weight, ignore_index,
+            label_smoothing, rho, bonus, row_scale, logits,
+        )  # fmt: skip
+        return row_loss.to(ROW_DTYPE), logits
+
+
+def chunked_linear_el(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: IndexTargetRows,
+    chunk_size: int,
+    grad_rows: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    triton_rows: TritonRows | None = None,
+):
+    """One pass over row chunks: row losses and, if ``grad_rows`` is given, the gradients.
+
+    Args:
+        hidden: (N, H) hidden states.
+        weight: (C, H) projection.
+        bias: (C,) or None.
+        rows: the per-row arguments of the loss.
+        chunk_size: rows per chunk.
+        grad_rows: (N,) incoming gradient of each row loss (float64), or None for losses only.
+        needs: whether the gradients of (hidden, weight, bias) are wanted.
+        triton_rows: compute each chunk's loss and gradient with the Triton kernel instead.
+
+    Returns:
+        (row_losses (N,) float64, grad_hidden or None, grad_weight or None, grad_bias or None);
+        the gradients in the inputs' dtype.
+    """
+    num_rows = hidden.shape[0]
+    row_losses = torch.empty(num_rows, dtype=ROW_DTYPE, device=hidden.device)
+    want_grads = grad_rows is not None
+    need_hidden, need_weight, need_bias = (want_grads and n for n in needs)
+    accumulate = _accumulator_dtype(hidden.dtype)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) \
+        if need_weight else None  # fmt: skip
+    grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) \
+        if need_bias else None  # fmt: skip
+    for start in range(0, num_rows, chunk_size):
+        chunk = slice(start, min(start + chunk_size, num_rows))
+        hidden_chunk = hidden[chunk]
+        logits = torch.nn.functional.linear(hidden_chunk, weight, bias)
+        if triton_rows is not None:
+            loss, grad_logits = triton_rows.loss_and_grad_(logits, chunk, grad_rows)
+            row_losses[chunk] = loss
+            del logits, loss
+            if not want_grads:
+                continue
+            buffer = grad_logits
+        else:
+            loss, buffer, state = rows.terms(logits, chunk, consume=True)
+            row_losses[chunk] = loss
+            del logits, loss
+            if not want_grads:
+                continue
+            grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
+            del state
+        if grad_hidden is not None:
+            rounded = grad_logits.to(hidden.dtype)
+            torch.mm(rounded, weight, out=grad_hidden[chunk])
+            del rounded
+        if grad_weight is not None:
+            _accumulate_product_(grad_weight, grad_logits.t(), hidden_chunk)
+        if grad_bias is not None:
+            grad_bias.add_(grad_logits.sum(0, dtype=accumulate))
+        del grad_logits, buffer
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return row_losses, grad_hidden, grad_weight, grad_bias
+
+
+class LinearEL(torch.autograd.Function):
+    """Autograd Function of the fused linear + encouraging loss (see the module docstring).
+
+    Inputs: hidden (N, H), weight (C, H), bias (C,) or None, rows (:class:`IndexTargetRows`),
+    reduction, chunk_size, triton_rows (:class:`TritonRows` or None). Output: the reduced loss
+    (float64 scalar), or (N,) float64 row losses for ``"none"``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows):
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.rows, ctx.reduction, ctx.chunk_size, ctx.needs = rows, reduction, chunk_size, needs
+        ctx.triton_rows = triton_rows
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.grads = None
+        if reduction == "none" or not any(needs):
+            row_losses, *_ = chunked_linear_el(
+                hidden, weight, bias, rows, chunk_size, None, needs, triton_rows
+            )
+            return row_losses
+        unit = _unit_row_grad(rows, reduction, hidden.device)
+        row_losses, *grads = chunked_linear_el(
+            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows
+        )
+        ctx.grads = grads
+        total = row_losses.sum()
+        return total / rows.denominator if reduction == "mean" else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight, bias = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            # "none", or a second backward through a retained graph: recompute chunk by chunk.
+            if ctx.reduction == "none":
+                grad_rows = grad_output.to(ROW_DTYPE)
+            else:
+                unit = _unit_row_grad(ctx.rows, ctx.reduction, hidden.device)
+                grad_rows = unit * grad_output.to(ROW_DTYPE)
+            _, *grads = chunked_linear_el(
+                hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs,
+                ctx.triton_rows,
+            )
+        else:
+            # The gradients were computed for a unit incoming gradient; they are ours to scale.
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None)
+
+
+def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:
+    """The incoming gradient of every row loss for a unit gradient of the reduced loss."""
+    if reduction == "mean":
+        return (1.0 / rows.denominator).to(ROW_DTYPE).expand(rows.num_rows)
+    return torch.ones((), dtype=ROW_DTYPE, device=device).expand(rows.num_rows)

@@ -1,0 +1,240 @@
+"""Triton kernels for the encouraging loss of (N, C) logits with class-index targets.
+
+One program per row; the row is read in blocks of ``BLOCK`` classes with an online softmax, and
+the loss and the gradient come out of the same launch (the gradient is computed in the forward
+pass, as Liger-Kernel's cross-entropy does, and backward scales it by ``grad_output`` in place:
+one backward pass per forward, ``retain_graph`` second passes raise).
+The maths and its exactness are those of :mod:`.rowwise`:
+
+* **hard targets** (two passes over the row): pass 1 keeps the running max and sum of
+  exp(z_j - m) over the *non-target* classes, so d = z_y - logsumexp_{j != y} z_j gives
+  -log p_y = softplus(-d) and log(1 - p_y) = -softplus(d) without cancellation; pass 2 writes
+  dL/dz_j = G w_y T q_j (j != y) and -G w_y T at y, T = (1 - p_y) - rho v_y g(p_y). Every bonus
+  shape (log with ``log_end``, power, cosine, ``bonus_start``) costs the same: it is a function
+  of p_y only.
+* **label smoothing** (three passes): the special class s is the row's arg-max; pass 1 keeps the
+  running max, its index and the exact sum over the other classes (when the max moves, the old
+  max joins the rest), pass 2 sums the per-class terms (cross-entropy, bonus and h_k of
+  :class:`.rowwise.DenseTargetEL`) over k != s, pass 3 writes the gradient. The log bonus
+  (any ``log_end``) and ``"none"`` are supported, without ``bonus_start``.
+
+Accumulation is in float32 for every input dtype (float32, bfloat16, float16); the gradient is
+written in the logits' dtype, into a new tensor or, with ``in_place=True``, over the logits
+themselves (the caller must not use the logits afterwards; saves one (N, C) tensor).
+
+The kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests
+run them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+from .._validate import (
+    check_class_vector,
+    check_input_and_target,
+    check_int,
+    check_real,
+    check_reduction,
+)
+from ..bonus import Bonus
+
+__all__ = ["TRITON_AVAILABLE", "triton_encouraging_loss", "triton_supports", "triton_can_run"]
+
+# triton is an optional dependency (the "gpu" extra); the kernels import it on first launch.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+BONUS_CODES = {"none": 0, "log": 1, "power": 2, "cosine": 3}
+MAX_BLOCK = 4096
+
+
+def triton_supports(
+    input: torch.Tensor, target: torch.Tensor, label_smoothing: float, bonus: Bonus
+) -> str | None:
+    """Why the Triton kernels cannot compute this loss, or None when they can.
+
+    Supported: (N, C) or (C) logits of float32/bfloat16/float16, class-index targets, any bonus
+    shape without label smoothing, the log bonus (or none) without ``bonus_start`` with it.
+    """
+    if not TRITON_AVAILABLE:
+        return "triton is not installed"
+    if target.is_floating_point():
+        return "probability targets are not supported by the Triton kernels"
+    if input.dim() > 2:
+        return "inputs with more than 2 dimensions are not supported by the Triton kernels"
+    if input.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {input.dtype} is not supported by the Triton kernels"
+    if label_smoothing > 0.0 and (bonus.kind not in ("log", "none") or bonus.start > 0.0):
+        return "label smoothing with a bonus other than plain 'log' is not supported by Triton"
+    return None
+
+
+def triton_can_run(input: torch.Tensor) -> bool:
+    """Triton can launch on this tensor: CUDA, or any device under ``TRITON_INTERPRET=1``."""
+    return TRITON_AVAILABLE and (input.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch(logits, target, weight, bonus_weight, ignore_index, label_smoothing, rho, bonus,
+            row_scale, grad):
+    """Run the kernel: (row losses float32 (N,), gradient written into ``grad``)."""
+    from . import triton_kernels
+
+    num_rows, num_classes = logits.shape
+    row_loss = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return row_loss
+    block = min(MAX_BLOCK, 1 << (num_classes - 1).bit_length())
+    e = bonus.log_end
+    log_end_args = (e, math.log1p(-e) if e < 1.0 else 0.0, 1.0 / (1.0 - e) if e < 1.0 else 0.0)
+    common = (logits, logits.stride(0), grad, grad.stride(0), target,
+              weight if weight is not None else logits, bonus_weight if bonus_weight is not None
+              else logits, row_loss, row_scale, num_classes, ignore_index, float(rho))  # fmt: skip
+    bonus_code = 0 if bonus.is_zero or rho == 0.0 else BONUS_CODES[bonus.kind]
+    if label_smoothing == 0.0:
+        start_value = bonus._raw_value_float(bonus.start) if bonus.start > 0.0 else 0.0
+        triton_kernels._hard_target_kernel[(num_rows,)](
+            *common, *log_end_args, float(bonus.gamma), float(bonus.start), start_value,
+            HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
+            BONUS=bonus_code, HAS_START=bonus.start > 0.0, BLOCK=block,
+        )  # fmt: skip
+    else:
+        triton_kernels._smoothed_kernel[(num_rows,)](
+            *common, float(label_smoothing), *log_end_args,
+            HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
+            BONUS=bonus_code, BLOCK=block,
+        )  # fmt: skip
+    return row_loss
+
+
+class TritonEL(torch.autograd.Function):
+    """Loss and gradient from one kernel launch; backward scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, bonus_weight, ignore_index, label_smoothing, rho,
+                bonus, reduction, in_place):  # fmt: skip
+        flat_target = target.reshape(-1)
+        valid = flat_target != ignore_index
+        if reduction == "mean":
+            if weight is None:
+                denominator = valid.sum().to(torch.float32)
+            else:
+                safe = torch.where(valid, flat_target, 0)
+                denominator = torch.where(valid, weight[safe].float(), 0.0).sum()
+            row_scale = (1.0 / denominator).expand(logits.shape[0])
+        else:
+            row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+            row_scale = row_scale.expand(logits.shape[0])
+            denominator = None
+        row_scale = row_scale.contiguous()
+        # In place, the kernel writes through the raw pointer: autograd is not told (as in
+        # Liger-Kernel), and the gradient is held on ctx rather than saved.
+        grad = logits if in_place else torch.empty_like(logits)
+        row_loss = _launch(logits, flat_target, weight, bonus_weight, ignore_index,
+                           label_smoothing, rho, bonus, row_scale, grad)  # fmt: skip
+        ctx.reduction = reduction
+        ctx.grad = grad
+        if reduction == "none":
+            return row_loss
+        result = row_loss.double().sum()
+        return result / denominator.double() if reduction == "mean" else result
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # The stored gradient is scaled in place (no second (N, C) tensor), so it serves once.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "the Triton encouraging loss supports one backward pass per forward (it scales "
+                "its stored gradient in place); use backend='torch' to backward twice"
+            )
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
+        else:
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def triton_encouraging_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    bonus_scale: float = 1.0,
+    bonus: Bonus | None = None,
+    bonus_weight: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """The encouraging loss of (N, C) or (C) logits by the Triton kernels (validated inputs).
+
+    :func:`encouraging_loss` calls this with ``backend="triton"`` (or ``"auto"`` on CUDA); call it
+    directly for ``in_place=True``: the gradient is then written over ``logits``, which must be a
+    contiguous leaf-free tensor the caller does not read again (it holds the gradient after the
+    forward call), saving one (N, C) buffer.
+
+    Args:
+        logits: (N, C) or (C) float32/bfloat16/float16 logits, CUDA (or CPU under
+            ``TRITON_INTERPRET=1``).
+        target: (N) or () class indices.
+        weight: optional (C,) class weights.
+        ignore_index: target value that contributes nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in [0, 1].
+        bonus_scale: rho.
+        bonus: the :class:`Bonus` shape (default: log with ``log_end=0.75``).
+        bonus_weight: optional (C,) bonus weights.
+        in_place: write the gradient over ``logits`` (see above).
+
+    Returns:
+        The loss in the logits' dtype, as :func:`encouraging_loss` returns it.
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss.ops.triton_el import triton_can_run, triton_encouraging_loss
+        >>> logits = torch.randn(4, 10, requires_grad=True)
+        >>> if triton_can_run(logits):  # CUDA, or TRITON_INTERPRET=1
+        ...     triton_encouraging_loss(logits, torch.tensor([1, 2, 3, -100])).backward()
+    """
+    check_input_and_target(logits, target)
+    check_int("ignore_index", ignore_index)
+    check_reduction(reduction)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    bonus_scale = check_real("bonus_scale", bonus_scale)
+    num_classes = logits.shape[-1]
+    weight = check_class_vector("weight", weight, num_classes, logits)
+    bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, logits)
+    bonus = Bonus() if bonus is None else bonus
+    if not isinstance(bonus, Bonus):
+        raise TypeError(f"bonus must be a Bonus, got {type(bonus).__name__}")
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
+    why_not = triton_supports(logits, target, label_smoothing, bonus)
+    if why_not is not None:
+        raise ValueError(why_not)
+    if not triton_can_run(logits):
+        raise ValueError(
+            f"logits are on {logits.device}: the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1)"
+        )
+    squeeze = logits.dim() == 1
+    rows = logits.unsqueeze(0) if squeeze else logits
+    if rows.stride(-1) != 1:
+        if in_place:
+            raise ValueError("in_place=True needs logits with a contiguous class dimension")
+        rows = rows.contiguous()
+    target = target.reshape(-1).long().contiguous()
+    if weight is not None:
+        weight = weight.float().contiguous()
+    if bonus_weight is not None:
+        bonus_weight = bonus_weight.float().contiguous()
+    loss = TritonEL.apply(rows, target, weight, bonus_weight, ignore_index,
+                          float(label_smoothing), float(bonus_scale), bonus, reduction,
+                          in_place)  # fmt: skip
+    if reduction == "none" and squeeze:
+        loss = loss.reshape(())
+    return loss.to(logits.dtype)

@@ -1,0 +1,245 @@
+"""The Triton kernels of :mod:`.triton_el` (imported on first launch: importing triton is slow).
+
+See :mod:`.triton_el` for the maths; ``_hard_target_kernel`` handles rows with one target class,
+``_smoothed_kernel`` label-smoothed rows. One program per row, ``BLOCK`` classes at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= -1/2, accurate for small |x| (no log1p in tl's core)."""
+    series = x * (1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x)))
+    return tl.where(tl.abs(x) < 1e-4, series, tl.log(1.0 + x))
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+@triton.jit
+def _bonus(p, one_minus_p, log_p, log_one_minus_p, log_end, log1m_end, inv_1m_end, gamma,
+           start, start_value, BONUS: tl.constexpr, HAS_START: tl.constexpr):
+    """(b(p), g(p) = p (1 - p) b'(p)) of :class:`Bonus`, elementwise."""
+    if BONUS == 1:
+        linear = p > log_end
+        value = tl.where(linear, log1m_end - (p - log_end) * inv_1m_end, log_one_minus_p)
+        slope = tl.where(linear, -p * one_minus_p * inv_1m_end, -p)
+    elif BONUS == 2:
+        powered = tl.exp(gamma * log_p)
+        value = -powered
+        slope = -gamma * one_minus_p * powered
+    elif BONUS == 3:
+        half = tl.sin(0.5 * math.pi * p)
+        value = -2.0 * half * half
+        slope = -math.pi * p * one_minus_p * tl.sin(math.pi * p)
+    else:
+        value = p * 0.0
+        slope = p * 0.0
+    if HAS_START:
+        active = p >= start
+        value = tl.where(active, value - start_value, 0.0)
+        slope = tl.where(active, slope, 0.0)
+    return value, slope
+
+@triton.jit
+def _hard_target_kernel(
+    logits_ptr, logits_stride, grad_ptr, grad_stride, target_ptr, weight_ptr,
+    bonus_weight_ptr, loss_ptr, scale_ptr, n_cols, ignore_index, rho, log_end, log1m_end,
+    inv_1m_end, gamma, start, start_value,
+    HAS_WEIGHT: tl.constexpr, HAS_BONUS_WEIGHT: tl.constexpr, BONUS: tl.constexpr,
+    HAS_START: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * logits_stride
+    grad_ptr += row * grad_stride
+    y = tl.load(target_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    y = tl.where(valid, y, 0)
+    w = 1.0
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + y).to(tl.float32)
+    w = tl.where(valid, w, 0.0)
+    v = 1.0
+    if HAS_BONUS_WEIGHT:
+        v = tl.load(bonus_weight_ptr + y).to(tl.float32)
+    z_y = tl.load(logits_ptr + y).to(tl.float32)
+
+    # Pass 1: online max and sum of exp over the non-target classes.
+    row_max = -float("inf")
+    sum_exp = 0.0
+    for block_start in range(0, n_cols, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=-float("inf"))
+        x = tl.where(cols == y, -float("inf"), x.to(tl.float32))
+        new_max = tl.maximum(row_max, tl.max(x, 0))
+        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(row_max - safe_max) + tl.sum(tl.exp(x - safe_max), 0)
+        row_max = new_max
+    safe_max = tl.where(row_max == -float("inf"), 0.0, row_max)
+    has_rest = sum_exp > 0.0
+    d = z_y - (safe_max + tl.log(tl.where(has_rest, sum_exp, 1.0)))
+    d = tl.where(has_rest, d, float("inf"))
+
+    small = tl.exp(-tl.abs(d))
+    p = tl.where(d >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
+    one_minus_p = tl.where(d >= 0, small / (1.0 + small), 1.0 / (1.0 + small))
+    neg_log_p = _softplus(-d)
+    log_one_minus_p = -_softplus(d)
+    row_loss = neg_log_p
+    push = one_minus_p
+    if BONUS != 0:
+        b, g = _bonus(p, one_minus_p, -neg_log_p, log_one_minus_p, log_end, log1m_end,
+                      inv_1m_end, gamma, start, start_value, BONUS, HAS_START)
+        bonus_scale = rho * v
+        row_loss += tl.where(bonus_scale != 0.0, bonus_scale * b, 0.0)
+        push -= bonus_scale * g
+    push = tl.where(has_rest, push, 0.0)
+    tl.store(loss_ptr + row, tl.where(valid, w * row_loss, 0.0))
+
+    # Pass 2: the gradient, G w_y T q_j off the target and -G w_y T on it.
+    # An ignored row gets a zero gradient even under a NaN scale (the mean over zero items).
+    scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
+    target_grad = scale * w * push
+    rest_coef = tl.where(has_rest, target_grad / tl.where(has_rest, sum_exp, 1.0), 0.0)
+    for block_start in range(0, n_cols, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        in_row = cols < n_cols
+        x = tl.load(logits_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+        grad = tl.where(cols == y, -target_grad, rest_coef * tl.exp(x - safe_max))
+        tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+@triton.jit
+def _smoothed_kernel(
+    logits_ptr, logits_stride, grad_ptr, grad_stride, target_ptr, weight_ptr,
+    bonus_weight_ptr, loss_ptr, scale_ptr, n_cols, ignore_index, rho, smoothing,
+    log_end, log1m_end, inv_1m_end,
+    HAS_WEIGHT: tl.constexpr, HAS_BONUS_WEIGHT: tl.constexpr, BONUS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * logits_stride
+    grad_ptr += row * grad_stride
+    y = tl.load(target_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    y = tl.where(valid, y, 0)
+    w_y = 1.0
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y).to(tl.float32)
+    # Class mass a_k = alpha w_k + beta [k = y]; zero for an ignored row.
+    alpha = tl.where(valid, smoothing / n_cols, 0.0)
+    beta = tl.where(valid, (1.0 - smoothing) * w_y, 0.0)
+
+    # Pass 1: online arg-max m (index s) and the exact sum of exp(z - m) over k != s.
+    row_max = -float("inf")
+    special = 0
+    rest = 0.0
+    for block_start in range(0, n_cols, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=-float("inf"))
+        x = x.to(tl.float32)
+        block_max = tl.max(x, 0)
+        block_arg = tl.min(tl.where(x == block_max, cols, n_cols + BLOCK), 0)
+        block_rest = tl.sum(tl.where(cols == block_arg, 0.0, tl.exp(x - block_max)), 0)
+        take = block_max > row_max
+        moved = tl.exp(row_max - block_max)  # 0 while row_max is -inf
+        kept = tl.where(block_max == -float("inf"), 0.0,
+                        tl.exp(block_max - tl.where(take, block_max, row_max)))
+        rest = tl.where(
+            take, rest * moved + moved + block_rest, rest + kept * (1.0 + block_rest)
+        )
+        special = tl.where(take, block_arg, special)
+        row_max = tl.maximum(row_max, block_max)
+    log_total = _log1p_any(rest)  # log S, S = 1 + rest
+    total = 1.0 + rest
+
+    # Pass 2: sums over k != s of a_k (m - z_k), a_k, a_k v_k b(p_k) and h_k.
+    ce_rest = 0.0
+    mass_rest = 0.0
+    bonus_rest = 0.0
+    hessian_rest = 0.0
+    for block_start in range(0, n_cols, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        in_rest = (cols < n_cols) & (cols != special)
+        x = tl.load(logits_ptr + cols, mask=in_rest, other=0.0).to(tl.float32)
+        w = 1.0
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_rest, other=0.0).to(tl.float32)
+        mass = tl.where(in_rest, alpha * w + tl.where(cols == y, beta, 0.0), 0.0)
+        ce_rest += tl.sum(mass * (row_max - x), 0)
+        mass_rest += tl.sum(mass, 0)
+        if BONUS != 0:
+            p = tl.where(in_rest, tl.exp(x - row_max) / total, 0.0)
+            b, ratio = _rest_bonus(p, log_end, log1m_end, inv_1m_end)
+            v = 1.0
+            if HAS_BONUS_WEIGHT:
+                v = tl.load(bonus_weight_ptr + cols, mask=in_rest, other=0.0).to(tl.float32)
+            bonus_rest += tl.sum(mass * v * b, 0)
+            hessian_rest += tl.sum(rho * mass * v * ratio, 0)
+
+    w_s = 1.0
+    if HAS_WEIGHT:
+        w_s = tl.load(weight_ptr + special).to(tl.float32)
+    mass_special = alpha * w_s + tl.where(special == y, beta, 0.0)
+    mass_total = mass_rest + mass_special
+    one_minus_p_s = rest / total
+    row_loss = ce_rest + mass_total * log_total
+    bonus_special = 0.0
+    g_s = 0.0
+    if BONUS != 0:
+        p_s = 1.0 / total
+        log_one_minus_p_s = tl.log(tl.where(rest > 0.0, rest, 1.0)) - log_total
+        log_one_minus_p_s = tl.where(rest > 0.0, log_one_minus_p_s, -float("inf"))
+        b_s, g_s = _bonus(p_s, one_minus_p_s, -log_total, log_one_minus_p_s, log_end,
+                          log1m_end, inv_1m_end, 1.0, 0.0, 0.0, 1, False)
+        v_s = 1.0
+        if HAS_BONUS_WEIGHT:
+            v_s = tl.load(bonus_weight_ptr + special).to(tl.float32)
+        bonus_special = rho * mass_special * v_s
+        row_loss += rho * bonus_rest + tl.where(bonus_special != 0.0, bonus_special * b_s, 0.0)
+    tl.store(loss_ptr + row, tl.where(valid, row_loss, 0.0))
+
+    # Pass 3: the gradient (see DenseTargetEL): q_k C1 + a_k (rho v_k r_k - 1) off s.
+    scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
+    push = one_minus_p_s * (mass_total - hessian_rest) - bonus_special * g_s
+    grad_special = mass_rest - hessian_rest - push
+    grad_special = tl.where(rest > 0.0, grad_special, 0.0)
+    rest_coef = tl.where(rest > 0.0, push / tl.where(rest > 0.0, rest, 1.0), 0.0)
+    for block_start in range(0, n_cols, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        in_row = cols < n_cols
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        w = 1.0
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        mass = alpha * w + tl.where(cols == y, beta, 0.0)
+        slope = -1.0
+        if BONUS != 0:
+            p = tl.where(cols == special, 0.0, tl.exp(x - row_max) / total)
+            _, ratio = _rest_bonus(p, log_end, log1m_end, inv_1m_end)
+            v = 1.0
+            if HAS_BONUS_WEIGHT:
+                v = tl.load(bonus_weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            slope = rho * v * ratio - 1.0
+        grad = rest_coef * tl.exp(x - row_max) + mass * slope
+        grad = tl.where(cols == special, grad_special, grad)
+        tl.store(grad_ptr + cols, (scale * grad).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+@triton.jit
+def _log1p_any(x):
+    """log(1 + x) for x >= 0."""
+    return tl.where(x < 1e-4, x * (1.0 - x * (0.5 - x * (1.0 / 3.0))), tl.log(1.0 + x))
+
+@triton.jit
+def _rest_bonus(p, log_end, log1m_end, inv_1m_end):
+    """Log bonus b(p) and r(p) = p b'(p) for p <= 1/2 (a class that is not the arg-max)."""
+    one_minus_p = 1.0 - p
+    linear = p > log_end
+    value = tl.where(linear, log1m_end - (p - log_end) * inv_1m_end, _log1p(-p))
+    ratio = tl.where(linear, -p * inv_1m_end, -p / one_minus_p)
+    return value, ratio

@@ -1,0 +1,238 @@
+"""The Triton kernels under TRITON_INTERPRET=1 on CPU tensors, against the float64 reference.
+
+Interpret mode runs each program in numpy, slowly: the cases are small, and the block size is
+lowered to 16 so that rows span several blocks and end in a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The repository's conftest.py sets it before anything imports triton (see there); this covers
+# running the module from elsewhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import reference_loss  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1":
+    pytest.skip("the kernels are tested on CPU tensors: needs TRITON_INTERPRET=1",
+                allow_module_level=True)
+
+import encouraging_loss.functional as functional  # noqa: E402
+from encouraging_loss import EncouragingLoss, encouraging_loss  # noqa: E402
+from encouraging_loss.bonus import Bonus  # noqa: E402
+from encouraging_loss.ops import triton_el  # noqa: E402
+from encouraging_loss.ops.triton_el import triton_encouraging_loss  # noqa: E402
+
+NUM_CLASSES = 37  # three blocks of 16, the last partial
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(triton_el, "MAX_BLOCK", 16)
+
+
+def case(num_rows=6, *, dtype=torch.float32, seed=0, ignore=(2,), confident=(), scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(num_rows, NUM_CLASSES, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, NUM_CLASSES, (num_rows,), generator=generator)
+    for row in confident:  # p_y -> 1: the target logit 30 above the rest
+        logits[row, target[row]] = logits[row].max() + 30.0
+    for row in ignore:
+        target[row] = -100
+    return logits.to(dtype), target
+
+
+def triton_and_reference(logits, target, **options):
+    """(loss, grad) of the Triton path and of the float64 reference on the same (rounded) input."""
+    x = logits.detach().clone().requires_grad_()
+    value = encouraging_loss(x, target, backend="triton", **options)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    r = logits.detach().double().requires_grad_()
+    expected = reference_loss(r, target, **options)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), r)
+    assert value.dtype == logits.dtype and grad.dtype == logits.dtype
+    return value.double(), grad.double(), expected.detach(), expected_grad
+
+
+OPTIONS = [
+    dict(),
+    dict(log_end=1.0, reduction="sum"),
+    dict(log_end=0.5, reduction="none"),
+    dict(bonus="power", bonus_gamma=2.0),
+    dict(bonus="cosine", bonus_start=0.2),
+    dict(bonus_scale=0.0),
+    dict(bonus="none", reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.2, log_end=1.0, reduction="none"),
+    dict(label_smoothing=0.3, log_end=0.3, reduction="sum"),  # tangent on non-arg-max classes
+    dict(label_smoothing=0.1, bonus="none"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_float32_matches_reference(options):
+    logits, target = case(confident=(4,))
+    value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_and_bonus_weights(label_smoothing, reduction):
+    logits, target = case(seed=1, ignore=(0, 5))
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.rand(NUM_CLASSES, generator=generator) + 0.2
+    bonus_weight = torch.rand(NUM_CLASSES, generator=generator)
+    value, grad, expected, expected_grad = triton_and_reference(
+        logits, target, weight=weight, bonus_weight=bonus_weight,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, log_end=1.0)])
+def test_bfloat16_matches_reference_on_the_rounded_input(options):
+    logits, target = case(8, dtype=torch.bfloat16, seed=2, confident=(1,))
+    value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
+    # The loss and gradient are computed in float32 and rounded once to bfloat16.
+    torch.testing.assert_close(value, expected, rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=8e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_all_rows_ignored_and_none_ignored(label_smoothing):
+    logits, target = case(4, ignore=(0, 1, 2, 3))
+    x = logits.clone().requires_grad_()
+    value = encouraging_loss(x, target, label_smoothing=label_smoothing, backend="triton")
+    value.backward()
+    assert torch.isnan(value)  # the mean over zero items, as torch CE
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    logits, target = case(4, ignore=())
+    value, grad, expected, expected_grad = triton_and_reference(
+        logits, target, label_smoothing=label_smoothing
+    )
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+def test_confident_rows_keep_the_exact_gradient():
+    """p_y = 1 - 1e-13: the plain log bonus keeps the target gradient at -1 (no clamp)."""
+    logits = torch.zeros(2, NUM_CLASSES)
+    logits[:, 3] = 30.0 + torch.log(torch.tensor(float(NUM_CLASSES - 1)))
+    target = torch.tensor([3, 3])
+    value, grad, expected, expected_grad = triton_and_reference(
+        logits, target, log_end=1.0, reduction="sum"
+    )
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad[:, 3], torch.full((2,), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-12)
+
+
+def test_single_row_input_and_module():
+    logits, target = case(1, ignore=())
+    value, grad, expected, expected_grad = triton_and_reference(logits[0], target[0])
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    criterion = EncouragingLoss(label_smoothing=0.1, backend="triton")
+    torch.testing.assert_close(
+        criterion(logits, target), encouraging_loss(logits, target, label_smoothing=0.1)
+    )
+
+
+def test_in_place_gradient_into_the_logits():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 8, generator=generator, requires_grad=True)
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator)
+    target = torch.tensor([0, 5, -100, 36, 17])
+    logits = hidden @ projection.T
+    loss = triton_encouraging_loss(logits, target, in_place=True)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    expected = encouraging_loss(reference_hidden @ projection.T, target, backend="torch")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad)
+
+
+def test_backend_dispatch(monkeypatch):
+    logits, target = case(3)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton path was taken")
+
+    monkeypatch.setattr(functional, "triton_encouraging_loss", fail)
+    encouraging_loss(logits, target)  # auto: CPU tensors take the torch path
+    encouraging_loss(logits, target, backend="torch")
+    with pytest.raises(AssertionError, match="Triton path"):
+        encouraging_loss(logits, target, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        encouraging_loss(logits, target, backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton': label smoothing"):
+        encouraging_loss(logits, target, label_smoothing=0.1, bonus="power", backend="triton")
+    with pytest.raises(ValueError, match="probability targets"):
+        encouraging_loss(logits, torch.softmax(logits, 1), backend="triton")
+    with pytest.raises(ValueError, match="more than 2 dimensions"):
+        encouraging_loss(logits.unsqueeze(2), target.unsqueeze(1), backend="triton")
+
+
+def test_triton_function_validates_arguments():
+    logits, target = case(2, ignore=())
+    with pytest.raises(TypeError, match="bonus must be a Bonus"):
+        triton_encouraging_loss(logits, target, bonus="log")
+    with pytest.raises(TypeError, match="in_place must be a bool"):
+        triton_encouraging_loss(logits, target, bonus=Bonus(), in_place=1)
+    with pytest.raises(ValueError, match="reduction"):
+        triton_encouraging_loss(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="weight"):
+        triton_encouraging_loss(logits, target, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="class-index targets"):
+        triton_encouraging_loss(logits, target[:1])
+
+
+def test_backward_twice_is_refused():
+    """The stored gradient is scaled in place: a second backward would be wrong, so it raises."""
+    logits, target = case(2, ignore=())
+    x = logits.clone().requires_grad_()
+    loss = triton_encouraging_loss(x, target)
+    (2.0 * loss).backward(retain_graph=True)
+    expected = x.grad.clone()
+    y = logits.clone().requires_grad_()
+    (2.0 * encouraging_loss(y, target, backend="torch")).backward()
+    torch.testing.assert_close(expected, y.grad)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(reduction="none", label_smoothing=0.1, log_end=1.0), dict(reduction="sum")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_with_triton_chunks(options, dtype):
+    """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights."""
+    from encouraging_loss import linear_encouraging_loss
+
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(10, 8, generator=generator).to(dtype)
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator).to(dtype)
+    bias = torch.randn(NUM_CLASSES, generator=generator).to(dtype)
+    class_weight = torch.rand(NUM_CLASSES, generator=generator) + 0.5
+    target = torch.randint(0, NUM_CLASSES, (10,), generator=generator)
+    target[3] = -100
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, projection, bias)]
+        value = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2], chunk_size=4,
+                                        class_weight=class_weight, backend=backend, **options)
+        grads = torch.autograd.grad(value.sum(), leaves)
+        results[backend] = (value, *grads)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tolerance)
