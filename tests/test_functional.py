@@ -281,3 +281,19 @@ def test_property_matches_reference(batch, extra, num_classes, probs, smoothing,
                                atol=tolerance * size, equal_nan=True)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance,
                                atol=tolerance * max(1.0, bonus_scale) * 4, equal_nan=True)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("log_end", [1.0, 0.75])
+def test_single_class_rows_with_ignored_items(smoothing, log_end):
+    # One class: p = 1 identically, log(1 - p) = -inf; ignored items must stay out (0, not NaN).
+    logits = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[0, -100, 0], [-100, 0, 0]])
+    for reduction in REDUCTIONS:
+        kwargs = dict(label_smoothing=smoothing, log_end=log_end, bonus_scale=0.5,
+                      reduction=reduction)
+        value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
+        expected, expected_grad = grad_of(reference_loss, logits, target, **kwargs)
+        torch.testing.assert_close(value, expected)
+        assert not torch.isnan(value).any()
+        assert (grad == 0).all()

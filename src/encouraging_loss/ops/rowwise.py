@@ -354,7 +354,9 @@ def dense_target_terms(
         bonus_rest = _weighted_row_sum(
             b_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
         )
-        row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
+        # 0 * b_s stays 0 where b_s = -inf (no other class, no mass on the special class).
+        special_bonus = torch.where(bonus_special != 0, mass_special * v_special * b_s, 0.0)
+        row_loss = row_loss + rho * bonus_rest + rho * special_bonus
         if r_rest is None:
             r_rest = bonus.rest_ratio_(
                 b_rest, lambda out: torch.mul(buffer, one_minus_p_column, out=out)
