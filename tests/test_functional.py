@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import grad_of, make_case, reference_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import grad_of, make_case, reference_loss
 from encouraging_loss import encouraging_loss
 
 SHAPES = [(), (7,), (5, 3), (3, 2, 2)]  # input (C), (N, C), (N, C, d1), (N, C, d1, d2)
