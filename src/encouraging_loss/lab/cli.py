@@ -114,24 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", metavar="TASK", help=f"task to run: {', '.join(TASKS)}")
     run.add_argument(
         "--losses",
-        default="ce,el",
         help="comma-separated loss names with parameters, e.g. ce,el,el:log_end=1,ls-ce:0.1,"
         "ls-el:0.1,focal:gamma=2,poly1:epsilon=1,el:log_end=0.5,bonus_scale=0.5; "
-        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale. Default: ce,el",
+        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale. Default: ce,el for image; "
+        "ce,el:log_end=0.5,start=0.5,ramp=0.2 for graph (bonus enabled late); "
+        "ls-ce:0.1,ls-el:0.1,log_end=0.5 for translation",
     )
     run.add_argument(
         "--seeds",
         type=_positive_int,
-        default=1,
-        help="number of seeds (0..N-1) per loss; default 1",
+        help="number of seeds (0..N-1) per loss; default: the task's (1 for image; "
+        "3 quick / 10 full for graph; 1 quick / 3 full for translation)",
     )
     run.add_argument(
         "--dataset",
-        choices=("fashion-mnist", "mnist", "cifar10"),
-        help="dataset (default: fashion-mnist, cifar10 for --preset full)",
+        help="dataset; image: fashion-mnist, mnist or cifar10 (default fashion-mnist, cifar10 "
+        "for --preset full); graph: PROTEINS (default), MUTAG, ENZYMES, AIDS, Mutagenicity; "
+        "translation: multi30k (default)",
     )
     run.add_argument(
-        "--model", choices=("mlp", "cnn", "resnet18"), help="architecture (default: the preset's)"
+        "--model",
+        help="architecture (default: the preset's); image: mlp, cnn, resnet18; graph: gin, gcn; "
+        "translation: transformer",
     )
     run.add_argument(
         "--lr",
@@ -202,9 +206,15 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task != "image":
+        return _run_other_task(args, task, losses)
+    from .models import MODELS
+
+    if getattr(args, "model", None) not in (None, *MODELS):
+        raise ValueError(f"model: unknown image model {args.model!r}; known: {', '.join(MODELS)}")
     options = ImageOptions(
-        losses=losses,
-        seeds=args.seeds,
+        losses=losses or "ce,el",
+        seeds=args.seeds if args.seeds is not None else 1,
         preset=args.preset,
         dataset=getattr(args, "dataset", None)
         or ("fashion-mnist" if args.command == "reproduce" else None),
@@ -239,6 +249,29 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
         out = Path(options.out) if options.out else None
         where = out or Path(f"runs/{task}-{options.preset}-{results['dataset']}")
         print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
+    return 0
+
+
+def _run_other_task(args: argparse.Namespace, task: str, losses: str | None) -> int:
+    """Run a task whose module exposes ``options_from_args`` and ``run`` (graph, translation)."""
+    from importlib import import_module
+
+    from .report import summary_table
+
+    if args.download:
+        raise ValueError(
+            f"download: only the image task downloads; place {task} data under "
+            "--data-root (see ../shared/data/SOURCES.md)"
+        )
+    module = import_module(f".tasks.{task}", __package__)
+    options = module.options_from_args(args)
+    results = module.run(options)
+    if results is not None:
+        print(summary_table(results))
+        print(
+            f"report: {Path(results['config']['out']) / 'report.md'} "
+            f"({results['config']['wall_seconds']:.1f} s)"
+        )
     return 0
 
 

@@ -74,6 +74,25 @@ CLAIMS = (
 )
 
 
+def table_metrics(results: dict) -> tuple[tuple[str, str, bool], ...]:
+    """The summary table's ``(metric, label, higher_is_better)`` columns.
+
+    A task other than image lists its own under ``config["table_metrics"]`` (kept in
+    ``results.json``, so a rebuilt report shows the same columns); otherwise
+    :data:`TABLE_METRICS`.
+
+    Args:
+        results: loaded results.
+
+    Returns:
+        The columns.
+    """
+    custom = results.get("config", {}).get("table_metrics")
+    if not custom:
+        return TABLE_METRICS
+    return tuple((str(m), str(label), bool(higher)) for m, label, higher in custom)
+
+
 def t_quantile_975(df: int) -> float:
     """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom.
 
@@ -337,7 +356,7 @@ def summary_rows(results: dict) -> list[dict]:
         runs = [r for r in results["runs"] if r["loss"] == loss]
         ok = [r for r in runs if _ok(r)]
         stats = {}
-        for metric, _, _ in TABLE_METRICS:
+        for metric, _, _ in table_metrics(results):
             values = [r["metrics"][metric] for r in ok if r["metrics"].get(metric) is not None]
             stats[metric] = mean_std(values) if values else (float("nan"), float("nan"))
         rows.append(
@@ -416,14 +435,18 @@ def markdown_report(results: dict) -> str:
     """
     losses = _losses_in_order(results)
     rows = summary_rows(results)
+    columns = table_metrics(results)
     lines = [
         f"# {results['task']} on {results['dataset']}: encouraging loss vs cross-entropy",
         "",
         summary_table(results),
         "",
-        "Mean ± std over seeds of finished runs (test split, model selected on validation "
-        "accuracy). margin = z_y − max_{j≠y} z_j; energy −lse = −logsumexp(z); probe = linear "
-        "probe on frozen penultimate features; cRT = last layer re-trained with CE.",
+        results["config"].get(
+            "table_note",
+            "Mean ± std over seeds of finished runs (test split, model selected on validation "
+            "accuracy). margin = z_y − max_{j≠y} z_j; energy −lse = −logsumexp(z); probe = "
+            "linear probe on frozen penultimate features; cRT = last layer re-trained with CE.",
+        ),
         "",
     ]
     diverged = [r for r in rows if r["n_diverged"]]
@@ -442,15 +465,13 @@ def markdown_report(results: dict) -> str:
         lines += [
             "## Paired difference to the CE baseline (same seed), mean [95% t-interval]",
             "",
-            "| loss − baseline | pairs | "
-            + " | ".join(label for _, label, _ in TABLE_METRICS)
-            + " |",
-            "|---|---|" + "---|" * len(TABLE_METRICS),
+            "| loss − baseline | pairs | " + " | ".join(label for _, label, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns),
         ]
         for loss, base in comparisons:
             cells = []
             pairs = 0
-            for metric, _, _ in TABLE_METRICS:
+            for metric, _, _ in columns:
                 diffs = paired_differences(results, loss, base, metric)
                 pairs = max(pairs, len(diffs))
                 if not diffs:
@@ -461,6 +482,8 @@ def markdown_report(results: dict) -> str:
             lines.append(f"| `{loss}` − `{base}` | {pairs} | " + " | ".join(cells) + " |")
         lines += ["", "## The paper's three claims, checked on these runs", ""]
         for claim, metric, direction, wording in CLAIMS:
+            if not any(metric in r["metrics"] for r in results["runs"]):
+                continue  # the task does not measure it (e.g. no probe for translation)
             for loss, base in comparisons:
                 diffs = paired_differences(results, loss, base, metric)
                 verdict = claim_verdict(diffs, direction)
@@ -500,15 +523,14 @@ def summary_table(results: dict) -> str:
     Returns:
         A Markdown table.
     """
+    columns = table_metrics(results)
     header = (
-        "| loss | lr | runs ok | diverged | "
-        + " | ".join(label for _, label, _ in TABLE_METRICS)
-        + " |"
+        "| loss | lr | runs ok | diverged | " + " | ".join(label for _, label, _ in columns) + " |"
     )
-    lines = [header, "|---|---|---|---|" + "---|" * len(TABLE_METRICS)]
+    lines = [header, "|---|---|---|---|" + "---|" * len(columns)]
     for row in summary_rows(results):
         cells = []
-        for metric, _, _ in TABLE_METRICS:
+        for metric, _, _ in columns:
             mean, std = row["stats"][metric]
             cells.append("—" if not math.isfinite(mean) else f"{mean:.4f} ± {std:.4f}")
         lr = ", ".join(f"{v:g}" for v in row["lr"]) or "—"
