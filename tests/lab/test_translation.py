@@ -5,11 +5,13 @@ determinism, resume, BPE round trip, batching and decoding. Skipped without ``to
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from encouraging_loss.lab.cli import main
+from encouraging_loss.lab.report import run_slug
 
 from .helpers import SHARED_DATA, load_results, shared_dataset
 
@@ -39,6 +41,25 @@ def _options(out, **overrides) -> translation.TranslationOptions:
     return translation.TranslationOptions(**settings)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model():
+    """A 1+1-layer, 32-wide model and a 400-token vocabulary: the pipeline, in seconds."""
+    with pytest.MonkeyPatch.context() as patch:
+        quick = translation.PRESETS["quick"]
+        small = replace(
+            quick,
+            d_model=32,
+            heads=2,
+            encoder_layers=1,
+            decoder_layers=1,
+            feedforward=64,
+            vocab_size=400,
+            max_tokens=40,
+        )
+        patch.setitem(translation.PRESETS, "quick", small)
+        yield small
+
+
 @pytest.fixture(scope="module")
 def tiny_mt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mt") / "out"
@@ -56,8 +77,7 @@ def test_files_and_contract(tiny_mt_run):
     assert (data["n_train"], data["n_val"], data["n_test"]) == (256, 24, 24)
     assert results["config"]["bleu_signature"].startswith("nrefs:1|")
     for run in results["runs"]:
-        slug = run["loss"].replace(":", "_").replace(",", "_").replace("=", "_")
-        lines = (tiny_mt_run / "translations" / f"{slug}__seed0.beam5.en").read_text()
+        lines = (tiny_mt_run / "translations" / f"{run_slug(run['loss'], 0)}.beam5.en").read_text()
         assert lines.count("\n") == 24
     text = (tiny_mt_run / "report.md").read_text()
     assert "BLEU (beam)" in text and f"`{LS_EL}` − `ls-ce:0.1`" in text
