@@ -30,7 +30,13 @@ def check_tensor(name: str, value, *, floating: bool = False) -> torch.Tensor:
 
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
-    """A finite real number inside the given interval; returns it as a float."""
+    """A finite real number inside the given interval; returns it as a float.
+
+    While ``torch.compile`` traces, a module's float attribute may arrive as a symbolic float: it
+    was checked when the module was built, and is passed through.
+    """
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

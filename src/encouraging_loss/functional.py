@@ -14,7 +14,7 @@ from ._validate import (
     value_checks_enabled,
 )
 from .bonus import Bonus
-from .ops.rowwise import DenseTargetEL, HardTargetEL
+from .ops.rowwise import ROW_DTYPE, DenseTargetEL, HardTargetEL
 
 __all__ = ["encouraging_loss"]
 
@@ -34,7 +34,7 @@ def class_last(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.movedim(1, -1)
 
 
-def class_weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
+def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
     if weight is not None:
         return weight
     return torch.ones(num_classes, dtype=dtype, device=like.device)
@@ -129,43 +129,35 @@ def encouraging_loss(
         flat_target = target.reshape(-1).long()
         valid = flat_target != ignore_index
         safe_target = torch.where(valid, flat_target, 0)
-        target_weight = (
-            torch.ones_like(safe_target, dtype=dtype) if weight is None else weight[safe_target]
-        )
-        target_weight = torch.where(valid, target_weight, 0.0)
+        if weight is None:
+            target_weight = valid.to(ROW_DTYPE)
+        else:
+            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
         if epsilon == 0.0:
             row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
             row_loss = HardTargetEL.apply(
                 logits, safe_target.unsqueeze(1), target_weight, row_bonus_weight, rho, shape, dtype
             )
         else:
-            # a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
             row_loss = DenseTargetEL.apply(
-                logits,
-                valid.to(dtype) * (epsilon / num_classes),
-                class_weight_or_ones(weight, num_classes, input, dtype),
-                None,
-                safe_target.unsqueeze(1),
-                (1.0 - epsilon) * target_weight,
-                bonus_weight,
-                rho,
-                shape,
-                dtype,
-            )
+                logits, valid.to(ROW_DTYPE) * (epsilon / num_classes),
+                _weight_or_ones(weight, num_classes, input, dtype), None, None,
+                safe_target.unsqueeze(1), (1.0 - epsilon) * target_weight, bonus_weight, rho,
+                shape, dtype,
+            )  # fmt: skip
         denominator = target_weight.sum()
     else:
-        # a_k = w_k ((1 - eps) q_k + eps / C)
-        class_weight = class_weight_or_ones(weight, num_classes, input, dtype)
-        dense_mass = torch.empty(logits.shape, dtype=dtype, device=input.device)
-        dense_mass.copy_(class_last(target))
-        dense_mass = dense_mass.view(-1, num_classes).mul_(class_weight * (1.0 - epsilon))
+        # Class mass a_k = w_k ((1 - eps) q_k + eps / C).
+        num_rows = logits.numel() // num_classes
         row_alpha = torch.full(
-            (dense_mass.shape[0],), epsilon / num_classes, dtype=dtype, device=input.device
+            (num_rows,), epsilon / num_classes, dtype=ROW_DTYPE, device=input.device
         )
         row_loss = DenseTargetEL.apply(
-            logits, row_alpha, class_weight, dense_mass, None, None, bonus_weight, rho, shape, dtype
-        )
-        denominator = dense_mass.shape[0]
+            logits, row_alpha, _weight_or_ones(weight, num_classes, input, dtype),
+            class_last(target), 1.0 - epsilon, None, None, bonus_weight, rho, shape, dtype,
+        )  # fmt: skip
+        denominator = num_rows
 
     if reduction == "none":
         index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()

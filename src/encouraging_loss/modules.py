@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import _reduction
 
+from ._validate import check_int, check_real, check_reduction
 from .binary import binary_encouraging_loss_with_logits
 from .bonus import Bonus
 from .functional import encouraging_loss
@@ -29,7 +30,8 @@ class EncouragingLoss(nn.Module):
 
     Takes ``nn.CrossEntropyLoss``'s arguments, in its order, plus the bonus options of
     :func:`encouraging_loss` as keywords. ``bonus_scale`` and ``log_end`` may be a
-    :class:`BonusSchedule`; then :meth:`step` sets them from training progress.
+    :class:`BonusSchedule`; then :meth:`step` sets them from training progress. The paper
+    recommends ``log_end=0.75`` for tasks that reach high accuracy and ``0.5`` otherwise.
 
     Example:
         >>> import torch
@@ -73,7 +75,12 @@ class EncouragingLoss(nn.Module):
         self.bonus_gamma = bonus_gamma
         self.bonus_start = bonus_start
         self.validate_args = validate_args
-        Bonus(bonus, self.log_end, bonus_gamma, bonus_start)  # fail early on bad options
+        # Fail early on bad options (the function checks them again on every call).
+        Bonus(bonus, self.log_end, bonus_gamma, bonus_start)
+        check_int("ignore_index", ignore_index)
+        check_reduction(reduction)
+        check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        check_real("bonus_scale", self.bonus_scale)
 
     def step(self, progress: float) -> None:
         """Set ``bonus_scale`` and ``log_end`` from their schedules at training progress [0, 1]."""

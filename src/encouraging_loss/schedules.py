@@ -54,14 +54,14 @@ class BonusSchedule:
         progress = check_real("progress", progress, low=0.0, high=1.0)
         if progress < self.start:
             return 0.0
-        if self.shape == "step" or self.ramp == 0.0:
+        if self.shape == "step" or progress >= self.start + self.ramp:
             return 1.0
-        r = min(1.0, (progress - self.start) / self.ramp)
+        r = (progress - self.start) / self.ramp
         if self.shape == "linear":
             return r
         if self.shape == "cosine":
             return 0.5 * (1.0 - math.cos(math.pi * r))
-        return math.exp(-5.0 * (1.0 - r) ** 2) if r < 1.0 else 1.0
+        return math.exp(-5.0 * (1.0 - r) ** 2)
 
     def __call__(self, progress: float) -> float:
         return self.initial + (self.final - self.initial) * self.fraction(progress)

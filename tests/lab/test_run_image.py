@@ -186,3 +186,36 @@ def test_divergence_is_recorded_not_raised(tmp_path, data_root):
     assert "## Diverged runs" in text
     assert f"step {run['metrics']['diverged_step']}" in text
     json.loads((out / "results.json").read_text())  # valid JSON, no NaN
+
+
+@pytest.mark.slow
+def test_reproduce_quick(tmp_path, data_root, capsys):
+    """The project's main job at its quick size: 5 losses × 3 seeds on Fashion-MNIST."""
+    out = tmp_path / "reproduce"
+    assert (
+        main(
+            [
+                "reproduce",
+                "--preset",
+                "quick",
+                "--data-root",
+                str(data_root),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    results = load_results(out)
+    assert results["dataset"] == "fashion-mnist"
+    assert {r["loss"] for r in results["runs"]} == {
+        "ce",
+        "el",
+        "el:log_end=1",
+        "ls-ce:0.1",
+        "ls-el:0.1",
+    }
+    assert len(results["runs"]) == 15
+    printed = capsys.readouterr().out
+    assert "| `ls-el:0.1` |" in printed and "report.md" in printed

@@ -459,6 +459,7 @@ def markdown_report(results: dict) -> str:
                 f"(non-finite loss at step {', '.join(str(s) for s in r['diverged_steps'])})"
             )
         lines.append("")
+    diverged_losses = {r["loss"]: r["n_ok"] == 0 and r["n_diverged"] > 0 for r in rows}
     comparisons = [(loss, _baseline_for(loss, losses)) for loss in losses]
     comparisons = [(loss, base) for loss, base in comparisons if base is not None]
     if comparisons:
@@ -487,6 +488,8 @@ def markdown_report(results: dict) -> str:
             for loss, base in comparisons:
                 diffs = paired_differences(results, loss, base, metric)
                 verdict = claim_verdict(diffs, direction)
+                if not diffs and diverged_losses.get(loss):
+                    verdict = f"not measured: `{loss}` diverged in every run"
                 detail = ""
                 if diffs:
                     mean, low, high = paired_interval(diffs)
@@ -532,7 +535,12 @@ def summary_table(results: dict) -> str:
         cells = []
         for metric, _, _ in columns:
             mean, std = row["stats"][metric]
-            cells.append("—" if not math.isfinite(mean) else f"{mean:.4f} ± {std:.4f}")
+            if not math.isfinite(mean):
+                cells.append("—")
+            elif row["n_ok"] < 2:
+                cells.append(f"{mean:.4f}")  # one run: no spread to show
+            else:
+                cells.append(f"{mean:.4f} ± {std:.4f}")
         lr = ", ".join(f"{v:g}" for v in row["lr"]) or "—"
         lines.append(
             f"| `{row['loss']}` | {lr} | {row['n_ok']} | {row['n_diverged']} | "

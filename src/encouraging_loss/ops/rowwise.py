@@ -1,11 +1,11 @@
 """The encouraging loss over rows of logits, with closed-form gradients.
 
 Both autograd Functions here take logits with the class dimension last, ``(..., C)`` (a possibly
-strided view of the caller's tensor), treat them as rows ``(M, C)``
-and return one loss per row; the caller reduces. They work on a single private float buffer that is
-first a copy of the logits, then the softmax over the non-special classes, then the gradient, so the
-extra memory is one ``(M, C)`` buffer (plus a second one for dense targets) and every pass after the
-copy is in place.
+strided view of the caller's tensor), treat them as rows ``(M, C)`` and return one float64 loss per
+row; the caller reduces. They work on a single private buffer that is first a copy of the logits,
+then the softmax over the non-special classes, then the gradient, so the extra memory is one
+``(M, C)`` buffer (plus one more while a dense-target forward runs, and one kept for its backward)
+and every pass after the copy is in place.
 
 Exactness: log(1 - p_s) for the special class s of a row (the target for hard targets, the arg-max
 for dense targets) is taken as ``logsumexp_{j != s} z_j - logsumexp_j z_j``, written through
@@ -27,6 +27,9 @@ from torch.autograd.function import once_differentiable
 from ..bonus import Bonus
 
 NEG_INF = float("-inf")
+# Per-row quantities (a few per row) are kept in float64: it costs nothing next to the (M, C)
+# passes and keeps the loss as accurate as the logits' own rounding allows.
+ROW_DTYPE = torch.float64
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +53,8 @@ def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
 def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     """Turn ``buffer`` (a copy of the logits) into exp(z_j - m) for j != special, 0 at special.
 
-    Returns (z_special, sum_exp, d) as column vectors: z at the special class, the sum of the
-    buffer per row, and d = z_special - logsumexp_{j != special} z_j.
+    Returns (sum_exp, d) as float64 column vectors: the sum of the buffer per row and
+    d = z_special - logsumexp_{j != special} z_j.
     """
     z_special = buffer.gather(1, special)
     buffer.scatter_(1, special, NEG_INF)
@@ -59,9 +62,9 @@ def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
     # A row with a single class (or only -inf elsewhere) has an empty "rest": keep it finite.
     row_max = torch.where(row_max == NEG_INF, 0.0, row_max)
     buffer.sub_(row_max).exp_()
-    sum_exp = buffer.sum(1, keepdim=True)
-    d = z_special - (row_max + sum_exp.log())
-    return z_special, sum_exp, d
+    sum_exp = buffer.sum(1, keepdim=True).to(ROW_DTYPE)
+    d = z_special.to(ROW_DTYPE) - (row_max.to(ROW_DTYPE) + sum_exp.log())
+    return sum_exp, d
 
 
 def _special_terms(d: torch.Tensor, bonus: Bonus):
@@ -73,16 +76,49 @@ def _special_terms(d: torch.Tensor, bonus: Bonus):
     return neg_log_p, p, one_minus_p, b, g
 
 
+def _rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+    """A per-row vector as a (M, 1) column in the buffer's dtype, for in-place (M, C) updates."""
+    return row_values.to(buffer.dtype).unsqueeze(1)
+
+
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
+def _keep_for_backward(ctx, terms, logits, args, buffer, state):
+    """Keep what backward needs; backward turns the buffer into the gradient in place.
+
+    Eagerly, the buffer is held on ``ctx`` rather than saved: the first backward consumes it, and a
+    later backward through the same graph (``retain_graph``, gradcheck) recomputes it with
+    ``terms`` from the saved logits. Under ``torch.compile`` it is saved as usual and the compiler
+    makes the in-place update safe.
+    """
+    ctx.input_dtype, ctx.logits_shape, ctx.num_args = logits.dtype, logits.shape, len(args)
+    ctx.eager = not torch.compiler.is_compiling()
+    if ctx.eager:
+        ctx.terms, ctx.args, ctx.buffer = terms, args, buffer
+        ctx.save_for_backward(logits, *state)
+    else:
+        ctx.save_for_backward(buffer, *state)
+
+
+def _take_for_backward(ctx):
+    """(buffer, state) kept by :func:`_keep_for_backward`; the buffer is the caller's to consume."""
+    first, *state = ctx.saved_tensors
+    if not ctx.eager:
+        return first, state
+    buffer, ctx.buffer = ctx.buffer, None
+    if buffer is None:
+        _, buffer, state = ctx.terms(first, *ctx.args)
+    return buffer, state
 
 
 class HardTargetEL(torch.autograd.Function):
     """Rows with one target class each (no label smoothing).
 
-    Inputs: logits (M, C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
+    Inputs: logits (..., C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
     target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
-    Output: (M,) row losses in the compute dtype.
+    Output: (M,) float64 row losses.
 
     The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
     k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
@@ -90,29 +126,39 @@ class HardTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-        buffer = copy_rows(logits, compute_dtype)
-        _, sum_exp, d = _exclude_and_normalise(buffer, target)
-        neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
-        scale = rho if row_bonus_weight is None else rho * row_bonus_weight
-        valid = row_weight != 0
-        row_loss = torch.where(valid, row_weight * (neg_log_p + scale * b), 0.0)
-        push = one_minus_p - scale * g
-        ctx.save_for_backward(buffer, target, row_weight, sum_exp.squeeze(1), push)
-        ctx.input_dtype = logits.dtype
-        ctx.logits_shape = logits.shape
+    def forward(ctx, logits, *args):
+        row_loss, buffer, state = _hard_target_terms(logits, *args)
+        _keep_for_backward(ctx, _hard_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, target, row_weight, sum_exp, push = ctx.saved_tensors
-        target_grad = grad_rows * row_weight * push
-        # The buffer is private to this node: turning it into the gradient in place saves a pass and
-        # a full-size allocation; a second backward through the node fails autograd's version check.
-        buffer.mul_(_safe_divide(target_grad, sum_exp).unsqueeze(1))
-        buffer.scatter_(1, target, (-target_grad).unsqueeze(1))
-        return grad_like(buffer, ctx), None, None, None, None, None, None
+        buffer, (target, row_weight, sum_exp, push) = _take_for_backward(ctx)
+        # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
+        # is not finite (the mean over zero items is NaN, as in torch).
+        target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
+        buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
+        buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
+
+
+def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
+    """Row losses, the buffer exp(z_j - m) (j != y) and the row terms backward needs."""
+    buffer = copy_rows(logits, compute_dtype)
+    sum_exp, d = _exclude_and_normalise(buffer, target)
+    neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
+    scale = rho if row_bonus_weight is None else rho * row_bonus_weight
+    per_row = neg_log_p
+    if not bonus.is_zero and rho != 0.0:
+        # 0 * b stays 0 even where b = -inf (a single class, or a zero bonus weight).
+        per_row = per_row + torch.where(torch.as_tensor(scale) != 0, scale * b, 0.0)
+    row_loss = torch.where(row_weight != 0, row_weight * per_row, 0.0)
+    sum_exp = sum_exp.squeeze(1)
+    # With no other class left (C = 1, or all others at -inf) p_y is identically 1: the loss does
+    # not depend on the logits and the gradient is zero, not the limit of the formula.
+    push = torch.where(sum_exp > 0, one_minus_p - scale * g, 0.0)
+    return row_loss, buffer, (target, row_weight, sum_exp, push)
 
 
 class DenseTargetEL(torch.autograd.Function):
@@ -120,7 +166,10 @@ class DenseTargetEL(torch.autograd.Function):
 
     The class mass of row i is a_ik = alpha_i w_k + D_ik + beta_i [k = y_i], each part optional:
     label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
-    targets pass D (a private buffer this Function overwrites).
+    targets pass D as the target probabilities times a scale.
+
+    Inputs: logits (..., C), then the arguments of :func:`_dense_target_terms`.
+    Output: (M,) float64 row losses.
 
     The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
     non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
@@ -130,118 +179,16 @@ class DenseTargetEL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        row_alpha,
-        class_weight,
-        dense_mass,
-        target,
-        target_mass,
-        bonus_weight,
-        rho,
-        bonus,
-        compute_dtype,
-    ):
-        buffer = copy_rows(logits, compute_dtype)
-        z_max, special = buffer.max(1, keepdim=True)
-        z_max = z_max.squeeze(1)
-        alpha = row_alpha
-
-        # Masses and mass-weighted logits, split into the special class and the rest.
-        w_special = class_weight[special.squeeze(1)]
-        mass_special = alpha * w_special
-        mass_rest = alpha * (class_weight.sum() - w_special)
-        logits_rest = alpha * (buffer @ class_weight - w_special * z_max)
-        if dense_mass is not None:
-            mass_special = mass_special + dense_mass.gather(1, special).squeeze(1)
-            dense_mass.scatter_(1, special, 0.0)
-            mass_rest = mass_rest + dense_mass.sum(1)
-            logits_rest = logits_rest + _row_dot(dense_mass, buffer)
-        if target is not None:
-            target_is_special = (target == special).squeeze(1)
-            target_rest = torch.where(target_is_special, 0.0, target_mass)
-            mass_special = mass_special + torch.where(target_is_special, target_mass, 0.0)
-            mass_rest = mass_rest + target_rest
-            logits_rest = logits_rest + target_rest * buffer.gather(1, target).squeeze(1)
-        else:
-            target_rest = None
-        mass_total = mass_rest + mass_special
-
-        _, sum_exp, d = _exclude_and_normalise(buffer, special)
-        sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
-        neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
-        # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
-        row_loss = mass_rest * z_max - logits_rest + mass_total * neg_log_p_s
-        buffer.mul_(_safe_divide(torch.ones_like(sum_exp), sum_exp).unsqueeze(1))  # q_k
-
-        v_special = 1.0 if bonus_weight is None else bonus_weight[special.squeeze(1)]
-        bonus_special = rho * mass_special * v_special
-        v_weight = class_weight if bonus_weight is None else class_weight * bonus_weight
-        if bonus.is_zero or rho == 0.0:
-            hessian_rest = torch.zeros_like(sum_exp)
-            slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
-            target_correction = None if target is None else -target_rest
-        else:
-            values = bonus.rest_terms_(buffer * one_minus_p_s.unsqueeze(1))
-            b_rest, r_rest = values
-            dense_v = None
-            if dense_mass is not None:
-                dense_v = dense_mass if bonus_weight is None else dense_mass * bonus_weight
-            bonus_rest = _weighted_row_sum(
-                b_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
-            )
-            row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
-            if r_rest is None:
-                r_rest = bonus.ratio_from_value_(b_rest)
-            hessian_rest = rho * _weighted_row_sum(
-                r_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
-            )
-            del dense_v
-            # slope_rest becomes rho v_k r_k - 1, the factor of a_k in the gradient.
-            slope_rest = r_rest.mul_(rho if bonus_weight is None else rho * bonus_weight).sub_(1.0)
-            target_correction = (
-                None if target is None else target_rest * slope_rest.gather(1, target).squeeze(1)
-            )
-        push = one_minus_p_s * (mass_total - hessian_rest) - bonus_special * g_s
-        grad_special = (
-            mass_rest
-            - hessian_rest
-            - one_minus_p_s * (mass_total - hessian_rest)
-            + bonus_special * g_s
-        )
-        # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
-        if dense_mass is not None:
-            dense_mass.addr_(alpha, class_weight)
-            mass_slope = dense_mass if slope_rest is None else dense_mass.mul_(slope_rest)
-            if slope_rest is None:
-                mass_slope.neg_()
-            del slope_rest
-            class_slope = None
-        else:
-            mass_slope = None
-            class_slope = None if slope_rest is None else slope_rest.mul_(class_weight)
-        ctx.save_for_backward(
-            buffer,
-            special,
-            push,
-            grad_special,
-            alpha,
-            class_weight,
-            mass_slope,
-            class_slope,
-            target,
-            target_correction,
-        )
-        ctx.input_dtype = logits.dtype
-        ctx.logits_shape = logits.shape
+    def forward(ctx, logits, *args):
+        row_loss, buffer, state = _dense_target_terms(logits, *args)
+        _keep_for_backward(ctx, _dense_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
+        buffer, (row_active, *state) = _take_for_backward(ctx)
         (
-            buffer,
             special,
             push,
             grad_special,
@@ -251,19 +198,143 @@ class DenseTargetEL(torch.autograd.Function):
             class_slope,
             target,
             target_correction,
-        ) = ctx.saved_tensors
-        grad_column = grad_rows.unsqueeze(1)
-        buffer.mul_(grad_column * push.unsqueeze(1))
+        ) = state
+        # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
+        grad_rows = torch.where(row_active, grad_rows, 0.0)
+        buffer.mul_(_rows_as(buffer, grad_rows * push))
         if mass_slope is not None:
-            buffer.addcmul_(mass_slope, grad_column)
+            buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
         elif class_slope is not None:
-            buffer.addcmul_(class_slope, (grad_rows * alpha).unsqueeze(1))
+            buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
         else:
-            buffer.addr_(grad_rows * alpha, class_weight, alpha=-1.0)
+            buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
         if target is not None:
-            buffer.scatter_add_(1, target, (grad_rows * target_correction).unsqueeze(1))
-        buffer.scatter_(1, special, (grad_rows * grad_special).unsqueeze(1))
-        return grad_like(buffer, ctx), None, None, None, None, None, None, None, None, None
+            buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
+        buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+        return grad_like(buffer, ctx), *([None] * ctx.num_args)
+
+
+def _dense_target_terms(
+    logits,
+    row_alpha,
+    class_weight,
+    dense_target,
+    dense_scale,
+    target,
+    target_mass,
+    bonus_weight,
+    rho,
+    bonus,
+    compute_dtype,
+):
+    """Row losses, the buffer q_k (the non-special softmax) and the terms backward needs.
+
+    Args:
+        logits: (..., C) logits, class dimension last.
+        row_alpha: (M,) float64 alpha_i, the weight of the class-weight vector in each row's mass.
+        class_weight: (C,) w (ones when the caller has no class weights).
+        dense_target: (..., C) target probabilities D / dense_scale / w, or None.
+        dense_scale: float factor of ``dense_target`` (1 - label smoothing).
+        target: (M, 1) int64 class index y_i carrying beta_i, or None.
+        target_mass: (M,) float64 beta_i, or None.
+        bonus_weight: (C,) per-class bonus weight v, or None.
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: dtype of the (M, C) passes.
+    """
+    buffer = copy_rows(logits, compute_dtype)
+    dense_mass = None
+    if dense_target is not None:
+        dense_mass = copy_rows(dense_target, compute_dtype).mul_(class_weight * dense_scale)
+    z_max, special = buffer.max(1, keepdim=True)
+    z_max = z_max.squeeze(1).to(ROW_DTYPE)
+    alpha = row_alpha
+
+    # Masses and mass-weighted logits, split into the special class and the rest.
+    w_special = class_weight[special.squeeze(1)].to(ROW_DTYPE)
+    mass_special = alpha * w_special
+    mass_rest = alpha * (class_weight.sum() - w_special)
+    logits_rest = alpha * ((buffer @ class_weight).to(ROW_DTYPE) - w_special * z_max)
+    if dense_mass is not None:
+        mass_special = mass_special + dense_mass.gather(1, special).squeeze(1)
+        dense_mass.scatter_(1, special, 0.0)
+        mass_rest = mass_rest + dense_mass.sum(1)
+        logits_rest = logits_rest + _row_dot(dense_mass, buffer)
+    if target is not None:
+        target_is_special = (target == special).squeeze(1)
+        target_rest = torch.where(target_is_special, 0.0, target_mass)
+        mass_special = mass_special + torch.where(target_is_special, target_mass, 0.0)
+        mass_rest = mass_rest + target_rest
+        logits_rest = logits_rest + target_rest * buffer.gather(1, target).squeeze(1)
+    else:
+        target_rest = None
+    mass_total = mass_rest + mass_special
+
+    sum_exp, d = _exclude_and_normalise(buffer, special)
+    sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
+    neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
+    # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
+    row_loss = mass_rest * z_max - logits_rest + mass_total * neg_log_p_s
+    buffer.mul_(_rows_as(buffer, _safe_divide(torch.ones_like(sum_exp), sum_exp)))  # q_k
+
+    v_special = 1.0 if bonus_weight is None else bonus_weight[special.squeeze(1)]
+    bonus_special = rho * mass_special * v_special
+    v_weight = class_weight if bonus_weight is None else class_weight * bonus_weight
+    if bonus.is_zero or rho == 0.0:
+        hessian_rest = torch.zeros_like(sum_exp)
+        slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
+        target_correction = None if target is None else -target_rest
+    else:
+        values = bonus.rest_terms_(buffer * _rows_as(buffer, one_minus_p_s))
+        b_rest, r_rest = values
+        dense_v = None
+        if dense_mass is not None:
+            dense_v = dense_mass if bonus_weight is None else dense_mass * bonus_weight
+        bonus_rest = _weighted_row_sum(
+            b_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
+        )
+        row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
+        if r_rest is None:
+            r_rest = bonus.ratio_from_value_(b_rest)
+        hessian_rest = rho * _weighted_row_sum(
+            r_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
+        )
+        del dense_v
+        # slope_rest becomes rho v_k r_k - 1, the factor of a_k in the gradient.
+        slope_rest = r_rest.mul_(rho if bonus_weight is None else rho * bonus_weight).sub_(1.0)
+        target_correction = (
+            None if target is None else target_rest * slope_rest.gather(1, target).squeeze(1)
+        )
+    push = one_minus_p_s * (mass_total - hessian_rest) - bonus_special * g_s
+    grad_special = (
+        mass_rest - hessian_rest - one_minus_p_s * (mass_total - hessian_rest) + bonus_special * g_s
+    )
+    # A row with no other finite class has p_s identically 1: no gradient (see the hard case).
+    grad_special = torch.where(sum_exp > 0, grad_special, 0.0)
+    # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
+    if dense_mass is not None:
+        dense_mass.addr_(_rows_as(dense_mass, alpha).squeeze(1), class_weight)
+        mass_slope = dense_mass if slope_rest is None else dense_mass.mul_(slope_rest)
+        if slope_rest is None:
+            mass_slope.neg_()
+        del slope_rest
+        class_slope = None
+    else:
+        mass_slope = None
+        class_slope = None if slope_rest is None else slope_rest.mul_(class_weight)
+    state = (
+        mass_total != 0,
+        special,
+        push,
+        grad_special,
+        alpha,
+        class_weight,
+        mass_slope,
+        class_slope,
+        target,
+        target_correction,
+    )
+    return row_loss, buffer, state
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

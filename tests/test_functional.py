@@ -1,0 +1,283 @@
+"""encouraging_loss against torch's cross-entropy and a float64 reference from the formula."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import grad_of, make_case, reference_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from encouraging_loss import encouraging_loss
+
+SHAPES = [(), (7,), (5, 3), (3, 2, 2)]  # input (C), (N, C), (N, C, d1), (N, C, d1, d2)
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _weight(use, num_classes):
+    return torch.rand(num_classes, dtype=torch.float64) + 0.2 if use else None
+
+
+@pytest.mark.parametrize(
+    "shape,probs,use_weight,reduction,smoothing",
+    list(itertools.product(SHAPES, [False, True], [False, True], REDUCTIONS, [0.0, 0.2])),
+)
+@pytest.mark.parametrize("no_bonus", ["zero_scale", "none_shape"])
+def test_without_bonus_equals_cross_entropy(shape, probs, use_weight, reduction, smoothing,
+                                            no_bonus):
+    num_classes = 4
+    logits, target = make_case(shape, num_classes, probs=probs,
+                               ignore_fraction=0.0 if probs else 0.3)
+    weight = _weight(use_weight, num_classes)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing)
+    bonus = dict(bonus_scale=0.0) if no_bonus == "zero_scale" else dict(bonus="none")
+    value, grad = grad_of(encouraging_loss, logits, target, **options, **bonus)
+    expected_value, expected_grad = grad_of(F.cross_entropy, logits, target, **options)
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+BONUS_OPTIONS = [
+    dict(),
+    dict(log_end=1.0),
+    dict(log_end=0.5),
+    dict(log_end=0.3),
+    dict(bonus_scale=0.5, log_end=0.9),
+    dict(bonus="power", bonus_gamma=2.0),
+    dict(bonus="power", bonus_gamma=0.5),
+    dict(bonus="cosine"),
+    dict(bonus_start=0.5),
+    dict(bonus_start=0.3, log_end=1.0),
+    dict(bonus="cosine", bonus_start=0.2),
+    dict(bonus_scale=2.0, log_end=1.0),
+]
+
+
+def _name(options):
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+@pytest.mark.parametrize("options", BONUS_OPTIONS, ids=_name)
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
+@pytest.mark.parametrize("use_weight,use_bonus_weight", [(False, False), (True, True)])
+def test_matches_float64_reference(options, probs, smoothing, use_weight, use_bonus_weight):
+    num_classes = 6
+    logits, target = make_case((9, 2), num_classes, probs=probs,
+                               ignore_fraction=0.0 if probs else 0.2, scale=4.0)
+    weight = _weight(use_weight, num_classes)
+    bonus_weight = _weight(use_bonus_weight, num_classes)
+    for reduction in REDUCTIONS:
+        kwargs = dict(weight=weight, reduction=reduction, label_smoothing=smoothing,
+                      bonus_weight=bonus_weight, **options)
+        value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
+        expected_value, expected_grad = grad_of(reference_loss, logits, target, **kwargs)
+        torch.testing.assert_close(value, expected_value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(log_end=1.0), dict(bonus="cosine"),
+                                     dict(bonus="power", bonus_gamma=1.5), dict(bonus_start=0.4)])
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.15), (True, 0.05)])
+def test_gradcheck(options, probs, smoothing):
+    logits, target = make_case((4,), 5, probs=probs, ignore_fraction=0.0, scale=2.0, seed=3)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def loss(x):
+        return encouraging_loss(x, target, weight=weight, label_smoothing=smoothing,
+                                reduction="none", **options)
+
+    assert torch.autograd.gradcheck(loss, (logits.detach().requires_grad_(),))
+
+
+def test_rho_one_is_logsumexp_of_other_margins():
+    logits, target = make_case((16,), 10, dtype=torch.float64, scale=5.0)
+    loss = encouraging_loss(logits, target, log_end=1.0, bonus_scale=1.0, reduction="none")
+    z_y = logits.gather(1, target.unsqueeze(1))
+    others = logits.scatter(1, target.unsqueeze(1), float("-inf"))
+    torch.testing.assert_close(loss, torch.logsumexp(others - z_y, dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_confident_prediction_is_exact(dtype):
+    # p_y = 1 - 1e-8: log(1 - p_y) = log(1e-8) exactly, and the target logit keeps gradient -1.
+    margin = math.log(1e8)  # 1 - p_y = 1 / (1 + e^margin) ~ 1e-8
+    logits = torch.tensor([[0.0, margin]], dtype=dtype, requires_grad=True)
+    target = torch.tensor([1])
+    loss = encouraging_loss(logits, target, log_end=1.0)
+    loss.backward()
+    exact = math.log1p(math.exp(-margin)) - math.log1p(math.exp(margin))
+    assert loss.item() == pytest.approx(exact, rel=1e-6)
+    assert logits.grad[0, 1].item() == pytest.approx(-1.0, rel=1e-6)
+    assert logits.grad[0, 0].item() == pytest.approx(1.0, rel=1e-6)
+    # The authors' clamp (1 - p >= 1e-5) would give log(1e-5) and a zero gradient here.
+    assert loss.item() < math.log(1e-5) - 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_huge_logits_stay_finite(dtype, smoothing):
+    logits = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-1e4, 1e4, 9.99e3, 0.0]], dtype=dtype)
+    target = torch.tensor([0, 2])
+    for options in [dict(), dict(log_end=1.0), dict(log_end=0.5)]:
+        value, grad = grad_of(encouraging_loss, logits.requires_grad_(), target,
+                              label_smoothing=smoothing, reduction="none", **options)
+        assert value.dtype == dtype and grad.dtype == dtype
+        expected, expected_grad = grad_of(reference_loss, logits.double(), target,
+                                          label_smoothing=smoothing, reduction="none", **options)
+        # Where the true value fits the dtype, it is finite and right.
+        fits = expected.abs() < torch.finfo(dtype).max
+        assert torch.isfinite(value[fits]).all()
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-2)
+
+
+def _errors(fn, reference, logits, target, **kwargs):
+    """(value error, gradient error) against float64: the value error relative to 1 + |value|, the
+    gradient error relative to the largest gradient entry (the scale a dtype can resolve)."""
+    value, grad = grad_of(fn, logits, target, reduction="none", **kwargs)
+    expected, expected_grad = grad_of(reference, logits.double(), target, reduction="none",
+                                      **kwargs)
+    value_error = ((value.double() - expected).abs() / (expected.abs() + 1)).max().item()
+    grad_error = ((grad.double() - expected_grad).abs().max() / expected_grad.abs().max()).item()
+    return value_error, grad_error
+
+
+def _reference_cross_entropy(x, t, **kwargs):
+    return reference_loss(x, t, bonus_scale=0.0, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
+@pytest.mark.parametrize("options", [dict(), dict(log_end=1.0)], ids=["log_end=0.75", "log_end=1"])
+def test_error_in_each_dtype_within_cross_entropy_error(dtype, smoothing, scale, options):
+    """EL in each dtype errs no more than torch CE does in that dtype, on the same inputs.
+
+    The loss value meets CE's error outright; the gradient is allowed one unit of the dtype's
+    resolution on top (float32 rounding of the last product), measured relative to its scale.
+    """
+    logits, target = make_case((64,), 50, dtype=dtype, scale=scale, seed=11)
+    el_value_error, el_grad_error = _errors(encouraging_loss, reference_loss, logits, target,
+                                            label_smoothing=smoothing, **options)
+    ce_value_error, ce_grad_error = _errors(F.cross_entropy, _reference_cross_entropy, logits,
+                                            target, label_smoothing=smoothing)
+    # Both are mostly the final rounding to the dtype: compare up to a sliver of one unit.
+    slack = 1e-3 * torch.finfo(dtype).eps
+    assert el_value_error <= ce_value_error + slack, (el_value_error, ce_value_error)
+    assert el_grad_error <= ce_grad_error + torch.finfo(dtype).eps, (el_grad_error, ce_grad_error)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("probs", [False, True])
+def test_empty_batch_behaves_as_cross_entropy(reduction, smoothing, probs):
+    logits = torch.zeros(0, 5, requires_grad=True)
+    target = torch.zeros(0, 5) if probs else torch.zeros(0, dtype=torch.long)
+    value = encouraging_loss(logits, target, reduction=reduction, label_smoothing=smoothing)
+    expected = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(value, expected, equal_nan=True)
+    value.sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_all_ignored_gives_nan_mean_as_cross_entropy(smoothing):
+    logits = torch.randn(3, 4, requires_grad=True)
+    target = torch.full((3,), -100)
+    value = encouraging_loss(logits, target, label_smoothing=smoothing)
+    expected = F.cross_entropy(logits, target, label_smoothing=smoothing)
+    assert math.isnan(value.item()) and math.isnan(expected.item())
+    value.backward()
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits))  # torch CE's gradient too
+    assert encouraging_loss(logits, target, reduction="sum").item() == 0.0
+
+
+def test_weight_smoothing_ignore_index_together():
+    """The combination torch's own CE got wrong in its history (pytorch#73205, #75283)."""
+    num_classes = 5
+    weight = torch.tensor([0.1, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    for ignore_index in (-100, 3):
+        logits, t = make_case((12,), num_classes, ignore_fraction=0.3, seed=5,
+                              ignore_index=ignore_index)
+        t[1] = ignore_index
+        for reduction in REDUCTIONS:
+            options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=0.3)
+            value, grad = grad_of(encouraging_loss, logits, t, bonus_scale=0.0, **options)
+            expected, expected_grad = grad_of(F.cross_entropy, logits, t, **options)
+            torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+            value, grad = grad_of(encouraging_loss, logits, t, **options)
+            expected, expected_grad = grad_of(reference_loss, logits, t, **options)
+            torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_ignored_rows_with_nonfinite_logits_contribute_nothing():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [float("nan"), 0.0, 0.0]], requires_grad=True)
+    target = torch.tensor([1, -100])
+    value = encouraging_loss(logits, target)
+    expected = encouraging_loss(logits[:1], target[:1])
+    torch.testing.assert_close(value, expected)
+
+
+def test_non_contiguous_and_channels_inputs():
+    logits, target = make_case((4, 3, 2), 5, dtype=torch.float32)
+    transposed = logits.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    assert not transposed.is_contiguous()
+    value, grad = grad_of(encouraging_loss, transposed, target, label_smoothing=0.1)
+    expected, expected_grad = grad_of(reference_loss, transposed.double(), target,
+                                      label_smoothing=0.1)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_second_backward_through_retained_graph(smoothing):
+    # The first backward consumes the private buffer in place; a second one recomputes it.
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = encouraging_loss(logits, torch.tensor([0, 1, 2, 0]), label_smoothing=smoothing)
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(2 * loss, logits)
+    torch.testing.assert_close(second, 2 * first)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    extra=st.sampled_from([(), (2,), (1, 3)]),
+    num_classes=st.integers(1, 9),
+    probs=st.booleans(),
+    smoothing=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    use_weight=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    bonus=st.sampled_from(["log", "power", "cosine", "none"]),
+    log_end=st.sampled_from([1.0, 0.75, 0.5, 0.2]),
+    bonus_scale=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    bonus_start=st.sampled_from([0.0, 0.5]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    scale=st.sampled_from([0.5, 5.0, 30.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_property_matches_reference(batch, extra, num_classes, probs, smoothing, use_weight,
+                                    reduction, bonus, log_end, bonus_scale, bonus_start, dtype,
+                                    scale, seed):
+    logits, target = make_case((batch, *extra), num_classes, dtype=dtype, probs=probs,
+                               ignore_fraction=0.0 if probs else 0.25, scale=scale, seed=seed)
+    weight = torch.rand(num_classes, dtype=torch.float64) + 0.1 if use_weight else None
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, bonus=bonus,
+                  log_end=log_end, bonus_scale=bonus_scale, bonus_start=bonus_start)
+    value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
+    expected, expected_grad = grad_of(reference_loss, logits.double(), target, **kwargs)
+    assert value.dtype == dtype and grad.dtype == dtype
+    tolerance = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2}[dtype]
+    size = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(value.double(), expected, rtol=tolerance,
+                               atol=tolerance * size, equal_nan=True)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance,
+                               atol=tolerance * max(1.0, bonus_scale) * 4, equal_nan=True)
