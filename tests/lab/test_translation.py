@@ -139,6 +139,24 @@ def test_epoch_batches_cover_once_and_repeat():
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
+def test_incremental_decoding_matches_the_full_prefix():
+    torch.manual_seed(1)
+    model = translation.Seq2SeqTransformer(
+        60, d_model=16, heads=2, feedforward=32, max_positions=40
+    )
+    model.eval()
+    src = torch.randint(4, 60, (5, 9))
+    src[1, 6:] = translation.PAD
+    memory, mask = model.encode(src)
+    prefix = torch.randint(4, 60, (5, 7))
+    prefix[:, 0] = translation.BOS
+    full = model.decode(prefix, memory, mask)
+    cache = None
+    for position in range(prefix.shape[1]):
+        state, cache = model.decode_step(prefix[:, position], position, memory, mask, cache)
+        torch.testing.assert_close(state, full[:, position], rtol=1e-4, atol=1e-5)
+
+
 def test_beam_of_one_is_greedy():
     torch.manual_seed(0)
     model = translation.Seq2SeqTransformer(
