@@ -134,3 +134,11 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     assert main(["run", "graph", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "tu/PROTEINS" in err and err.count("\n") == 1
+
+
+def test_gcn_runs(tmp_path):
+    out = tmp_path / "gcn"
+    assert _run(out, "--model", "gcn", "--seeds", "1", "--losses", "el:log_end=0.5") == 0
+    results = load_results(out)
+    assert results["config"]["model"] == "gcn"
+    assert 0.0 <= results["runs"][0]["metrics"]["test_accuracy"] <= 1.0
