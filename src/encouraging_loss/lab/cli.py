@@ -94,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
+    from .tasks.graph import describe_presets as graph_presets
     from .tasks.image import REPRODUCE_LOSSES, describe_presets
+    from .tasks.translation import describe_presets as translation_presets
 
     parser = _OneLineParser(
         prog=PROG,
         description="Reproducible cross-entropy vs encouraging-loss experiments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets and the learning rate each uses:\n" + describe_presets(),
+        epilog="Presets and the learning rate each uses:\n"
+        + "\n".join((describe_presets(), graph_presets(), translation_presets())),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
 

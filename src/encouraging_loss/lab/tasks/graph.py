@@ -255,6 +255,18 @@ def resolve_recipe(options: GraphOptions) -> tuple[str, GraphRecipe]:
     return dataset, recipe
 
 
+def describe_presets() -> str:
+    """One line per preset (for ``--help``)."""
+    lines = []
+    for name, r in PRESETS.items():
+        t = r.train
+        lines.append(
+            f"graph {name}/{DEFAULT_DATASET}: {r.model} {r.layers}x{r.hidden}, {r.seeds} seeds, "
+            f"{t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} ({t.schedule})"
+        )
+    return "\n".join(lines)
+
+
 # --- data --------------------------------------------------------------------------------
 
 

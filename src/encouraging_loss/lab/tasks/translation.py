@@ -294,6 +294,19 @@ def resolve_recipe(options: TranslationOptions) -> TranslationRecipe:
     )
 
 
+def describe_presets() -> str:
+    """One line per preset (for ``--help``)."""
+    lines = []
+    for name, r in PRESETS.items():
+        t = r.train
+        lines.append(
+            f"translation {name}/{DATASET}: transformer d{r.d_model} {r.encoder_layers}+"
+            f"{r.decoder_layers} layers, BPE {r.vocab_size}, train {r.max_train or 'all'} pairs, "
+            f"{r.seeds} seed(s), {t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g}"
+        )
+    return "\n".join(lines)
+
+
 # --- data --------------------------------------------------------------------------------
 
 
