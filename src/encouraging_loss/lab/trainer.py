@@ -508,7 +508,9 @@ def train(
             "val_accuracy": val_accuracy,
             "val_nll": val_nll,
             "grad_share_well_classified": well_norm / total_norm if total_norm > 0 else 0.0,
-            "bonus_scale": float(getattr(criterion, "bonus_scale", float("nan"))),
+            "bonus_scale": (
+                float(criterion.bonus_scale) if hasattr(criterion, "bonus_scale") else None
+            ),
         }
         result.history.append(record)
         if best_state is None or val_accuracy > result.best_val_accuracy:

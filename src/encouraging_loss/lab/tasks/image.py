@@ -81,12 +81,12 @@ PRESETS: dict[str, dict[str, Recipe]] = {
         ),
         "mnist": Recipe(
             model="mlp",
-            max_train=5000,
-            max_test=2000,
-            diagnostics_train=2000,
+            max_train=10000,
+            max_test=5000,
+            diagnostics_train=5000,
             train=TrainConfig(
                 epochs=5,
-                batch_size=64,
+                batch_size=128,
                 optimizer="sgd",
                 lr=0.05,
                 weight_decay=5e-4,
@@ -97,11 +97,11 @@ PRESETS: dict[str, dict[str, Recipe]] = {
         "cifar10": Recipe(
             model="cnn",
             max_train=5000,
-            max_test=2000,
-            diagnostics_train=2000,
+            max_test=5000,
+            diagnostics_train=5000,
             train=TrainConfig(
                 epochs=5,
-                batch_size=64,
+                batch_size=128,
                 optimizer="sgd",
                 lr=0.05,
                 weight_decay=5e-4,
@@ -116,9 +116,9 @@ PRESETS: dict[str, dict[str, Recipe]] = {
             model="mlp",
             max_train=None,
             max_test=None,
-            diagnostics_train=20000,
+            diagnostics_train=10000,
             train=TrainConfig(
-                epochs=10,
+                epochs=8,
                 batch_size=128,
                 optimizer="sgd",
                 lr=0.05,
@@ -522,5 +522,11 @@ def describe_presets() -> str:
                 f"{name}/{dataset}: {r.model}, train {r.max_train or 'all'}, test "
                 f"{r.max_test or 'all'}, {t.epochs} epochs, batch {t.batch_size}, {t.optimizer} "
                 f"lr {t.lr:g} ({t.schedule})"
+                + "".join(f", {loss} lr {lr:g}" for loss, lr in r.lr_by_loss.items())
             )
+    lines.append(
+        "Every loss uses its recipe's lr unless listed: one rate keeps the comparison paired; "
+        "el:log_end=1 (unbounded bonus) may diverge at it, which is reported as a result. "
+        "--lr and --clip-grad-norm change it for all losses."
+    )
     return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The training loop's pieces: schedules, optimizers, clipping, bonus schedules, augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from encouraging_loss import BonusSchedule
+from encouraging_loss.lab import data
+from encouraging_loss.lab.losses import build_criterion
+from encouraging_loss.lab.models import build_model
+from encouraging_loss.lab.trainer import (
+    TrainConfig,
+    learning_rate,
+    random_crop_flip,
+    set_seed,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(data_root):
+    dataset = data.load_dataset("fashion-mnist", data_root, max_train=300, max_test=100)
+    return data.make_splits(dataset)
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(lr=1.0, schedule="cosine")
+    assert learning_rate(cosine, 0, 100, 10) == pytest.approx(1.0)
+    assert learning_rate(cosine, 50, 100, 10) == pytest.approx(0.5)
+    steps = TrainConfig(lr=1.0, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1)
+    assert [learning_rate(steps, s, 100, 10) for s in (0, 49, 50, 75)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.01]
+    )
+    warm = TrainConfig(lr=1.0, schedule="constant", warmup_epochs=1)
+    assert learning_rate(warm, 0, 100, 10) == pytest.approx(0.1)
+    assert learning_rate(warm, 10, 100, 10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", 0),
+        ("optimizer", "adam"),
+        ("lr", -1.0),
+        ("schedule", "step"),
+        ("clip_grad_norm", 0.0),
+        ("milestones", (1.5,)),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_adamw_multistep_clipping_and_bonus_schedule(tiny_splits):
+    set_seed(0)
+    model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+    criterion = build_criterion("el")
+    config = TrainConfig(
+        epochs=3,
+        batch_size=50,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="multistep",
+        clip_grad_norm=1.0,
+    )
+    result = train(
+        model,
+        criterion,
+        tiny_splits,
+        config,
+        bonus_schedule=BonusSchedule(final=1.0, start=0.5),
+        progress=False,
+    )
+    assert not result.diverged and len(result.history) == 3
+    assert result.history[0]["bonus_scale"] == 0.0  # bonus off in the first half
+    assert result.history[-1]["bonus_scale"] == pytest.approx(1.0)
+    assert 1 <= result.best_epoch <= 3
+    assert result.best_val_accuracy == max(h["val_accuracy"] for h in result.history)
+
+
+def test_same_seed_same_result(tiny_splits):
+    def once():
+        set_seed(3)
+        model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+        return train(
+            model,
+            build_criterion("ce"),
+            tiny_splits,
+            TrainConfig(epochs=1, batch_size=64, seed=3),
+            progress=False,
+        ).history
+
+    assert once() == once()
+
+
+def test_divergence_stops_cleanly(tiny_splits):
+    set_seed(0)
+    model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+    result = train(
+        model,
+        build_criterion("ce"),
+        tiny_splits,
+        TrainConfig(epochs=2, batch_size=30, lr=1e4, schedule="constant"),
+        progress=False,
+    )
+    assert result.diverged and result.diverged_step >= 1 and result.diverged_epoch == 1
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_random_crop_flip_keeps_shape_and_content():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == images.shape
+    again = random_crop_flip(images, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="images"):
+        random_crop_flip(images[0], torch.Generator())
