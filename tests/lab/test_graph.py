@@ -4,13 +4,16 @@ resume, stratified splits and option errors. Skipped without torch_geometric or 
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from encouraging_loss.lab.cli import main
 
-from .helpers import SHARED_DATA, load_results, shared_dataset
+from .helpers import SHARED_DATA, load_results, shared_dataset, subprocess_env
 
 pytest.importorskip("torch_geometric")
 
@@ -141,4 +144,51 @@ def test_gcn_runs(tmp_path):
     assert _run(out, "--model", "gcn", "--seeds", "1", "--losses", "el:log_end=0.5") == 0
     results = load_results(out)
     assert results["config"]["model"] == "gcn"
+    assert 0.0 <= results["runs"][0]["metrics"]["test_accuracy"] <= 1.0
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Two gloo processes finish and write the same files (BatchNorm statistics are per rank,
+    so the numbers are close to, not equal to, one process's)."""
+    pytest.importorskip("torch.distributed.run")
+    shared_dataset("tu/MUTAG")
+    out = tmp_path / "ddp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "encouraging_loss.lab",
+            "run",
+            "graph",
+            "--data-root",
+            str(SHARED_DATA),
+            "--out",
+            str(out),
+            *TINY,
+            "--seeds",
+            "1",
+            "--losses",
+            "ce",
+        ],
+        env=subprocess_env(),
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = load_results(out)
+    assert results["config"]["world_size"] == 2
     assert 0.0 <= results["runs"][0]["metrics"]["test_accuracy"] <= 1.0
