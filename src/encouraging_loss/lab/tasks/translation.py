@@ -1029,7 +1029,10 @@ def train_translation(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 flat, targets = _forced_logits(ddp_model, *train_data.batch(index), device)
             flat.retain_grad()
-            # Materialised logits; the fused linear + EL path would replace these two lines.
+            # FUSED-PATH HOOK: the logits above are materialised (tokens x vocabulary). When the
+            # core ships its fused linear + EL, compute decoder states instead and call it with
+            # (states, model.output.weight, targets); the per-token gradient statistics below
+            # then need the fused path's per-row gradients or are skipped.
             loss = criterion(flat, targets)
             global_step += 1
             finite = torch.isfinite(loss.detach()).float()
@@ -1072,7 +1075,9 @@ def train_translation(
             "val_nll": val["ce"],
             "val_ppl": val["ppl"],
             "grad_share_well_classified": well / total if total > 0 else 0.0,
-            "bonus_scale": float(getattr(criterion, "bonus_scale", float("nan"))),
+            "bonus_scale": (
+                float(criterion.bonus_scale) if hasattr(criterion, "bonus_scale") else None
+            ),
         }
         result.history.append(record)
         if best_state is None or val["token_accuracy"] > result.best_val_accuracy:
