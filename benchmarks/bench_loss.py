@@ -181,7 +181,10 @@ def time_case(case: Case, contenders, dtype, seed: int, warmup: int, repeats: in
         for name in contenders:  # interleaved: CE, EL, (authors), CE, EL, ...
             times[name].append(fwd_bwd(fns[name], logits, target))
     logits.grad = None
-    return {name: {"median_s": statistics.median(ts), "all_s": ts} for name, ts in times.items()}
+    return {
+        name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
+        for name, ts in times.items()
+    }
 
 
 # -------------------------------------------------------------------------------------- memory
@@ -192,11 +195,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_memory_child(args) -> None:
-    """Runs in a fresh subprocess: peak extra bytes of one forward + backward of one contender."""
+def _measure_once(args, contender: str) -> dict:
     case = Case("child", args.n, args.c, args.label_smoothing, args.log_end)
     dtype = getattr(torch, args.dtype)
-    loss_fn = make_loss(args.contender, case)
+    loss_fn = make_loss(contender, case)
+    maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     small = Case("warmup", 64, 100, args.label_smoothing, args.log_end)
     x, t = make_inputs(small, dtype, args.seed)
     for _ in range(2):
@@ -207,30 +210,73 @@ def measure_memory_child(args) -> None:
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fwd_bwd(loss_fn, logits, target)
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {
-        "contender": args.contender,
+    return {
+        "contender": contender,
+        "maxrss_at_start_bytes": maxrss_at_start,
         "rss_before_bytes": rss_before,
         "maxrss_before_call_bytes": maxrss_before,
         "maxrss_bytes": maxrss_after,
         "peak_extra_bytes": maxrss_after - rss_before,
-        # True when the process peak before the call (import, set-up) was not exceeded by the
-        # call: then peak_extra_bytes is only an upper bound of the call's own peak extra.
+        # True when the process peak before the call (set-up) was not exceeded by the call:
+        # then peak_extra_bytes is only an upper bound of the call's own peak extra.
         "peak_masked_by_setup": maxrss_after == maxrss_before,
     }
-    print(json.dumps(result))
 
 
-def measure_memory(case: Case, contender: str, dtype_name: str, seed: int, threads: int) -> dict:
+def _in_forked_process(fn, *fn_args) -> dict:
+    """Run fn(*fn_args) in a forked process and return its JSON-able result."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the measuring process
+        os.close(read_fd)
+        code = 1
+        try:
+            payload = json.dumps(fn(*fn_args)).encode()
+            with os.fdopen(write_fd, "wb") as f:
+                f.write(payload)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        payload = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not payload:
+        sys.exit(f"memory measurement failed (wait status {status})")
+    return json.loads(payload)
+
+
+def measure_memory_child(args) -> None:
+    """Runs in a fresh subprocess: peak extra bytes of one forward + backward per contender.
+
+    Linux carries ru_maxrss across fork + exec: a child started by ``subprocess`` inherits the
+    parent's peak RSS (the parent's whole peak with vfork), which would hide the call's own peak.
+    So this subprocess, before torch computes anything (no worker threads yet), forks one process
+    per contender and measures there: each starts with its own rusage, from the resident size of
+    a process that has only imported torch, and does its own warm-up. (One subprocess per case
+    rather than per contender halves the torch imports, which dominate ``--quick``.)
+    """
+    contenders = args.contender.split(",")
+    print(json.dumps({name: _in_forked_process(_measure_once, args, name) for name in contenders}))
+
+
+def measure_memory(case: Case, contenders, dtype_name: str, seed: int, threads: int) -> dict:
+    """{contender: measurement} for one case, from a fresh subprocess (see the child above)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     cmd = [
         sys.executable, os.path.abspath(__file__), "--measure-memory",
-        "--contender", contender, "--n", str(case.n), "--c", str(case.c),
+        "--contender", ",".join(contenders), "--n", str(case.n), "--c", str(case.c),
         "--label-smoothing", repr(case.label_smoothing), "--log-end", repr(case.log_end),
         "--dtype", dtype_name, "--seed", str(seed), "--threads", str(threads),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory child failed for {case.name}/{contender}:\n{proc.stderr}")
+        raise RuntimeError(f"memory child failed for {case.name}:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -242,7 +288,8 @@ def targets_for(case: Case, contender: str):
     if contender == AUTHORS:
         return None
     if case.kind == "hard":
-        return HARD_TIME_TARGET, HARD_MEMORY_TARGET, f"t<={HARD_TIME_TARGET} m<={HARD_MEMORY_TARGET}"
+        text = f"t<={HARD_TIME_TARGET} m<={HARD_MEMORY_TARGET}"
+        return HARD_TIME_TARGET, HARD_MEMORY_TARGET, text
     return SMOOTH_TIME_TARGET, None, f"t<={SMOOTH_TIME_TARGET}"
 
 
@@ -252,7 +299,7 @@ def verdict(row: dict, quick: bool) -> str:
         return "info"
     if quick:
         return "n/a (quick)"
-    time_target, memory_target, _ = target
+    time_target, memory_target = target
     ok = row["time_ratio"] <= time_target
     if memory_target is not None and row["memory_ratio"] is not None:
         ok = ok and row["memory_ratio"] <= memory_target
@@ -292,6 +339,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
     }
 
 
@@ -321,7 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--include-authors", action="store_true",
                    help=f"also time the authors' formulation ({AUTHORS!r})")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=None, help="repetitions (default 9; quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="repetitions (default 11; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -358,7 +406,7 @@ def main(argv=None) -> int:
         print("\n".join(ALL_CASES))
         return 0
 
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 11)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if repeats < 1 or warmup < 0:
         sys.exit("--repeats must be >= 1 and --warmup >= 0")
@@ -382,8 +430,7 @@ def main(argv=None) -> int:
         timing = time_case(case, contenders, dtype, args.seed, warmup, repeats)
         memory = {}
         if not args.no_memory:
-            for name in contenders:
-                memory[name] = measure_memory(case, name, args.dtype, args.seed, threads)
+            memory = measure_memory(case, contenders, args.dtype, args.seed, threads)
         ce_s = timing["ce"]["median_s"]
         ce_mem = memory["ce"]["peak_extra_bytes"] if memory else None
         case_rows = []
@@ -428,8 +475,15 @@ def main(argv=None) -> int:
     if not args.quick:
         failed = [f"{r['case']}/{r['contender']}" for r in rows if r["verdict"] == "FAIL"]
         print(f"\nverdict: {'all targets met' if not failed else 'FAIL: ' + ', '.join(failed)}")
-    print("(wall-clock medians on a possibly shared machine: expect a few percent of noise)")
+    load_start, load_end = info["load_average_1_5_15"][0], os.getloadavg()[0]
+    print(
+        f"(wall-clock medians; 1-min load average {load_start:.2f} at start, {load_end:.2f} at end "
+        f"on {info['cpu_count']} CPUs: on a shared machine expect noise"
+        + (", here a lot: other work competed for the CPUs)" if max(load_start, load_end)
+           > (info["cpu_count"] or 1) else ")")
+    )  # fmt: skip
 
+    info["load_average_at_end_1_5_15"] = list(os.getloadavg())
     data = {
         "benchmark": "bench_loss",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

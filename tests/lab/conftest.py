@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SHARED_DATA, TINY_RUN, shared_dataset
+from .helpers import SHARED_DATA, TINY_RUN, shared_dataset, torch_globals_restored
 
 
 @pytest.fixture(scope="session")
@@ -22,20 +22,28 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
     from encouraging_loss.lab.cli import main
 
     out = tmp_path_factory.mktemp("tiny") / "out"
-    status = main(
-        [
-            "run",
-            "image",
-            "--losses",
-            "ce,el",
-            "--seeds",
-            "2",
-            "--data-root",
-            str(data_root),
-            "--out",
-            str(out),
-            *TINY_RUN,
-        ]
-    )
+    with torch_globals_restored():
+        status = main(
+            [
+                "run",
+                "image",
+                "--losses",
+                "ce,el",
+                "--seeds",
+                "2",
+                "--data-root",
+                str(data_root),
+                "--out",
+                str(out),
+                *TINY_RUN,
+            ]
+        )
     assert status == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Keep other test modules unaffected by the one-thread, deterministic lab runs."""
+    with torch_globals_restored():
+        yield

@@ -65,6 +65,7 @@ TABLE_METRICS = (
     ("probe_accuracy", "probe acc", True),
     ("crt_accuracy", "cRT acc", True),
     ("ece", "ECE", False),
+    ("grad_share_well_classified_last", "grad share p_y>0.5", True),
 )
 # claim -> (metric, +1 if the claim says EL is higher, -1 if lower, wording)
 CLAIMS = (
@@ -445,7 +446,9 @@ def markdown_report(results: dict) -> str:
             "table_note",
             "Mean ± std over seeds of finished runs (test split, model selected on validation "
             "accuracy). margin = z_y − max_{j≠y} z_j; energy −lse = −logsumexp(z); probe = "
-            "linear probe on frozen penultimate features; cRT = last layer re-trained with CE.",
+            "linear probe on frozen penultimate features; cRT = last layer re-trained with CE; "
+            "grad share = share of the per-example logit-gradient norm from examples with "
+            "p_y > 0.5 in the last training epoch.",
         ),
         "",
     ]

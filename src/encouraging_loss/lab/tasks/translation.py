@@ -65,6 +65,7 @@ TABLE_METRICS = (
     ("ppl", "CE ppl", False),
     ("margin_mean", "token margin", True),
     ("energy_mean", "token energy −lse", False),
+    ("grad_share_well_classified_last", "grad share p_y>0.5", True),
 )
 
 
@@ -1208,7 +1209,8 @@ def run(options: TranslationOptions) -> dict | None:
             f"{recipe.beam} with length penalty α={recipe.length_penalty:g}, and greedy. token acc "
             "and CE ppl: teacher-forced on the test pairs, ppl = exp(plain CE of the same logits) "
             "for every loss (EL's own loss value is never compared). token margin / energy: "
-            "z_y − max_{j≠y} z_j and −logsumexp(z) per target token."
+            "z_y − max_{j≠y} z_j and −logsumexp(z) per target token; grad share = share of the "
+            "per-token logit-gradient norm from tokens with p_y > 0.5 in the last epoch."
         ),
         "out": str(out_dir),
         "world_size": world_size(),
