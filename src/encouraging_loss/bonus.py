@@ -113,7 +113,7 @@ class Bonus:
         """Bonus terms for probabilities p <= 1/2 (every class but a row's arg-max), overwriting p.
 
         Returns ``(b, ratio)`` where ``b`` is b(p) and ``ratio`` is r(p) = p b'(p), or ``None``:
-        then call :meth:`ratio_from_value_` on ``b`` (after using it) to get r in place. The common
+        then call :meth:`rest_ratio_` on ``b`` (after using it) to get r in place. The common
         shapes take this in-place route, which needs no further full-size buffer.
         """
         if self.start == 0.0 and self.kind == "log" and self.log_end >= 0.5:
@@ -127,10 +127,15 @@ class Bonus:
         p.copy_(value)
         return p, ratio
 
-    def ratio_from_value_(self, b: torch.Tensor) -> torch.Tensor:
-        """r(p) = p b'(p) from b(p), in place, for the shapes :meth:`rest_terms_` left to it."""
+    def rest_ratio_(self, b: torch.Tensor, fill_p) -> torch.Tensor:
+        """r(p) = p b'(p) in place of ``b``, for the shapes :meth:`rest_terms_` left to it.
+
+        Args:
+            b: the values b(p) returned by :meth:`rest_terms_`, no longer needed.
+            fill_p: writes p into the tensor it is given and returns it.
+        """
         if self.kind == "log":
-            # r = -p / (1 - p) = 1 - 1 / (1 - p) = 1 - exp(-b)
-            return b.neg_().exp_().neg_().add_(1.0)
+            # r = -p / (1 - p) = 1 - 1 / (1 - p): from p, cheaper than exp(-b).
+            return fill_p(b).neg_().add_(1.0).reciprocal_().neg_().add_(1.0)
         # power: r = -gamma p**gamma = gamma b
         return b.mul_(self.gamma)

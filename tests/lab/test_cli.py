@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .helpers import subprocess_env
 
@@ -64,3 +65,27 @@ def test_missing_dataset_lists_where_it_looked(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "not found; looked in:" in done.stderr and str(tmp_path / "mnist") in done.stderr
+
+
+def test_bad_thread_count_is_one_line():
+    done = run_cli("run", "image", "--threads", "-1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "threads" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda_is_one_line(data_root):
+    done = run_cli(
+        "run",
+        "image",
+        "--device",
+        "cuda",
+        "--data-root",
+        str(data_root),
+        "--train-size",
+        "100",
+        "--test-size",
+        "20",
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "CUDA is not available" in done.stderr

@@ -206,6 +206,7 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
     from . import data as lab_data
     from .report import summary_table
     from .tasks.image import ImageOptions, run_image
+    from .trainer import rank
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -247,6 +248,8 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
         except lab_data.DatasetNotFoundError:
             lab_data.download(dataset, options.data_root)
     results = run_image(options)
+    if results is None and options.stop_after_epochs is not None and rank() == 0:
+        print(f"stopped after {options.stop_after_epochs} epoch(s) as asked; rerun with --resume")
     if results is not None:
         print(summary_table(results))
         out = Path(options.out) if options.out else None

@@ -161,7 +161,14 @@ def run_slug(loss: str, seed: int) -> str:
 
     Returns:
         The slug.
+
+    Raises:
+        ValueError: if ``loss`` is empty or ``seed`` is not a non-negative int.
     """
+    if not isinstance(loss, str) or not loss.strip():
+        raise ValueError(f"loss: expected a non-empty loss name, got {loss!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     return f"{re.sub(r'[^A-Za-z0-9.]+', '_', loss).strip('_')}__seed{seed}"
 
 
@@ -342,6 +349,11 @@ def _fmt(value: float, digits: int = 4) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _check_results(results) -> None:
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise ValueError("results: expected a dict with a 'runs' list (see results.json)")
+
+
 def summary_rows(results: dict) -> list[dict]:
     """Per-loss aggregates: runs, diverged runs, and mean ± std of each table metric.
 
@@ -351,7 +363,11 @@ def summary_rows(results: dict) -> list[dict]:
     Returns:
         One dict per loss with ``loss``, ``n_ok``, ``n_diverged``, ``diverged_steps`` and
         ``{metric: (mean, std)}`` under ``stats``.
+
+    Raises:
+        ValueError: if ``results`` lacks a ``runs`` list.
     """
+    _check_results(results)
     rows = []
     for loss in _losses_in_order(results):
         runs = [r for r in results["runs"] if r["loss"] == loss]
@@ -384,7 +400,11 @@ def paired_differences(results: dict, loss: str, baseline: str, metric: str) -> 
 
     Returns:
         The differences, ordered by seed.
+
+    Raises:
+        ValueError: if ``results`` lacks a ``runs`` list.
     """
+    _check_results(results)
     by_seed = {
         name: {
             r["seed"]: r["metrics"].get(metric)
@@ -411,7 +431,12 @@ def claim_verdict(differences: list[float], direction: int) -> str:
     Returns:
         ``"holds"`` when the 95% interval lies on the claimed side of 0, else ``"does not hold"``
         with the reason.
+
+    Raises:
+        ValueError: if ``direction`` is not +1 or -1.
     """
+    if direction not in (-1, 1):
+        raise ValueError(f"direction: expected +1 or -1, got {direction!r}")
     if not differences:
         return "not measured (no finished pair of runs)"
     mean, low, high = paired_interval(differences)
@@ -433,7 +458,11 @@ def markdown_report(results: dict) -> str:
 
     Returns:
         Markdown text.
+
+    Raises:
+        ValueError: if ``results`` lacks a ``runs`` list.
     """
+    _check_results(results)
     losses = _losses_in_order(results)
     rows = summary_rows(results)
     columns = table_metrics(results)

@@ -233,7 +233,16 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
 
     Returns:
         The learning rate.
+
+    Raises:
+        ValueError: if ``step`` is negative or ``total_steps``/``steps_per_epoch`` not positive.
     """
+    if step < 0:
+        raise ValueError(f"step: must be non-negative, got {step}")
+    if total_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            f"total_steps/steps_per_epoch: must be positive, got {total_steps}/{steps_per_epoch}"
+        )
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return config.lr * (step + 1) / warmup
@@ -259,7 +268,12 @@ def predict_logits(
 
     Returns:
         ``(N, num_classes)`` float32 logits.
+
+    Raises:
+        ValueError: if ``batch_size`` is not positive.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     out = [

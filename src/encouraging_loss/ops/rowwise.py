@@ -50,21 +50,36 @@ def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
     return grad if grad.dtype == ctx.input_dtype else grad.to(ctx.input_dtype)
 
 
-def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
-    """Turn ``buffer`` (a copy of the logits) into exp(z_j - m) for j != special, 0 at special.
+def _softmax_rows_(buffer: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of a private (M, C) buffer, in place where torch allows.
 
-    Returns (sum_exp, d) as float64 column vectors: the sum of the buffer per row and
+    On CPU the softmax kernel reads each row before writing it, so ``out`` may alias the input;
+    elsewhere (and while compiling) it allocates.
+    """
+    if buffer.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch._softmax(buffer, 1, False, out=buffer)
+    return torch.softmax(buffer, dim=1)
+
+
+def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
+    """Turn ``buffer`` (a copy of the logits) into the softmax over the classes j != special.
+
+    Returns (q, has_rest, d): q the (M, C) softmax over j != special (0 at special), has_rest
+    (M, 1) whether any other class has a finite logit, and the float64 column
     d = z_special - logsumexp_{j != special} z_j.
     """
     z_special = buffer.gather(1, special)
-    buffer.scatter_(1, special, NEG_INF)
-    row_max = buffer.amax(1, keepdim=True)
-    # A row with a single class (or only -inf elsewhere) has an empty "rest": keep it finite.
-    row_max = torch.where(row_max == NEG_INF, 0.0, row_max)
-    buffer.sub_(row_max).exp_()
-    sum_exp = buffer.sum(1, keepdim=True).to(ROW_DTYPE)
-    d = z_special.to(ROW_DTYPE) - (row_max.to(ROW_DTYPE) + sum_exp.log())
-    return sum_exp, d
+    # The lowest finite value rather than -inf: a row with no other finite class then stays a
+    # valid softmax (q = 1 at special), and has_rest marks it.
+    lowest = torch.finfo(buffer.dtype).min
+    buffer.scatter_(1, special, lowest)
+    rest_max = buffer.amax(1, keepdim=True)
+    has_rest = rest_max > lowest
+    q = _softmax_rows_(buffer)
+    # logsumexp_{j != s} z = max z - log(max q): the largest q_j is 1 / sum_j e^(z_j - max z).
+    lse_rest = rest_max.to(ROW_DTYPE) - q.amax(1, keepdim=True).to(ROW_DTYPE).log()
+    d = torch.where(has_rest, z_special.to(ROW_DTYPE) - lse_rest, float("inf"))
+    return q, has_rest, d
 
 
 def _special_terms(d: torch.Tensor, bonus: Bonus):
@@ -79,10 +94,6 @@ def _special_terms(d: torch.Tensor, bonus: Bonus):
 def _rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
     """A per-row vector as a (M, 1) column in the buffer's dtype, for in-place (M, C) updates."""
     return row_values.to(buffer.dtype).unsqueeze(1)
-
-
-def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    return torch.where(denominator > 0, numerator / denominator, 0.0)
 
 
 def _keep_for_backward(ctx, terms, logits, args, buffer, state):
@@ -134,19 +145,18 @@ class HardTargetEL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, (target, row_weight, sum_exp, push) = _take_for_backward(ctx)
+        buffer, (target, row_weight, push) = _take_for_backward(ctx)
         # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
         # is not finite (the mean over zero items is NaN, as in torch).
         target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
-        buffer.mul_(_rows_as(buffer, _safe_divide(target_grad, sum_exp)))
+        buffer.mul_(_rows_as(buffer, target_grad))
         buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus, compute_dtype):
-    """Row losses, the buffer exp(z_j - m) (j != y) and the row terms backward needs."""
-    buffer = copy_rows(logits, compute_dtype)
-    sum_exp, d = _exclude_and_normalise(buffer, target)
+    """Row losses, the buffer q (softmax over j != y) and the row terms backward needs."""
+    buffer, has_rest, d = _exclude_and_normalise(copy_rows(logits, compute_dtype), target)
     neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
     per_row = neg_log_p
@@ -154,11 +164,10 @@ def _hard_target_terms(logits, target, row_weight, row_bonus_weight, rho, bonus,
         # 0 * b stays 0 even where b = -inf (a single class, or a zero bonus weight).
         per_row = per_row + torch.where(torch.as_tensor(scale) != 0, scale * b, 0.0)
     row_loss = torch.where(row_weight != 0, row_weight * per_row, 0.0)
-    sum_exp = sum_exp.squeeze(1)
     # With no other class left (C = 1, or all others at -inf) p_y is identically 1: the loss does
     # not depend on the logits and the gradient is zero, not the limit of the formula.
-    push = torch.where(sum_exp > 0, one_minus_p - scale * g, 0.0)
-    return row_loss, buffer, (target, row_weight, sum_exp, push)
+    push = torch.where(has_rest.squeeze(1), one_minus_p - scale * g, 0.0)
+    return row_loss, buffer, (target, row_weight, push)
 
 
 class DenseTargetEL(torch.autograd.Function):
@@ -270,23 +279,22 @@ def _dense_target_terms(
         target_rest = None
     mass_total = mass_rest + mass_special
 
-    sum_exp, d = _exclude_and_normalise(buffer, special)
-    sum_exp, d = sum_exp.squeeze(1), d.squeeze(1)
+    buffer, has_rest, d = _exclude_and_normalise(buffer, special)
+    has_rest, d = has_rest.squeeze(1), d.squeeze(1)
     neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
     # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
     row_loss = mass_rest * z_max - logits_rest + mass_total * neg_log_p_s
-    buffer.mul_(_rows_as(buffer, _safe_divide(torch.ones_like(sum_exp), sum_exp)))  # q_k
 
     v_special = 1.0 if bonus_weight is None else bonus_weight[special.squeeze(1)]
     bonus_special = rho * mass_special * v_special
     v_weight = class_weight if bonus_weight is None else class_weight * bonus_weight
     if bonus.is_zero or rho == 0.0:
-        hessian_rest = torch.zeros_like(sum_exp)
+        hessian_rest = torch.zeros_like(d)
         slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
         target_correction = None if target is None else -target_rest
     else:
-        values = bonus.rest_terms_(buffer * _rows_as(buffer, one_minus_p_s))
-        b_rest, r_rest = values
+        one_minus_p_column = _rows_as(buffer, one_minus_p_s)
+        b_rest, r_rest = bonus.rest_terms_(buffer * one_minus_p_column)
         dense_v = None
         if dense_mass is not None:
             dense_v = dense_mass if bonus_weight is None else dense_mass * bonus_weight
@@ -295,7 +303,9 @@ def _dense_target_terms(
         )
         row_loss = row_loss + rho * (bonus_rest + mass_special * v_special * b_s)
         if r_rest is None:
-            r_rest = bonus.ratio_from_value_(b_rest)
+            r_rest = bonus.rest_ratio_(
+                b_rest, lambda out: torch.mul(buffer, one_minus_p_column, out=out)
+            )
         hessian_rest = rho * _weighted_row_sum(
             r_rest, alpha, v_weight, dense_v, target, target_rest, bonus_weight
         )
@@ -310,7 +320,7 @@ def _dense_target_terms(
         mass_rest - hessian_rest - one_minus_p_s * (mass_total - hessian_rest) + bonus_special * g_s
     )
     # A row with no other finite class has p_s identically 1: no gradient (see the hard case).
-    grad_special = torch.where(sum_exp > 0, grad_special, 0.0)
+    grad_special = torch.where(has_rest, grad_special, 0.0)
     # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
     if dense_mass is not None:
         dense_mass.addr_(_rows_as(dense_mass, alpha).squeeze(1), class_weight)

@@ -55,8 +55,8 @@ class Recipe:
 _SGD_NOTE = (
     "SGD momentum 0.9 with lr {lr:g} for every loss: one learning rate keeps the comparison "
     "paired (same seed = same initialisation and batches). EL's conservative bonus "
-    "(log_end < 1) is bounded below and its gradients are no larger than CE's, so CE's rate "
-    "suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
+    "(log_end < 1) is bounded below and, like CE's, its gradient vanishes as p_y -> 1, so "
+    "CE's rate suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
     "unbounded below (the loss falls linearly in the logit gap and its gradient never vanishes), "
     "so at CE's rate it is expected to diverge, and the divergence is the result reported. "
     "Compare it at other settings with --lr or --clip-grad-norm."
@@ -329,7 +329,12 @@ def lr_for(spec: LossSpec, recipe: Recipe) -> float:
 
     Returns:
         The learning rate.
+
+    Raises:
+        ValueError: if ``spec`` is not a :class:`LossSpec`.
     """
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec: expected a LossSpec, got {type(spec).__name__}")
     for key in (spec.name, spec.family):
         if key in recipe.lr_by_loss:
             return recipe.lr_by_loss[key]
@@ -350,6 +355,8 @@ def run_image(options: ImageOptions) -> dict | None:
         ValueError: for bad options or loss names.
         lab_data.DatasetNotFoundError: if the dataset is missing.
     """
+    if not isinstance(options, ImageOptions):
+        raise ValueError(f"options: expected ImageOptions, got {type(options).__name__}")
     # --- configuration -------------------------------------------------------------------
     specs = parse_loss_list(options.losses)
     dataset_name, recipe = resolve_recipe(options)
