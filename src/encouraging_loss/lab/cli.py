@@ -263,6 +263,7 @@ def _run_other_task(args: argparse.Namespace, task: str, losses: str | None) -> 
     from importlib import import_module
 
     from .report import summary_table
+    from .trainer import rank
 
     if args.download:
         raise ValueError(
@@ -272,6 +273,8 @@ def _run_other_task(args: argparse.Namespace, task: str, losses: str | None) -> 
     module = import_module(f".tasks.{task}", __package__)
     options = module.options_from_args(args)
     results = module.run(options)
+    if results is None and options.stop_after_epochs is not None and rank() == 0:
+        print(f"stopped after {options.stop_after_epochs} epoch(s) as asked; rerun with --resume")
     if results is not None:
         print(summary_table(results))
         print(
