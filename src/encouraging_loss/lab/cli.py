@@ -95,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
+    from .tasks.graph import describe_presets as graph_presets
     from .tasks.image import REPRODUCE_LOSSES, describe_presets
+    from .tasks.translation import describe_presets as translation_presets
 
     parser = _OneLineParser(
         prog=PROG,
         description="Reproducible cross-entropy vs encouraging-loss experiments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets and the learning rate each uses:\n" + describe_presets(),
+        epilog="Presets and the learning rate each uses:\n"
+        + "\n".join((describe_presets(), graph_presets(), translation_presets())),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
 
@@ -115,24 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", metavar="TASK", help=f"task to run: {', '.join(TASKS)}")
     run.add_argument(
         "--losses",
-        default="ce,el",
         help="comma-separated loss names with parameters, e.g. ce,el,el:log_end=1,ls-ce:0.1,"
         "ls-el:0.1,focal:gamma=2,poly1:epsilon=1,el:log_end=0.5,bonus_scale=0.5; "
-        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale. Default: ce,el",
+        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale. Default: ce,el for image; "
+        "ce,el:log_end=0.5,start=0.5,ramp=0.2 for graph (bonus enabled late); "
+        "ls-ce:0.1,ls-el:0.1,log_end=0.5 for translation",
     )
     run.add_argument(
         "--seeds",
         type=_positive_int,
-        default=1,
-        help="number of seeds (0..N-1) per loss; default 1",
+        help="number of seeds (0..N-1) per loss; default: the task's (1 for image; "
+        "3 quick / 10 full for graph; 1 quick / 3 full for translation)",
     )
     run.add_argument(
         "--dataset",
-        choices=("fashion-mnist", "mnist", "cifar10"),
-        help="dataset (default: fashion-mnist, cifar10 for --preset full)",
+        help="dataset; image: fashion-mnist, mnist or cifar10 (default fashion-mnist, cifar10 "
+        "for --preset full); graph: PROTEINS (default), MUTAG, ENZYMES, AIDS, Mutagenicity; "
+        "translation: multi30k (default)",
     )
     run.add_argument(
-        "--model", choices=("mlp", "cnn", "resnet18"), help="architecture (default: the preset's)"
+        "--model",
+        help="architecture (default: the preset's); image: mlp, cnn, resnet18; graph: gin, gcn; "
+        "translation: transformer",
     )
     run.add_argument(
         "--lr",
@@ -208,16 +215,14 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if task != "image":
-        if args.download:
-            raise ValueError("--download: only the image task downloads; stage the data first")
-        results, where = import_module(f"{__package__}.tasks.{task}").run_from_args(args)
-        if results is not None:
-            print(summary_table(results))
-            print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
-        return 0
+        return _run_other_task(args, task, losses)
+    from .models import MODELS
+
+    if getattr(args, "model", None) not in (None, *MODELS):
+        raise ValueError(f"model: unknown image model {args.model!r}; known: {', '.join(MODELS)}")
     options = ImageOptions(
-        losses=losses,
-        seeds=args.seeds,
+        losses=losses or "ce,el",
+        seeds=args.seeds if args.seeds is not None else 1,
         preset=args.preset,
         dataset=getattr(args, "dataset", None)
         or ("fashion-mnist" if args.command == "reproduce" else None),
@@ -254,6 +259,39 @@ def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
         out = Path(options.out) if options.out else None
         where = out or Path(f"runs/{task}-{options.preset}-{results['dataset']}")
         print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
+    return 0
+
+
+def _run_other_task(args: argparse.Namespace, task: str, losses: str | None) -> int:
+    """Run a task other than image: through its ``run_from_args``, or its ``options_from_args``
+    and ``run`` (graph, translation)."""
+    from importlib import import_module
+
+    from .report import summary_table
+    from .trainer import rank
+
+    if args.download:
+        raise ValueError(
+            f"download: only the image task downloads; place {task} data under "
+            "--data-root (see ../shared/data/SOURCES.md)"
+        )
+    module = import_module(f".tasks.{task}", __package__)
+    if hasattr(module, "run_from_args"):  # imbalanced, ood, adversarial
+        results, where = module.run_from_args(args)
+        if results is not None:
+            print(summary_table(results))
+            print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
+        return 0
+    options = module.options_from_args(args)
+    results = module.run(options)
+    if results is None and options.stop_after_epochs is not None and rank() == 0:
+        print(f"stopped after {options.stop_after_epochs} epoch(s) as asked; rerun with --resume")
+    if results is not None:
+        print(summary_table(results))
+        print(
+            f"report: {Path(results['config']['out']) / 'report.md'} "
+            f"({results['config']['wall_seconds']:.1f} s)"
+        )
     return 0
 
 

@@ -473,3 +473,36 @@ def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
     else:
         raise ValueError(f"name: {name!r} cannot be downloaded; place its files under {target}")
     return target
+
+
+def find_data_folder(
+    relative: str, required: tuple[str, ...], data_root: str | os.PathLike | None = None
+) -> Path:
+    """Return ``ROOT/relative`` when it holds every ``required`` file (for non-image tasks).
+
+    The root is looked up as for the image datasets (``--data-root``, ``$ENCOURAGING_LOSS_DATA``,
+    then ``~/.cache/encouraging-loss/data``), e.g. ``relative="tu/PROTEINS"`` or ``"multi30k"``.
+
+    Args:
+        relative: folder under the data root.
+        required: file names (relative to that folder) that must all exist.
+        data_root: explicit data root or ``None`` for the default.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: if ``relative`` is empty or absolute.
+        DatasetNotFoundError: naming the folder and the first missing file.
+    """
+    if not relative or Path(relative).is_absolute():
+        raise ValueError(f"relative: expected a folder under the data root, got {relative!r}")
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    folder = root / relative
+    for name in required:
+        if not (folder / name).is_file():
+            raise DatasetNotFoundError(
+                f"dataset {relative!r} not found: {folder / name} is missing; pass --data-root "
+                f"DIR with DIR/{relative} or set {ENV_VAR}"
+            )
+    return folder

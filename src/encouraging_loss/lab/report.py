@@ -100,7 +100,8 @@ def report_spec(results: dict) -> dict:
     metric, direction, wording]`` rows); ``comparisons`` (``[loss, baseline]`` pairs for the
     paired-difference table); ``claim_pairs`` (pairs the claims are checked on, default
     ``comparisons``); ``notes`` (paragraphs under the table); ``plots`` (``[alt, file]`` rows);
-    ``curves`` (line plots of a metric against x, see :func:`plot_curves`).
+    ``curves`` (line plots of a metric against x, see :func:`plot_curves`). The columns and the
+    note may also come from ``config["table_metrics"]`` and ``config["table_note"]``.
 
     Args:
         results: loaded results.
@@ -110,16 +111,24 @@ def report_spec(results: dict) -> dict:
         be compared with its CE counterpart (the image task's rule).
     """
     spec = results.get("report") or {}
+    # Tasks may also name their columns and note in the config (graph, translation).
+    config = results.get("config", {})
+    custom = config.get("table_metrics")
+    table_columns = (
+        tuple((str(m), str(label), bool(higher)) for m, label, higher in custom)
+        if custom
+        else TABLE_METRICS
+    )
     return {
         "title": spec.get(
             "title",
             f"{results['task']} on {results['dataset']}: encouraging loss vs cross-entropy",
         ),
-        "table": [tuple(row) for row in spec["table"]] if "table" in spec else TABLE_METRICS,
+        "table": [tuple(row) for row in spec["table"]] if "table" in spec else table_columns,
         "claims": [tuple(row) for row in spec["claims"]] if "claims" in spec else CLAIMS,
         "comparisons": [tuple(p) for p in spec["comparisons"]] if "comparisons" in spec else None,
         "claim_pairs": [tuple(p) for p in spec["claim_pairs"]] if "claim_pairs" in spec else None,
-        "notes": list(spec.get("notes", [DEFAULT_NOTE])),
+        "notes": list(spec.get("notes", [config.get("table_note", DEFAULT_NOTE)])),
         "plots": [tuple(row) for row in spec["plots"]] if "plots" in spec else DEFAULT_PLOTS,
         "curves": list(spec.get("curves", [])),
     }
@@ -546,6 +555,8 @@ def markdown_report(results: dict) -> str:
         heading = "three claims" if spec["claims"] is CLAIMS else "direction"
         lines += ["", f"## The paper's {heading}, checked on these runs", ""]
         for claim, metric, direction, wording in spec["claims"]:
+            if not any(metric in r["metrics"] for r in results["runs"]):
+                continue  # the task does not measure it (e.g. no probe for translation)
             for loss, base in claim_pairs:
                 diffs = paired_differences(results, loss, base, metric)
                 verdict = claim_verdict(diffs, direction)

@@ -67,6 +67,8 @@ class TaskOptions:
         options = cls(**known, extra=extra)
         if options.losses is None:
             options.losses = "ce,el"
+        if options.seeds is None:
+            options.seeds = 1
         return options
 
     def get(self, name: str, default=None):

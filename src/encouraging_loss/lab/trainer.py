@@ -572,3 +572,18 @@ def train(
         model.load_state_dict(best_state)
     result.train_seconds = time.perf_counter() - started
     return result
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (no-op without ``torchrun``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# Public names of the pieces above for tasks whose batches are not tensors of examples
+# (translation runs its own loop on the same optimiser, RNG and reduction helpers).
+make_optimizer = _make_optimizer
+rng_state = _rng_state
+set_rng_state = _set_rng_state
+all_reduce_sum = _all_reduce_sum
