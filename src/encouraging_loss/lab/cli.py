@@ -177,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(run, "quick")
     for task in TASKS:
-        if task != "image":  # each other task adds its own options in a group of its own
-            import_module(f"{__package__}.tasks.{task}").add_arguments(run)
+        # imbalanced, ood and adversarial add their own options in a group of their own.
+        module = import_module(f"{__package__}.tasks.{task}")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(run)
 
     reproduce = commands.add_parser(
         "reproduce",
