@@ -107,6 +107,10 @@ def _rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
     return row_values.to(buffer.dtype).unsqueeze(1)
 
 
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
 def _keep_for_backward(ctx, terms, logits, args, buffer, state):
     """Keep what backward needs; backward turns the buffer into the gradient in place.
 
@@ -165,18 +169,21 @@ def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> t
     """Turn the buffer of :func:`hard_target_terms` into the gradient of the logits, in place.
 
     Args:
-        buffer: (M, C) softmax q over j != y, 0 at y, as the terms function left it.
+        buffer: (M, C) softmax over j != y (or over all j, with 0 at y), as left by the terms
+            function.
         state: the row terms the terms function returned with it.
         grad_rows: (M,) incoming gradient of each row loss (any value for ignored rows).
 
     Returns:
         ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
     """
-    target, row_weight, push = state
+    target, row_weight, push, rest_sum = state
     # A row of weight 0 (ignored) has a constant loss: zero gradient even if the incoming one
     # is not finite (the mean over zero items is NaN, as in torch).
     target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
-    buffer.mul_(_rows_as(buffer, target_grad))
+    # The buffer holds q_j = p_j / (1 - p_y), or p_j with rest_sum = 1 - p_y to divide by.
+    rest_grad = target_grad if rest_sum is None else _safe_divide(target_grad, rest_sum)
+    buffer.mul_(_rows_as(buffer, rest_grad))
     buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
     return buffer
 
@@ -188,10 +195,20 @@ def hard_target_terms(
 
     With ``consume=True`` the buffer may be ``logits`` itself (see :func:`working_rows`).
     """
-    buffer, has_rest, d = _exclude_and_normalise(
-        working_rows(logits, compute_dtype, consume), target
-    )
-    neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
+    if bonus.kind == "log" and bonus.log_end == 1.0 and rho != 0.0:
+        # The plain log bonus needs log(1 - p_y) even where 1 - p_y underflows the dtype:
+        # take it from the logits with the target excluded.
+        buffer, has_rest, d = _exclude_and_normalise(
+            working_rows(logits, compute_dtype, consume), target
+        )
+        neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
+        has_rest = has_rest.squeeze(1)
+        rest_sum = None  # the buffer is already the softmax over j != y
+    else:
+        buffer, rest_sum, neg_log_p, one_minus_p, b, g = _full_softmax_terms(
+            logits, target, bonus, compute_dtype, consume
+        )
+        has_rest = rest_sum > 0
     scale = rho if row_bonus_weight is None else rho * row_bonus_weight
     per_row = neg_log_p
     if not bonus.is_zero and rho != 0.0:
@@ -200,8 +217,38 @@ def hard_target_terms(
     row_loss = torch.where(row_weight != 0, row_weight * per_row, 0.0)
     # With no other class left (C = 1, or all others at -inf) p_y is identically 1: the loss does
     # not depend on the logits and the gradient is zero, not the limit of the formula.
-    push = torch.where(has_rest.squeeze(1), one_minus_p - scale * g, 0.0)
-    return row_loss, buffer, (target, row_weight, push)
+    push = torch.where(has_rest, one_minus_p - scale * g, 0.0)
+    return row_loss, buffer, (target, row_weight, push, rest_sum)
+
+
+def _full_softmax_terms(logits, target, bonus: Bonus, compute_dtype, consume: bool):
+    """Hard-target terms from one softmax over all classes (every bonus but the plain log).
+
+    ``-log p_y = logsumexp z - z_y`` with ``logsumexp z = max z - log(max p)``, exact at any
+    loss; ``1 - p_y`` is the sum of the other probabilities, exact wherever it matters: the
+    bonus needs log(1 - p_y) only up to log_end < 1, where 1 - p_y >= 1 - log_end.
+
+    Returns:
+        (p, rest_sum, -log p_y, 1 - p_y, b, g): p the (M, C) softmax with 0 at y, the others
+        float64 rows; rest_sum = sum_{j != y} p_j = 1 - p_y.
+    """
+    num_classes = logits.shape[-1]
+    # Read max z and z_y first: with consume=True the softmax may overwrite the logits.
+    z_max = logits.amax(-1).reshape(-1).to(ROW_DTYPE)
+    z_target = logits.gather(-1, target.view(*logits.shape[:-1], 1)).reshape(-1).to(ROW_DTYPE)
+    if consume:
+        probs = _softmax_rows_(working_rows(logits, compute_dtype, True))
+    else:
+        same_dtype = logits.dtype == compute_dtype
+        probs = torch.softmax(logits, dim=-1, dtype=None if same_dtype else compute_dtype)
+        probs = probs.contiguous().view(-1, num_classes)
+    log_sum_exp = z_max - probs.amax(1).to(ROW_DTYPE).log()
+    neg_log_p = log_sum_exp - z_target
+    probs.scatter_(1, target, 0.0)
+    one_minus_p = probs.sum(1).to(ROW_DTYPE)
+    p = torch.exp(-neg_log_p)
+    b, g = bonus.value_and_slope(p, one_minus_p, one_minus_p.log())
+    return probs, one_minus_p, neg_log_p, one_minus_p, b, g
 
 
 class DenseTargetEL(torch.autograd.Function):
