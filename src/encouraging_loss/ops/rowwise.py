@@ -230,7 +230,7 @@ def _full_softmax_terms(logits, target, bonus: Bonus, compute_dtype, consume: bo
 
     Returns:
         (p, rest_sum, -log p_y, 1 - p_y, b, g): p the (M, C) softmax with 0 at y, the others
-        float64 rows; rest_sum = sum_{j != y} p_j = 1 - p_y.
+        float64 rows; rest_sum = sum_{j != y} p_j, the sum the buffer is normalised by.
     """
     num_classes = logits.shape[-1]
     # Read max z and z_y first: with consume=True the softmax may overwrite the logits.
@@ -245,10 +245,13 @@ def _full_softmax_terms(logits, target, bonus: Bonus, compute_dtype, consume: bo
     log_sum_exp = z_max - probs.amax(1).to(ROW_DTYPE).log()
     neg_log_p = log_sum_exp - z_target
     probs.scatter_(1, target, 0.0)
-    one_minus_p = probs.sum(1).to(ROW_DTYPE)
+    rest_sum = probs.sum(1).to(ROW_DTYPE)
     p = torch.exp(-neg_log_p)
+    # 1 - p_y from the exact log p_y where p_y <= 1/2; from the sum of the others (no
+    # cancellation, exact in relative terms) where p_y > 1/2.
+    one_minus_p = torch.where(p <= 0.5, -torch.expm1(-neg_log_p), rest_sum)
     b, g = bonus.value_and_slope(p, one_minus_p, one_minus_p.log())
-    return probs, one_minus_p, neg_log_p, one_minus_p, b, g
+    return probs, rest_sum, neg_log_p, one_minus_p, b, g
 
 
 class DenseTargetEL(torch.autograd.Function):
