@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_case
 
+from conftest import make_case
 from encouraging_loss import EncouragingLoss, encouraging_loss
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_case
 
+from conftest import make_case
 from encouraging_loss import (
     BinaryEncouragingLoss,
     BonusSchedule,

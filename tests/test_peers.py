@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import grad_of, make_case
 
+from conftest import grad_of, make_case
 from encouraging_loss import binary_encouraging_loss_with_logits, focal_loss, poly1_loss
 
 REDUCTIONS = ["mean", "sum", "none"]
