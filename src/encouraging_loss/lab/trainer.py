@@ -128,6 +128,16 @@ class TrainResult:
     interrupted: bool = False
     train_seconds: float = 0.0
 
+    def outcome_metrics(self) -> dict:
+        """The run's outcome as result metrics: divergence, selected epoch, its val accuracy."""
+        return {
+            "diverged": self.diverged,
+            "diverged_step": self.diverged_step,
+            "diverged_epoch": self.diverged_epoch,
+            "best_epoch": self.best_epoch,
+            "val_accuracy": self.best_val_accuracy,
+        }
+
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch; optionally request deterministic kernels.

@@ -448,13 +448,7 @@ def _train_and_measure(
     if outcome.interrupted or rank() != 0:
         return None, outcome.interrupted
 
-    metrics: dict = {
-        "diverged": outcome.diverged,
-        "diverged_step": outcome.diverged_step,
-        "diverged_epoch": outcome.diverged_epoch,
-        "best_epoch": outcome.best_epoch,
-        "val_accuracy": outcome.best_val_accuracy,
-    }
+    metrics: dict = outcome.outcome_metrics()
     reliability = None
     if not outcome.diverged:
         metrics.update(_measure(model, splits, recipe, out_dir, spec.name, seed, train_config))

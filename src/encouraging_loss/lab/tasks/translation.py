@@ -1291,13 +1291,7 @@ def _train_and_measure(
     if outcome.interrupted or rank() != 0:
         return None, outcome.interrupted
 
-    metrics: dict = {
-        "diverged": outcome.diverged,
-        "diverged_step": outcome.diverged_step,
-        "diverged_epoch": outcome.diverged_epoch,
-        "best_epoch": outcome.best_epoch,
-        "val_accuracy": outcome.best_val_accuracy,
-    }
+    metrics: dict = outcome.outcome_metrics()
     signature = None
     if not outcome.diverged:
         measured = _measure(model, tokenizer, test_data, recipe, train_config, out_dir, spec, seed)
