@@ -179,13 +179,6 @@ def save_record(out_dir: Path, record: dict) -> None:
         checkpoint.unlink()
 
 
-def finish_distributed() -> None:
-    """Wait for every rank, then leave the process group (no-op without torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def parse_float_list(name: str, text: str | list | tuple) -> list[float]:
     """Parse ``"0,0.05,0.1"`` (or a list) into floats.
 

@@ -325,7 +325,7 @@ def random_crop_flip(
     return torch.where(flips[:, None, None, None], crops.flip(3), crops)
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -336,7 +336,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),  # noqa: NPY002
@@ -347,7 +347,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
     torch.set_rng_state(state["torch"])
@@ -355,7 +355,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_reduce_sum(values: list[float], distributed: bool) -> list[float]:
+def all_reduce_sum(values: list[float], distributed: bool) -> list[float]:
     if not distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
@@ -432,7 +432,7 @@ def train(
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     use_amp = config.amp and device.type == "cuda"
 
     result = TrainResult(model=model)
@@ -445,7 +445,7 @@ def train(
             raise ValueError(f"checkpoint_path: {checkpoint_path} was written for another setup")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         result.history = state["history"]
         result.best_epoch, result.best_val_accuracy = (
@@ -530,7 +530,7 @@ def train(
                 epoch + 1,
             )
             break
-        loss_sum, correct, count, well_norm, total_norm = _all_reduce_sum(sums, distributed)
+        loss_sum, correct, count, well_norm, total_norm = all_reduce_sum(sums, distributed)
         val_logits = predict_logits(model, splits.val_x, config.eval_batch_size, device)
         val_accuracy = (val_logits.argmax(1) == splits.val_y).float().mean().item()
         val_nll = nn.functional.cross_entropy(val_logits, splits.val_y).item()
@@ -559,7 +559,7 @@ def train(
                     "global_step": global_step,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(),
+                    "rng": rng_state(),
                     "history": result.history,
                     "best_epoch": result.best_epoch,
                     "best_val_accuracy": result.best_val_accuracy,
@@ -589,11 +589,3 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-# Public names of the pieces above for tasks whose batches are not tensors of examples
-# (translation runs its own loop on the same optimiser, RNG and reduction helpers).
-make_optimizer = _make_optimizer
-rng_state = _rng_state
-set_rng_state = _set_rng_state
-all_reduce_sum = _all_reduce_sum

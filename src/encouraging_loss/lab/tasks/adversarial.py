@@ -36,7 +36,7 @@ from .. import data as lab_data
 from .. import diagnostics, report, runs
 from ..losses import build_bonus_schedule, build_criterion, parse_loss_list
 from ..models import build_model
-from ..trainer import TrainConfig, rank, resolve_device, set_seed, train
+from ..trainer import TrainConfig, finish_distributed, rank, resolve_device, set_seed, train
 
 TASK = "adversarial"
 ATTACKS = ("fgsm", "pgd", "pgd-margin")
@@ -437,11 +437,11 @@ def run_adversarial(options: runs.TaskOptions) -> dict | None:
                     spec, seed, recipe, standardized, splits, attacks, adv_train, out_dir, options
                 )
                 if record == "interrupted":
-                    runs.finish_distributed()
+                    finish_distributed()
                     return None
             if record is not None:
                 records.append(record)
-    runs.finish_distributed()
+    finish_distributed()
 
     # --- report --------------------------------------------------------------------------
     config["wall_seconds"] = time.perf_counter() - started

@@ -17,7 +17,7 @@ from .. import data as lab_data
 from .. import diagnostics, report
 from ..losses import LossSpec, build_bonus_schedule, build_criterion, parse_loss_list
 from ..models import build_model
-from ..trainer import TrainConfig, rank, set_seed, train, world_size
+from ..trainer import TrainConfig, finish_distributed, rank, set_seed, train, world_size
 
 TASK = "image"
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
@@ -401,11 +401,11 @@ def run_image(options: ImageOptions) -> dict | None:
         for seed in range(options.seeds):
             record, interrupted = _train_and_measure(spec, seed, recipe, splits, out_dir, options)
             if interrupted:
-                _finish_distributed()
+                finish_distributed()
                 return None  # stopped on purpose (--stop-after-epochs); --resume continues
             if record is not None:
                 runs.append(record)
-    _finish_distributed()
+    finish_distributed()
 
     # --- report --------------------------------------------------------------------------
     config["wall_seconds"] = time.perf_counter() - started
@@ -470,13 +470,6 @@ def _train_and_measure(
     if checkpoint_path.is_file():
         checkpoint_path.unlink()  # the record now holds everything; checkpoints can be large
     return record, False
-
-
-def _finish_distributed() -> None:
-    """Wait for every rank, then leave the process group (no-op without torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def _measure(model, splits, recipe: Recipe, out_dir: Path, loss: str, seed: int, config) -> dict:

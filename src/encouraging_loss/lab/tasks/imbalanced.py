@@ -46,7 +46,7 @@ from .. import diagnostics, report, runs
 from ..losses import _FAMILIES as BASE_FAMILIES
 from ..losses import LossSpec, build_criterion, parse_loss_list
 from ..models import build_model
-from ..trainer import TrainConfig, rank, resolve_device, set_seed, train
+from ..trainer import TrainConfig, finish_distributed, rank, resolve_device, set_seed, train
 
 TASK = "imbalanced"
 PROFILES = ("exp", "step")
@@ -552,11 +552,11 @@ def run_imbalanced(options: runs.TaskOptions) -> dict | None:
             if record is None:
                 record = _train_and_measure(spec, seed, recipe, splits, counts, out_dir, options)
                 if record == "interrupted":
-                    runs.finish_distributed()
+                    finish_distributed()
                     return None
             if record is not None:
                 records.append(record)
-    runs.finish_distributed()
+    finish_distributed()
 
     # --- report --------------------------------------------------------------------------
     config["wall_seconds"] = time.perf_counter() - started

@@ -25,7 +25,7 @@ from .. import data as lab_data
 from .. import diagnostics, report, runs
 from ..losses import build_bonus_schedule, build_criterion, parse_loss_list
 from ..models import build_model
-from ..trainer import TrainConfig, rank, resolve_device, set_seed, train
+from ..trainer import TrainConfig, finish_distributed, rank, resolve_device, set_seed, train
 
 TASK = "ood"
 SCORES = ("msp", "max_logit", "energy", "odin")
@@ -362,11 +362,11 @@ def run_ood(options: runs.TaskOptions) -> dict | None:
             if record is None:
                 record = _train_and_measure(spec, seed, recipe, splits, ood_x, out_dir, options)
                 if record == "interrupted":
-                    runs.finish_distributed()
+                    finish_distributed()
                     return None
             if record is not None:
                 records.append(record)
-    runs.finish_distributed()
+    finish_distributed()
 
     # --- report --------------------------------------------------------------------------
     config["wall_seconds"] = time.perf_counter() - started
