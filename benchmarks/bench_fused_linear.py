@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _measure import rss_bytes, time_interleaved
 
 from encouraging_loss import encouraging_loss, linear_encouraging_loss
 
@@ -109,25 +109,11 @@ def check_values(args, dtype) -> dict:
 def time_contenders(args, contenders, dtype) -> dict:
     hidden, weight, target = make_inputs(args.tokens, args.hidden, args.vocab, dtype)
     fns = {name: make_loss(name, args) for name in contenders}
-    for _ in range(args.warmup):
-        for name in contenders:
-            fwd_bwd(fns[name], hidden, weight, target)
-    times = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name in contenders:
-            times[name].append(fwd_bwd(fns[name], hidden, weight, target))
-    return {
-        name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
-        for name, ts in times.items()
-    }
+    runs = {name: (lambda fn=fn: fwd_bwd(fn, hidden, weight, target)) for name, fn in fns.items()}
+    return time_interleaved(runs, args.warmup, args.repeats)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
+def _peakrss_bytes() -> int:
     """The process's peak resident set size: VmHWM, the high-water mark of its own memory map.
 
     Not ``ru_maxrss``: Linux carries the parent's peak into a child across exec (exec_mmap records
@@ -148,13 +134,16 @@ def _measure_child(args) -> dict:
     # Warm the kernels (and the allocator's bookkeeping) up on a small shape first.
     fwd_bwd(loss_fn, *make_inputs(64, args.hidden, 256, dtype))
     hidden, weight, target = make_inputs(args.tokens, args.hidden, args.vocab, dtype)
-    before = _rss_bytes()
+    before = rss_bytes()
     hidden.grad = weight.grad = None
     loss_fn(hidden, weight, target).backward()
-    peak = _peak_rss_bytes()
+    peak = _peakrss_bytes()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return {"rss_before_bytes": before, "peak_extra_bytes": peak - before,
-            "ru_maxrss_minus_before_bytes": maxrss - before}
+    return {
+        "rss_before_bytes": before,
+        "peak_extra_bytes": peak - before,
+        "ru_maxrss_minus_before_bytes": maxrss - before,
+    }
 
 
 def measure_memory(args, contender: str) -> dict:
@@ -222,8 +211,11 @@ def main(argv=None) -> dict:
     base = "materialised"
     rows = []
     for name in contenders:
-        row = {"contender": name, "median_s": timings[name]["median_s"],
-               "time_ratio_vs_materialised": timings[name]["median_s"] / timings[base]["median_s"]}
+        row = {
+            "contender": name,
+            "median_s": timings[name]["median_s"],
+            "time_ratio_vs_materialised": timings[name]["median_s"] / timings[base]["median_s"],
+        }
         if memory:
             row["peak_extra_mib"] = memory[name]["peak_extra_bytes"] / MIB
             row["memory_ratio_vs_materialised"] = (
@@ -240,18 +232,32 @@ def main(argv=None) -> dict:
         verdicts["time"] = fused["time_ratio_vs_materialised"] <= TIME_TARGET
         if memory:
             verdicts["memory"] = fused["memory_ratio_vs_materialised"] <= MEMORY_TARGET
-        print(f"targets: time <= {TIME_TARGET}x: {'met' if verdicts['time'] else 'NOT met'}"
-              + (f"; memory <= {MEMORY_TARGET}x: {'met' if verdicts['memory'] else 'NOT met'}"
-                 if memory else ""))
+        print(
+            f"targets: time <= {TIME_TARGET}x: {'met' if verdicts['time'] else 'NOT met'}"
+            + (
+                f"; memory <= {MEMORY_TARGET}x: {'met' if verdicts['memory'] else 'NOT met'}"
+                if memory
+                else ""
+            )
+        )
     payload = {
         "benchmark": "bench_fused_linear",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        "shape": {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-                  "dtype": args.dtype, "label_smoothing": args.label_smoothing,
-                  "chunk_size": args.chunk_size},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "shape": {
+            "tokens": args.tokens,
+            "hidden": args.hidden,
+            "vocab": args.vocab,
+            "dtype": args.dtype,
+            "label_smoothing": args.label_smoothing,
+            "chunk_size": args.chunk_size,
+        },
         "checks": checks,
         "timings": timings,
         "memory": memory,

@@ -251,14 +251,18 @@ def report(title: str, results: dict, reference: str) -> list[dict]:
     rows = []
     ref = results[reference]
     for name, result in results.items():
-        row = {"contender": name, "median_ms": result["median_s"] * 1e3,
-               f"time_vs_{reference}": result["median_s"] / ref["median_s"]}
+        row = {
+            "contender": name,
+            "median_ms": result["median_s"] * 1e3,
+            f"time_vs_{reference}": result["median_s"] / ref["median_s"],
+        }
         line = f"  {name:18s} {row['median_ms']:9.2f} ms ({row[f'time_vs_{reference}']:.2f}x)"
         if result["peak_extra_bytes"] is not None:
             row["peak_extra_gib"] = result["peak_extra_bytes"] / GIB
             row[f"memory_vs_{reference}"] = (
                 result["peak_extra_bytes"] / ref["peak_extra_bytes"]
-                if ref["peak_extra_bytes"] else None
+                if ref["peak_extra_bytes"]
+                else None
             )
             line += f"  peak extra {row['peak_extra_gib']:7.3f} GiB"
             if row[f"memory_vs_{reference}"] is not None:
@@ -304,9 +308,15 @@ def main(argv=None) -> dict:
                 results = measure(contenders, timer, args.warmup, args.repeats)
                 reference = "liger-ce" if "liger-ce" in results else "torch-ce"
                 rows = report(f"loss {num_rows} x {num_classes} {dtype}", results, reference)
-                payload["loss"].append({"shape": [num_rows, num_classes], "dtype": str(dtype),
-                                        "reference": reference, "triton_vs_torch": check,
-                                        "results": rows})
+                payload["loss"].append(
+                    {
+                        "shape": [num_rows, num_classes],
+                        "dtype": str(dtype),
+                        "reference": reference,
+                        "triton_vs_torch": check,
+                        "results": rows,
+                    }
+                )
                 del contenders
     if args.only in (None, "linear"):
         for tokens, hidden_size, vocab in SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES:

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from _measure import rss_bytes, time_interleaved
 
 from encouraging_loss import encouraging_loss
 
@@ -173,26 +173,14 @@ def check_values(case: Case, dtype: torch.dtype, seed: int, include_authors: boo
 def time_case(case: Case, contenders, dtype, seed: int, warmup: int, repeats: int) -> dict:
     logits, target = make_inputs(case, dtype, seed)
     fns = {name: make_loss(name, case) for name in contenders}
-    for _ in range(warmup):
-        for name in contenders:
-            fwd_bwd(fns[name], logits, target)
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name in contenders:  # interleaved: CE, EL, (authors), CE, EL, ...
-            times[name].append(fwd_bwd(fns[name], logits, target))
+    # Interleaved: CE, EL, (authors), CE, EL, ...
+    runs = {name: (lambda fn=fn: fwd_bwd(fn, logits, target)) for name, fn in fns.items()}
+    times = time_interleaved(runs, warmup, repeats)
     logits.grad = None
-    return {
-        name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
-        for name, ts in times.items()
-    }
+    return times
 
 
 # -------------------------------------------------------------------------------------- memory
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure_once(args, contender: str) -> dict:
@@ -206,7 +194,7 @@ def _measure_once(args, contender: str) -> dict:
         fwd_bwd(loss_fn, x, t)
     del x, t
     logits, target = make_inputs(case, dtype, args.seed)
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fwd_bwd(loss_fn, logits, target)
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

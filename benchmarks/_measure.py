@@ -1,0 +1,37 @@
+"""Measurement pieces the CPU benchmark scripts share (imported as a sibling module)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+
+
+def time_interleaved(runs: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict:
+    """Time each contender, interleaved (A, B, A, B, ...) so that drift hits all alike.
+
+    Args:
+        runs: contender name -> a call that runs it once and returns its wall seconds.
+        warmup: untimed rounds first.
+        repeats: timed rounds.
+
+    Returns:
+        name -> {"median_s", "min_s", "all_s"}.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {
+        name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
+        for name, ts in times.items()
+    }
+
+
+def rss_bytes() -> int:
+    """The process's current resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
