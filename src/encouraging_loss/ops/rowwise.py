@@ -94,12 +94,10 @@ def _exclude_and_normalise(buffer: torch.Tensor, special: torch.Tensor):
 
 
 def _special_terms(d: torch.Tensor, bonus: Bonus):
-    """-log p, p, 1 - p and the bonus pair (b, g) at the special class, all exact."""
-    neg_log_p = softplus(-d)
-    p = torch.sigmoid(d)
+    """-log p, 1 - p and the bonus pair (b, g) at the special class, all exact."""
     one_minus_p = torch.sigmoid(-d)
-    b, g = bonus.value_and_slope(p, one_minus_p, -softplus(d))
-    return neg_log_p, p, one_minus_p, b, g
+    b, g = bonus.value_and_slope(torch.sigmoid(d), one_minus_p, -softplus(d))
+    return softplus(-d), one_minus_p, b, g
 
 
 def _rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
@@ -201,7 +199,7 @@ def hard_target_terms(
         buffer, has_rest, d = _exclude_and_normalise(
             working_rows(logits, compute_dtype, consume), target
         )
-        neg_log_p, _, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
+        neg_log_p, one_minus_p, b, g = _special_terms(d.squeeze(1), bonus)
         has_rest = has_rest.squeeze(1)
         rest_sum = None  # the buffer is already the softmax over j != y
     else:
@@ -384,7 +382,7 @@ def dense_target_terms(
 
     buffer, has_rest, d = _exclude_and_normalise(buffer, special)
     has_rest, d = has_rest.squeeze(1), d.squeeze(1)
-    neg_log_p_s, _, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
+    neg_log_p_s, one_minus_p_s, b_s, g_s = _special_terms(d, bonus)
     # Cross-entropy: sum_{k != s} a_k (z_s - z_k) + A (-log p_s), each term non-negative.
     row_loss = mass_rest * z_max - logits_rest + mass_total * neg_log_p_s
 
