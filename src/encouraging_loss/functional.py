@@ -15,7 +15,8 @@ from ._validate import (
     value_checks_enabled,
 )
 from .bonus import Bonus
-from .ops.rowwise import ROW_DTYPE, DenseTargetEL, IndexTargetRows
+from .ops.index_targets import IndexTargetRows
+from .ops.rowwise import ROW_DTYPE, DenseTargetEL
 from .ops.triton_el import triton_can_run, triton_encouraging_loss, triton_supports
 
 __all__ = ["encouraging_loss"]

@@ -18,7 +18,7 @@ from ._validate import (
 from .bonus import Bonus
 from .functional import BACKENDS, compute_dtype_for, use_triton_backend
 from .ops.fused_linear import LinearEL, TritonRows, chunked_linear_el, default_chunk_size
-from .ops.rowwise import IndexTargetRows
+from .ops.index_targets import IndexTargetRows
 
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss"]
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .rowwise import ROW_DTYPE, IndexTargetRows
+from .index_targets import IndexTargetRows
+from .rowwise import ROW_DTYPE
 
 # The fewest logits a chunk should hold: below this, the per-chunk passes are too short to keep
 # the threads busy and every chunk re-reads the whole projection (and its gradient) for little work.

@@ -21,6 +21,9 @@ A = sum_k a_k, H = sum_k h_k, is ``dL/dz_k = p_k (A - H) - a_k + h_k``.
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -100,7 +103,7 @@ def _special_terms(d: torch.Tensor, bonus: Bonus):
     return softplus(-d), one_minus_p, b, g
 
 
-def _rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+def rows_as(buffer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
     """A per-row vector as a (M, 1) column in the buffer's dtype, for in-place (M, C) updates."""
     return row_values.to(buffer.dtype).unsqueeze(1)
 
@@ -109,32 +112,36 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
     return torch.where(denominator > 0, numerator / denominator, 0.0)
 
 
-def _keep_for_backward(ctx, terms, logits, args, buffer, state):
+def keep_for_backward(ctx, terms, logits, args, buffer, state):
     """Keep what backward needs; backward turns the buffer into the gradient in place.
 
-    Eagerly, the buffer is held on ``ctx`` rather than saved: the first backward consumes it, and a
-    later backward through the same graph (``retain_graph``, gradcheck) recomputes it with
-    ``terms`` from the saved logits. Under ``torch.compile`` it is saved as usual and the compiler
-    makes the in-place update safe.
+    Eagerly, the buffer and the row terms are held on ``ctx`` rather than saved (they are plain
+    tensors made under no-grad, so no reference cycle): the first backward consumes them (the
+    buffer, and any scratch block among the terms, are updated in place), and a later backward
+    through the same graph (``retain_graph``, gradcheck) recomputes them with ``terms`` from the
+    saved logits. Under ``torch.compile`` they are saved as usual and the compiler makes the
+    in-place updates safe.
     """
     ctx.input_dtype, ctx.logits_shape, ctx.num_args = logits.dtype, logits.shape, len(args)
     ctx.eager = not torch.compiler.is_compiling()
     if ctx.eager:
-        ctx.terms, ctx.args, ctx.buffer = terms, args, buffer
-        ctx.save_for_backward(logits, *state)
+        ctx.terms, ctx.args, ctx.kept = terms, args, (buffer, state)
+        ctx.save_for_backward(logits)
     else:
         ctx.save_for_backward(buffer, *state)
 
 
-def _take_for_backward(ctx):
-    """(buffer, state) kept by :func:`_keep_for_backward`; the buffer is the caller's to consume."""
-    first, *state = ctx.saved_tensors
+def take_for_backward(ctx):
+    """(buffer, state) kept by :func:`keep_for_backward`; both are the caller's to consume."""
     if not ctx.eager:
-        return first, state
-    buffer, ctx.buffer = ctx.buffer, None
-    if buffer is None:
-        _, buffer, state = ctx.terms(first, *ctx.args)
-    return buffer, state
+        buffer, *state = ctx.saved_tensors
+        return buffer, state
+    (logits,) = ctx.saved_tensors
+    kept, ctx.kept = ctx.kept, None
+    if kept is None:
+        _, buffer, state = ctx.terms(logits, *ctx.args)
+        return buffer, state
+    return kept
 
 
 class HardTargetEL(torch.autograd.Function):
@@ -152,13 +159,13 @@ class HardTargetEL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, *args):
         row_loss, buffer, state = hard_target_terms(logits, *args)
-        _keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
+        keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, state = _take_for_backward(ctx)
+        buffer, state = take_for_backward(ctx)
         hard_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
@@ -181,8 +188,8 @@ def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> t
     target_grad = torch.where(row_weight != 0, grad_rows * row_weight * push, 0.0)
     # The buffer holds q_j = p_j / (1 - p_y), or p_j with rest_sum = 1 - p_y to divide by.
     rest_grad = target_grad if rest_sum is None else _safe_divide(target_grad, rest_sum)
-    buffer.mul_(_rows_as(buffer, rest_grad))
-    buffer.scatter_(1, target, _rows_as(buffer, -target_grad))
+    buffer.mul_(rows_as(buffer, rest_grad))
+    buffer.scatter_(1, target, rows_as(buffer, -target_grad))
     return buffer
 
 
@@ -219,37 +226,144 @@ def hard_target_terms(
     return row_loss, buffer, (target, row_weight, push, rest_sum)
 
 
+#: Elements of one row block of the CPU passes: a block of logits, its probabilities and a
+#: scratch block stay in cache (1 MiB of float32 each), and the per-block Python overhead is a
+#: small share of the work.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def block_rows(num_rows: int, num_classes: int, device: torch.device) -> int:
+    """Rows per block of fused passes: cache-sized blocks on CPU, all rows at once elsewhere.
+
+    On a GPU (and while compiling) one pass over everything is cheapest.
+    """
+    if device.type != "cpu" or torch.compiler.is_compiling() or num_rows == 0:
+        return max(num_rows, 1)
+    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+def sum_into(values: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Row sums of ``values``, weighted by a (C,) vector when given, written into ``out``."""
+    if weights is None:
+        torch.sum(values, 1, out=out)
+    else:
+        torch.mv(values, weights, out=out)
+
+
+class TargetStats(NamedTuple):
+    """What :func:`softmax_with_target_stats` returns: the probabilities and float64 rows."""
+
+    #: (M, C) softmax with 0 at the target.
+    probs: torch.Tensor
+    #: -log p_y, p_y and 1 - p_y, each exact in relative terms.
+    neg_log_p: torch.Tensor
+    p: torch.Tensor
+    one_minus_p: torch.Tensor
+    #: sum_{j != y} p_j and max_j p_j of the rounded probabilities.
+    rest_sum: torch.Tensor
+    p_max: torch.Tensor
+    #: logsumexp_j z_j.
+    log_sum_exp: torch.Tensor
+    #: sum_j w_j z_j, when asked for.
+    z_weighted: torch.Tensor | None
+
+
+def softmax_with_target_stats(
+    logits, target, compute_dtype, consume: bool, *, logit_weights=False, per_block=None, step=None
+) -> TargetStats:
+    """One softmax over all classes, with the target's entry zeroed, and exact row statistics.
+
+    Where p_y <= 1/2: ``-log p_y = logsumexp z - z_y`` with ``logsumexp z = max z - log(max p)``
+    (exact at any loss: max p is 1 / sum_j e^(z_j - max z), rounded once) and
+    ``1 - p_y = -expm1(log p_y)``. Where p_y > 1/2 everything comes from the ratio
+    ``R = sum_{j != y} p_j / p_y = sum_{j != y} e^(z_j - z_y)``, in which the softmax's rounded
+    normaliser cancels: ``-log p_y = log1p(R)``, ``1 - p_y = R / (1 + R)``; their errors then
+    shrink with 1 - p_y, as the bonus's slope there needs.
+
+    With ``per_block`` every pass runs block by block of ``step`` rows (see :func:`block_rows`):
+    a block of logits is read from memory once, and its probabilities stay in cache for the
+    statistics and for ``per_block``.
+
+    Args:
+        logits: (..., C) logits, class dimension last.
+        target: (M, 1) int64 class indices in range.
+        compute_dtype: dtype of the probabilities.
+        consume: the probabilities may overwrite ``logits`` (see :func:`working_rows`).
+        logit_weights: also return sum_k w_k z_k per row, for a (C,) ``w`` or None (ones);
+            False: not needed.
+        per_block: called as ``per_block(index, probs_block)`` after each block's statistics
+            (probabilities with 0 at y), for more fused passes.
+        step: rows per block with ``per_block``.
+    """
+    num_classes = logits.shape[-1]
+    z_target = logits.gather(-1, target.view(*logits.shape[:-1], 1)).reshape(-1).to(ROW_DTYPE)
+    if logits.dtype == compute_dtype and logits.is_contiguous():
+        rows_in = logits.view(-1, num_classes)
+    else:
+        # A private copy (half inputs, strided views) is ours to overwrite.
+        rows_in, consume = copy_rows(logits, compute_dtype), True
+    num_rows = rows_in.shape[0]
+    # Blocks pay when per_block adds passes over each block; without, whole passes are cheaper.
+    step = max(num_rows, 1) if per_block is None else step
+    eager_cpu = rows_in.device.type == "cpu" and not torch.compiler.is_compiling()
+    want_weighted = logit_weights is not False
+    # Rows: max z, max p, p_y, sum_{j != y} p, [sum_k w_k z_k].
+    stats = rows_in.new_empty(5 if want_weighted else 4, num_rows)
+    probs = None
+    if eager_cpu:
+        probs = rows_in if consume else torch.empty_like(rows_in)
+    blocks = zip(
+        rows_in.split(step),
+        itertools.repeat(None) if probs is None else probs.split(step),
+        target.split(step),
+        *(row.split(step) for row in stats),
+        strict=False,  # the repeat(None) is endless
+    )  # fmt: skip
+    for index, (z, out, block_target, z_max, p_max, p_y, rest, *z_weighted) in enumerate(blocks):
+        # Statistics of the logits first: the softmax may overwrite them.
+        torch.amax(z, 1, out=z_max)
+        if want_weighted:
+            sum_into(z, logit_weights, z_weighted[0])
+        if out is not None:
+            # The CPU kernel reads each row before writing it: out may alias the input.
+            block = torch._softmax(z, 1, False, out=out)
+        else:
+            block = probs = torch.softmax(z, dim=1)
+        torch.amax(block, 1, out=p_max)
+        p_y.copy_(block.gather(1, block_target).squeeze(1))
+        block.scatter_(1, block_target, 0.0)
+        torch.sum(block, 1, out=rest)
+        if per_block is not None:
+            per_block(index, block)
+    stats = stats.to(ROW_DTYPE)
+    z_max, p_max, p_rounded, rest_sum = stats[0], stats[1], stats[2], stats[3]
+    log_sum_exp = z_max - p_max.log()
+    neg_log_p = log_sum_exp - z_target
+    ratio = rest_sum / p_rounded
+    confident = rest_sum < p_rounded  # p_y > 1/2
+    neg_log_p = torch.where(confident, torch.log1p(ratio), neg_log_p)
+    p = torch.where(confident, 1.0 / (1.0 + ratio), torch.exp(-neg_log_p))
+    one_minus_p = torch.where(confident, ratio / (1.0 + ratio), -torch.expm1(-neg_log_p))
+    return TargetStats(
+        probs, neg_log_p, p, one_minus_p, rest_sum, p_max, log_sum_exp,
+        stats[4] if want_weighted else None,
+    )  # fmt: skip
+
+
 def _full_softmax_terms(logits, target, bonus: Bonus, compute_dtype, consume: bool):
     """Hard-target terms from one softmax over all classes (every bonus but the plain log).
 
-    ``-log p_y = logsumexp z - z_y`` with ``logsumexp z = max z - log(max p)``, exact at any
-    loss; ``1 - p_y`` is the sum of the other probabilities, exact wherever it matters: the
-    bonus needs log(1 - p_y) only up to log_end < 1, where 1 - p_y >= 1 - log_end.
+    The bonus needs log(1 - p_y) only up to log_end < 1, where 1 - p_y >= 1 - log_end: the
+    statistics of :func:`softmax_with_target_stats` give it exactly.
 
     Returns:
         (p, rest_sum, -log p_y, 1 - p_y, b, g): p the (M, C) softmax with 0 at y, the others
         float64 rows; rest_sum = sum_{j != y} p_j, the sum the buffer is normalised by.
     """
-    num_classes = logits.shape[-1]
-    # Read max z and z_y first: with consume=True the softmax may overwrite the logits.
-    z_max = logits.amax(-1).reshape(-1).to(ROW_DTYPE)
-    z_target = logits.gather(-1, target.view(*logits.shape[:-1], 1)).reshape(-1).to(ROW_DTYPE)
-    if consume:
-        probs = _softmax_rows_(working_rows(logits, compute_dtype, True))
-    else:
-        same_dtype = logits.dtype == compute_dtype
-        probs = torch.softmax(logits, dim=-1, dtype=None if same_dtype else compute_dtype)
-        probs = probs.contiguous().view(-1, num_classes)
-    log_sum_exp = z_max - probs.amax(1).to(ROW_DTYPE).log()
-    neg_log_p = log_sum_exp - z_target
-    probs.scatter_(1, target, 0.0)
-    rest_sum = probs.sum(1).to(ROW_DTYPE)
-    p = torch.exp(-neg_log_p)
-    # 1 - p_y from the exact log p_y where p_y <= 1/2; from the sum of the others (no
-    # cancellation, exact in relative terms) where p_y > 1/2.
-    one_minus_p = torch.where(p <= 0.5, -torch.expm1(-neg_log_p), rest_sum)
+    stats = softmax_with_target_stats(logits, target, compute_dtype, consume)
+    p, one_minus_p = stats.p, stats.one_minus_p
     b, g = bonus.value_and_slope(p, one_minus_p, one_minus_p.log())
-    return probs, rest_sum, neg_log_p, one_minus_p, b, g
+    return stats.probs, stats.rest_sum, stats.neg_log_p, one_minus_p, b, g
 
 
 class DenseTargetEL(torch.autograd.Function):
@@ -272,13 +386,13 @@ class DenseTargetEL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, *args):
         row_loss, buffer, state = dense_target_terms(logits, *args)
-        _keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
+        keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
         return row_loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        buffer, state = _take_for_backward(ctx)
+        buffer, state = take_for_backward(ctx)
         dense_target_grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
@@ -308,16 +422,16 @@ def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> 
     ) = state
     # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
     grad_rows = torch.where(row_active, grad_rows, 0.0)
-    buffer.mul_(_rows_as(buffer, grad_rows * push))
+    buffer.mul_(rows_as(buffer, grad_rows * push))
     if mass_slope is not None:
-        buffer.addcmul_(mass_slope, _rows_as(buffer, grad_rows))
+        buffer.addcmul_(mass_slope, rows_as(buffer, grad_rows))
     elif class_slope is not None:
-        buffer.addcmul_(class_slope, _rows_as(buffer, grad_rows * alpha))
+        buffer.addcmul_(class_slope, rows_as(buffer, grad_rows * alpha))
     else:
-        buffer.addr_(_rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
+        buffer.addr_(rows_as(buffer, grad_rows * alpha).squeeze(1), class_weight, alpha=-1.0)
     if target is not None:
-        buffer.scatter_add_(1, target, _rows_as(buffer, grad_rows * target_correction))
-    buffer.scatter_(1, special, _rows_as(buffer, grad_rows * grad_special))
+        buffer.scatter_add_(1, target, rows_as(buffer, grad_rows * target_correction))
+    buffer.scatter_(1, special, rows_as(buffer, grad_rows * grad_special))
     return buffer
 
 
@@ -394,7 +508,7 @@ def dense_target_terms(
         slope_rest = None  # a_k (rho v_k r_k - 1) = -a_k
         target_correction = None if target is None else -target_rest
     else:
-        one_minus_p_column = _rows_as(buffer, one_minus_p_s)
+        one_minus_p_column = rows_as(buffer, one_minus_p_s)
         b_rest, r_rest = bonus.rest_terms_(buffer * one_minus_p_column)
         dense_v = None
         if dense_mass is not None:
@@ -426,7 +540,7 @@ def dense_target_terms(
     grad_special = torch.where(has_rest, grad_special, 0.0)
     # The gradient's a_k (rho v_k r_k - 1) term, kept in the cheapest form.
     if dense_mass is not None:
-        dense_mass.addr_(_rows_as(dense_mass, alpha).squeeze(1), class_weight)
+        dense_mass.addr_(rows_as(dense_mass, alpha).squeeze(1), class_weight)
         mass_slope = dense_mass if slope_rest is None else dense_mass.mul_(slope_rest)
         if slope_rest is None:
             mass_slope.neg_()
@@ -466,83 +580,3 @@ def _weighted_row_sum(values, alpha, v_weight, dense_v, target, target_rest, bon
             at_target = at_target * bonus_weight[target.squeeze(1)]
         total = total + target_rest * at_target
     return total
-
-
-class IndexTargetRows:
-    """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
-
-    Built once for the whole batch; :meth:`terms` computes row losses and the gradient buffer for
-    any slice of rows, and :meth:`grad_` turns that buffer into the gradient.
-    ``encouraging_loss`` uses it whole through :class:`HardTargetEL` / :class:`DenseTargetEL`, the
-    fused linear path chunk by chunk.
-
-    Args:
-        target: (M,) class indices or ``ignore_index``.
-        num_classes: C.
-        weight: optional (C,) class weights in the compute dtype.
-        bonus_weight: optional (C,) bonus weights in the compute dtype.
-        ignore_index: the target value that contributes nothing.
-        label_smoothing: epsilon in [0, 1].
-        rho: the bonus scale.
-        bonus: the :class:`Bonus` shape.
-        compute_dtype: float32 or float64, the dtype of the (M, C) passes.
-    """
-
-    def __init__(
-        self,
-        target,
-        num_classes,
-        weight,
-        bonus_weight,
-        ignore_index,
-        label_smoothing,
-        rho,
-        bonus,
-        compute_dtype,
-    ):
-        flat_target = target.reshape(-1).long()
-        valid = flat_target != ignore_index
-        safe_target = torch.where(valid, flat_target, 0)
-        if weight is None:
-            target_weight = valid.to(ROW_DTYPE)
-        else:
-            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
-        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
-        self.denominator = target_weight.sum()
-        self.num_rows = flat_target.numel()
-        self.hard = label_smoothing == 0.0
-        self.target = safe_target.unsqueeze(1)
-        self.tail = (rho, bonus, compute_dtype)
-        if self.hard:
-            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
-            self.row_vectors = (target_weight, row_bonus_weight)
-        else:
-            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
-            if weight is None:
-                weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
-            row_alpha = valid.to(ROW_DTYPE) * (label_smoothing / num_classes)
-            self.class_vectors = (weight, bonus_weight)
-            self.row_vectors = (row_alpha, (1.0 - label_smoothing) * target_weight)
-
-    def args(self, rows: slice = slice(None)) -> tuple:
-        """The positional arguments after the logits of the terms function, for ``rows``."""
-        target = self.target[rows]
-        first, second = (None if v is None else v[rows] for v in self.row_vectors)
-        if self.hard:
-            return (target, first, second, *self.tail)
-        weight, bonus_weight = self.class_vectors
-        return (first, weight, None, None, target, second, bonus_weight, *self.tail)
-
-    @property
-    def function(self):
-        """The autograd Function for whole-batch use."""
-        return HardTargetEL if self.hard else DenseTargetEL
-
-    def terms(self, logits: torch.Tensor, rows: slice, *, consume: bool = False):
-        """(row losses, buffer, state) for the logits of ``rows`` (see the terms functions)."""
-        terms = hard_target_terms if self.hard else dense_target_terms
-        return terms(logits, *self.args(rows), consume=consume)
-
-    def grad_(self, buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
-        """The buffer of :meth:`terms`, turned into the gradient in place (see ``*_grad_``)."""
-        return (hard_target_grad_ if self.hard else dense_target_grad_)(buffer, state, grad_rows)

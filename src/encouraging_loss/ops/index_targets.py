@@ -1,0 +1,118 @@
+"""Class-index targets: the per-row arguments of the loss, and which row path computes it."""
+
+from __future__ import annotations
+
+import torch
+
+from .rowwise import (
+    ROW_DTYPE,
+    DenseTargetEL,
+    HardTargetEL,
+    dense_target_grad_,
+    dense_target_terms,
+    hard_target_grad_,
+    hard_target_terms,
+)
+from .smoothed import (
+    SmoothedTargetEL,
+    smoothed_path_supports,
+    smoothed_target_grad_,
+    smoothed_target_terms,
+)
+
+
+class IndexTargetRows:
+    """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
+
+    Built once for the whole batch; :meth:`terms` computes row losses and the gradient buffer for
+    any slice of rows, and :meth:`grad_` turns that buffer into the gradient.
+    ``encouraging_loss`` uses it whole through the autograd Function of its kind, the fused
+    linear path chunk by chunk. The kind: ``"hard"`` (no label smoothing,
+    :class:`.rowwise.HardTargetEL`), ``"smoothed"`` (label smoothing with a bonus of bounded
+    slope, :class:`.smoothed.SmoothedTargetEL`) or ``"dense"`` (label smoothing with any other
+    bonus, :class:`.rowwise.DenseTargetEL`).
+
+    Args:
+        target: (M,) class indices or ``ignore_index``.
+        num_classes: C.
+        weight: optional (C,) class weights in the compute dtype.
+        bonus_weight: optional (C,) bonus weights in the compute dtype.
+        ignore_index: the target value that contributes nothing.
+        label_smoothing: epsilon in [0, 1].
+        rho: the bonus scale.
+        bonus: the :class:`Bonus` shape.
+        compute_dtype: float32 or float64, the dtype of the (M, C) passes.
+    """
+
+    def __init__(
+        self,
+        target,
+        num_classes,
+        weight,
+        bonus_weight,
+        ignore_index,
+        label_smoothing,
+        rho,
+        bonus,
+        compute_dtype,
+    ):
+        flat_target = target.reshape(-1).long()
+        valid = flat_target != ignore_index
+        safe_target = torch.where(valid, flat_target, 0)
+        if weight is None:
+            target_weight = valid.to(ROW_DTYPE)
+        else:
+            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
+        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
+        self.denominator = target_weight.sum()
+        self.num_rows = flat_target.numel()
+        if label_smoothing == 0.0:
+            self.kind = "hard"
+        elif smoothed_path_supports(bonus, rho):
+            self.kind = "smoothed"
+        else:
+            self.kind = "dense"
+        self.target = safe_target.unsqueeze(1)
+        self.tail = (rho, bonus, compute_dtype)
+        if self.kind == "hard":
+            row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
+            self.row_vectors = (target_weight, row_bonus_weight)
+        else:
+            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            if weight is None and self.kind == "dense":
+                weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
+            row_alpha = valid.to(ROW_DTYPE) * (label_smoothing / num_classes)
+            self.class_vectors = (weight, bonus_weight)
+            self.row_vectors = (row_alpha, (1.0 - label_smoothing) * target_weight)
+
+    def args(self, rows: slice = slice(None)) -> tuple:
+        """The positional arguments after the logits of the terms function, for ``rows``."""
+        target = self.target[rows]
+        first, second = (None if v is None else v[rows] for v in self.row_vectors)
+        if self.kind == "hard":
+            return (target, first, second, *self.tail)
+        weight, bonus_weight = self.class_vectors
+        if self.kind == "smoothed":
+            return (target, first, second, weight, bonus_weight, *self.tail)
+        return (first, weight, None, None, target, second, bonus_weight, *self.tail)
+
+    @property
+    def function(self):
+        """The autograd Function for whole-batch use."""
+        return _ROW_FUNCTIONS[self.kind][0]
+
+    def terms(self, logits: torch.Tensor, rows: slice, *, consume: bool = False):
+        """(row losses, buffer, state) for the logits of ``rows`` (see the terms functions)."""
+        return _ROW_FUNCTIONS[self.kind][1](logits, *self.args(rows), consume=consume)
+
+    def grad_(self, buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
+        """The buffer of :meth:`terms`, turned into the gradient in place (see ``*_grad_``)."""
+        return _ROW_FUNCTIONS[self.kind][2](buffer, state, grad_rows)
+
+
+#: kind -> (autograd Function, terms function, gradient function).
+_ROW_FUNCTIONS = {
+    "hard": (HardTargetEL, hard_target_terms, hard_target_grad_),
+    "smoothed": (SmoothedTargetEL, smoothed_target_terms, smoothed_target_grad_),
+    "dense": (DenseTargetEL, dense_target_terms, dense_target_grad_),
+}
