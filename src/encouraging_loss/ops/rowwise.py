@@ -330,7 +330,7 @@ def softmax_with_target_stats(
         else:
             block = probs = torch.softmax(z, dim=1)
         torch.amax(block, 1, out=p_max)
-        p_y.copy_(block.gather(1, block_target).squeeze(1))
+        torch.gather(block, 1, block_target, out=p_y.unsqueeze(1))
         block.scatter_(1, block_target, 0.0)
         torch.sum(block, 1, out=rest)
         if per_block is not None:
@@ -342,8 +342,9 @@ def softmax_with_target_stats(
     ratio = rest_sum / p_rounded
     confident = rest_sum < p_rounded  # p_y > 1/2
     neg_log_p = torch.where(confident, torch.log1p(ratio), neg_log_p)
-    p = torch.where(confident, 1.0 / (1.0 + ratio), torch.exp(-neg_log_p))
-    one_minus_p = torch.where(confident, ratio / (1.0 + ratio), -torch.expm1(-neg_log_p))
+    p = torch.exp(-neg_log_p)
+    # 1 - p has no cancellation where p <= 1/2.
+    one_minus_p = torch.where(confident, ratio / (1.0 + ratio), 1.0 - p)
     return TargetStats(
         probs, neg_log_p, p, one_minus_p, rest_sum, p_max, log_sum_exp,
         stats[4] if want_weighted else None,
