@@ -15,8 +15,9 @@ Every case compares ``encouraging_loss.encouraging_loss`` (EL) with
 
 * time: one call ``loss(logits, target)`` then ``.backward()`` (with ``logits.grad = None``
   before each), contenders interleaved (CE, EL, CE, EL, ...) within each repetition after a
-  warm-up; the median of the repetitions is reported, with the ratio EL / CE. Wall-clock timings
-  on a shared machine are noisy: rerun before drawing conclusions from a few percent.
+  warm-up; the median of the repetitions is reported, with the ratio EL / CE of the medians and
+  the "paired" ratio, the median of the per-repetition ratios, which the verdicts use. Wall-clock
+  timings on a shared machine are noisy: rerun before drawing conclusions from a few percent.
 * memory: torch has no CPU peak-memory counter, so each contender runs in a fresh subprocess
   with ``MALLOC_MMAP_THRESHOLD_=65536`` (large tensors are mmapped, freed memory goes back to the
   OS). The child builds the inputs, warms the kernels up on a small shape, reads its resident set

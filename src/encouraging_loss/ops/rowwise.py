@@ -21,7 +21,6 @@ A = sum_k a_k, H = sum_k h_k, is ``dL/dz_k = p_k (A - H) - a_k + h_k``.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -312,14 +311,9 @@ def softmax_with_target_stats(
     probs = None
     if eager_cpu:
         probs = rows_in if consume else torch.empty_like(rows_in)
-    blocks = zip(
-        rows_in.split(step),
-        itertools.repeat(None) if probs is None else probs.split(step),
-        target.split(step),
-        *(row.split(step) for row in stats),
-        strict=False,  # the repeat(None) is endless
-    )  # fmt: skip
-    for index, (z, out, block_target, z_max, p_max, p_y, rest, *z_weighted) in enumerate(blocks):
+
+    def run_block(index, z, out, block_target, z_max, p_max, p_y, rest, *z_weighted):
+        nonlocal probs
         # Statistics of the logits first: the softmax may overwrite them.
         torch.amax(z, 1, out=z_max)
         if want_weighted:
@@ -335,6 +329,17 @@ def softmax_with_target_stats(
         torch.sum(block, 1, out=rest)
         if per_block is not None:
             per_block(index, block)
+
+    if step >= num_rows:
+        # One block: no splitting (its cost shows at small sizes).
+        run_block(0, rows_in, probs, target, *stats)
+    else:
+        blocks = zip(
+            rows_in.split(step), probs.split(step), target.split(step),
+            *(row.split(step) for row in stats), strict=True,
+        )  # fmt: skip
+        for index, views in enumerate(blocks):
+            run_block(index, *views)
     stats = stats.to(ROW_DTYPE)
     z_max, p_max, p_rounded, rest_sum = stats[0], stats[1], stats[2], stats[3]
     log_sum_exp = z_max - p_max.log()
