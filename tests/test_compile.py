@@ -9,11 +9,24 @@ from conftest import make_case
 from encouraging_loss import EncouragingLoss, encouraging_loss
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each case compiles the same code objects with other options: without a reset the cases
+    # together pass dynamo's recompile limit, which fullgraph=True turns into an error.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, log_end=1.0),
-                                     dict(bonus="cosine", reduction="sum")])
+                                     dict(bonus="cosine", reduction="sum"),
+                                     dict(label_smoothing=0.1),
+                                     dict(label_smoothing=0.2, log_end=0.5, bonus_scale=0.5)])
 def test_compiled_matches_eager(backend, options):
     logits, target = make_case((16,), 7, dtype=torch.float32, ignore_fraction=0.2)
+    # Confident rows, right and wrong: the compiled smoothed path treats every row exactly.
+    logits.data[:4, 0] += 15.0
     weight = torch.rand(7) + 0.1
     criterion = EncouragingLoss(weight, **options)
     compiled = torch.compile(criterion, fullgraph=True, backend=backend)
