@@ -143,30 +143,27 @@ def take_for_backward(ctx):
     return kept
 
 
-class HardTargetEL(torch.autograd.Function):
-    """Rows with one target class each (no label smoothing).
+def rows_function(name: str, terms, grad_, doc: str) -> type[torch.autograd.Function]:
+    """An autograd Function over rows of logits, from its terms and gradient functions.
 
-    Inputs: logits (..., C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
-    target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
-    Output: (M,) float64 row losses.
-
-    The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
-    k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
-    T = k (1 - p_y) = (1 - p_y) - rho v_y g(p_y): dL/dz_j = w_y T q_j for j != y, dL/dz_y = -w_y T.
+    ``terms(logits, *args)`` gives (row losses, buffer, state); backward keeps them as
+    :func:`keep_for_backward` says and turns the buffer into the logits' gradient with
+    ``grad_(buffer, state, grad_rows)``. The non-tensor arguments get no gradient.
     """
 
-    @staticmethod
     def forward(ctx, logits, *args):
-        row_loss, buffer, state = hard_target_terms(logits, *args)
-        keep_for_backward(ctx, hard_target_terms, logits, args, buffer, state)
+        row_loss, buffer, state = terms(logits, *args)
+        keep_for_backward(ctx, terms, logits, args, buffer, state)
         return row_loss
 
-    @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
         buffer, state = take_for_backward(ctx)
-        hard_target_grad_(buffer, state, grad_rows)
+        grad_(buffer, state, grad_rows)
         return grad_like(buffer, ctx), *([None] * ctx.num_args)
+
+    body = {"__doc__": doc, "forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), body)
 
 
 def hard_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -372,37 +369,6 @@ def _full_softmax_terms(logits, target, bonus: Bonus, compute_dtype, consume: bo
     return stats.probs, stats.rest_sum, stats.neg_log_p, one_minus_p, b, g
 
 
-class DenseTargetEL(torch.autograd.Function):
-    """Rows with a weight on every class: label smoothing or probability targets.
-
-    The class mass of row i is a_ik = alpha_i w_k + D_ik + beta_i [k = y_i], each part optional:
-    label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
-    targets pass D as the target probabilities times a scale.
-
-    Inputs: logits (..., C), then the arguments of :func:`dense_target_terms`.
-    Output: (M,) float64 row losses.
-
-    The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
-    non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
-    r_k = p_k b'(p_k), h_k = rho a_k v_k r_k:
-    dL/dz_k = q_k [(1 - p_s)(A - H') - rho a_s v_s g_s] + a_k (rho v_k r_k - 1)  (k != s),
-    dL/dz_s = A' - H' - (1 - p_s)(A - H') + rho a_s v_s g_s.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, *args):
-        row_loss, buffer, state = dense_target_terms(logits, *args)
-        keep_for_backward(ctx, dense_target_terms, logits, args, buffer, state)
-        return row_loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows):
-        buffer, state = take_for_backward(ctx)
-        dense_target_grad_(buffer, state, grad_rows)
-        return grad_like(buffer, ctx), *([None] * ctx.num_args)
-
-
 def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
     """Turn the buffer of :func:`dense_target_terms` into the gradient of the logits, in place.
 
@@ -586,3 +552,41 @@ def _weighted_row_sum(values, alpha, v_weight, dense_v, target, target_rest, bon
             at_target = at_target * bonus_weight[target.squeeze(1)]
         total = total + target_rest * at_target
     return total
+
+
+HardTargetEL = rows_function(
+    "HardTargetEL",
+    hard_target_terms,
+    hard_target_grad_,
+    """Rows with one target class each (no label smoothing).
+
+Inputs: logits (..., C), target (M, 1) int64 in range, row_weight (M,) = class weight of the
+target (0 for ignored rows), row_bonus_weight (M,) or None, rho, bonus, compute dtype.
+Output: (M,) float64 row losses.
+
+The row loss is w_y (-log p_y + rho v_y b(p_y)); its gradient is w_y k (p - onehot_y) with
+k = 1 - rho v_y p_y b'(p_y). Written with the non-target softmax q_j = p_j / (1 - p_y) and
+T = k (1 - p_y) = (1 - p_y) - rho v_y g(p_y): dL/dz_j = w_y T q_j for j != y, dL/dz_y = -w_y T.
+""",
+)
+
+DenseTargetEL = rows_function(
+    "DenseTargetEL",
+    dense_target_terms,
+    dense_target_grad_,
+    """Rows with a weight on every class: label smoothing or probability targets.
+
+The class mass of row i is a_ik = alpha_i w_k + D_ik + beta_i [k = y_i], each part optional:
+label smoothing of index targets uses (alpha, w, beta, y) and never materialises a; probability
+targets pass D as the target probabilities times a scale.
+
+Inputs: logits (..., C), then the arguments of :func:`dense_target_terms`.
+Output: (M,) float64 row losses.
+
+The special class s of a row is its arg-max; every other class has p_k <= 1/2. With the
+non-special softmax q_k = p_k / (1 - p_s), A' = sum_{k != s} a_k, H' = sum_{k != s} h_k and
+r_k = p_k b'(p_k), h_k = rho a_k v_k r_k:
+dL/dz_k = q_k [(1 - p_s)(A - H') - rho a_s v_s g_s] + a_k (rho v_k r_k - 1)  (k != s),
+dL/dz_s = A' - H' - (1 - p_s)(A - H') + rho a_s v_s g_s.
+""",
+)

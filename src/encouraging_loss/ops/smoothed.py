@@ -26,18 +26,15 @@ and H' = -rho alpha sum_{k != y} w_k v_k V_k:
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..bonus import Bonus
 from .rowwise import (
     ROW_DTYPE,
     block_rows,
-    grad_like,
-    keep_for_backward,
     rows_as,
+    rows_function,
     softmax_with_target_stats,
     sum_into,
-    take_for_backward,
 )
 
 
@@ -46,27 +43,6 @@ def smoothed_path_supports(bonus: Bonus, rho: float) -> bool:
     if bonus.is_zero or rho == 0.0:
         return True
     return bonus.kind == "log" and bonus.log_end < 1.0 and bonus.start == 0.0
-
-
-class SmoothedTargetEL(torch.autograd.Function):
-    """Class-index targets with label smoothing (see the module docstring for the maths).
-
-    Inputs: logits (..., C), then the arguments of :func:`smoothed_target_terms`.
-    Output: (M,) float64 row losses.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, *args):
-        row_loss, buffer, state = smoothed_target_terms(logits, *args)
-        keep_for_backward(ctx, smoothed_target_terms, logits, args, buffer, state)
-        return row_loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows):
-        buffer, state = take_for_backward(ctx)
-        smoothed_target_grad_(buffer, state, grad_rows)
-        return grad_like(buffer, ctx), *([None] * ctx.num_args)
 
 
 class _Bound:
@@ -308,3 +284,15 @@ def _subtract_smoothing_(block: torch.Tensor, c_smooth: torch.Tensor, class_weig
         block.sub_(c_smooth)
     else:
         block.addr_(c_smooth.squeeze(1), class_weight, alpha=-1.0)
+
+
+SmoothedTargetEL = rows_function(
+    "SmoothedTargetEL",
+    smoothed_target_terms,
+    smoothed_target_grad_,
+    """Class-index targets with label smoothing (see the module docstring for the maths).
+
+Inputs: logits (..., C), then the arguments of :func:`smoothed_target_terms`.
+Output: (M,) float64 row losses.
+""",
+)
