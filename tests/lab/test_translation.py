@@ -1,16 +1,24 @@
 """``run translation`` end to end on a few hundred Multi30k pairs: files, metric ranges,
-determinism, resume, BPE round trip, batching and decoding. Skipped without ``tokenizers``,
+determinism, resume, BPE round trip, batching, decoding, and the fused linear + EL path (same
+loss, gradients and statistics as the materialised logits). Skipped without ``tokenizers``,
 ``sacrebleu`` or the data."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
-from encouraging_loss.lab.cli import main
+from encouraging_loss import FocalLoss
+from encouraging_loss.lab.cli import build_parser, main
+from encouraging_loss.lab.losses import build_criterion, parse_loss
 from encouraging_loss.lab.report import run_slug
 
 from .helpers import SHARED_DATA, load_results, shared_dataset
@@ -180,3 +188,191 @@ def test_cli_errors_name_the_argument(tmp_path, capsys):
     assert "preset:" in capsys.readouterr().err
     assert main(base) == 2
     assert "multi30k" in capsys.readouterr().err
+
+
+# --- fused linear + EL ---------------------------------------------------------------------
+
+
+def _tiny_batch(vocab: int = 70):
+    """Random source/target ids with padding: ``<s> ... </s>`` targets of different lengths."""
+    generator = torch.Generator().manual_seed(3)
+    src = torch.randint(4, vocab, (6, 9), generator=generator)
+    src[2, 5:] = translation.PAD
+    tgt = torch.randint(4, vocab, (6, 8), generator=generator)
+    tgt[:, 0] = translation.BOS
+    for row, length in enumerate((8, 5, 7, 3, 8, 6)):
+        tgt[row, length - 1] = translation.EOS
+        tgt[row, length:] = translation.PAD
+    return src, tgt
+
+
+def _tiny_model(
+    vocab: int = 70, share_embeddings: bool = True, fit: bool = True
+) -> translation.Seq2SeqTransformer:
+    torch.manual_seed(0)
+    model = translation.Seq2SeqTransformer(
+        vocab, d_model=16, heads=2, feedforward=32, share_embeddings=share_embeddings
+    )
+    if not share_embeddings:  # an untied projection with a bias: the fused path's bias too
+        model.output = nn.Linear(16, vocab)
+    if not fit:
+        return model
+    # Fit the batch a little, so that some tokens have p_y > 0.5 (the gradient-share statistic).
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(25):
+        loss, _ = translation.teacher_forced_loss(model, nn.CrossEntropyLoss(), *_tiny_batch(vocab))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _one_step(model, criterion, fused_linear, forward=None, rows=slice(None)):
+    """Loss, parameter gradients and statistics of one training step (dropout seeded)."""
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    src, tgt = _tiny_batch()
+    loss, statistics = translation.teacher_forced_loss(
+        model, criterion, src[rows], tgt[rows], fused_linear=fused_linear, forward=forward
+    )
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads, statistics()
+
+
+@pytest.mark.parametrize("share_embeddings", [True, False])
+@pytest.mark.parametrize("loss_name", ["ls-ce:0.1", LS_EL, "el:log_end=0.75,ramp=0.5"])
+def test_fused_step_matches_materialised(loss_name, share_embeddings, monkeypatch):
+    # A few rows per statistics chunk, so that the chunked statistics are tested across chunks.
+    monkeypatch.setattr(translation, "STATISTICS_CHUNK_LOGITS", 7 * 70)
+    model = _tiny_model(share_embeddings=share_embeddings)
+    criterion = build_criterion(parse_loss(loss_name))
+    if hasattr(criterion, "bonus_scale"):
+        criterion.bonus_scale = 0.3  # what a bonus schedule sets mid-training
+    materialised = _one_step(model, criterion, fused_linear=False)
+    fused = _one_step(model, criterion, fused_linear=True)
+    torch.testing.assert_close(fused[0], materialised[0], rtol=1e-6, atol=1e-6)
+    assert fused[1].keys() == materialised[1].keys()
+    for name, grad in materialised[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert fused[2][2:4] == materialised[2][2:4]  # correct tokens, tokens
+    assert 0 < materialised[2][4] < materialised[2][5]  # some gradient from p_y > 0.5, not all
+    assert fused[2] == pytest.approx(materialised[2], rel=1e-5)
+
+
+def test_fused_step_under_bfloat16_autocast():
+    """``amp``: the fused loss gets bfloat16 states and weight, as autocast's projection does."""
+    model = _tiny_model(share_embeddings=False)
+    criterion = build_criterion(parse_loss(LS_EL))
+    steps = []
+    for fused_linear in (False, True):
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        loss, statistics = translation.teacher_forced_loss(
+            model, criterion, *_tiny_batch(), fused_linear=fused_linear, amp=True
+        )
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        steps.append((loss.detach(), grads, statistics()))
+    (loss, grads, statistics), (fused_loss, fused_grads, fused_statistics) = steps
+    assert fused_loss.dtype == torch.float32
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=0.0)  # a bfloat16 scalar
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=0.05, atol=grad.abs().max() * 0.02)
+    assert fused_statistics == pytest.approx(statistics, rel=1e-5)  # float32 from the chunks
+
+
+def _ddp_worker(rank: int, port: int, state: dict, results: dict) -> None:
+    """One of two ranks: the fused path on its half of the batch, through DDP."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _tiny_model(share_embeddings=False, fit=False)
+        model.load_state_dict(state)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        criterion = build_criterion(parse_loss(LS_EL))
+        half = slice(3 * rank, 3 * rank + 3)
+        for _ in range(2):  # DDP checks at the next forward that every gradient was reduced
+            _, grads, _ = _one_step(model, criterion, True, forward=wrapped, rows=half)
+        results[rank] = grads
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_gradients_reach_ddp_hooks():
+    """Untied output layer, used by the fused loss only: DDP averages its gradient too."""
+    reference = _tiny_model(share_embeddings=False)
+    criterion = build_criterion(parse_loss(LS_EL))
+    halves = [_one_step(reference, criterion, False, rows=slice(i, i + 3))[1] for i in (0, 3)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, reference.state_dict(), results), nprocs=2, join=True)
+    for name in halves[0]:
+        expected = (halves[0][name] + halves[1][name]) / 2
+        for rank in range(2):
+            torch.testing.assert_close(
+                results[rank][name], expected, rtol=1e-5, atol=1e-7, msg=f"{name} rank {rank}"
+            )
+
+
+def test_fused_linear_on_and_off_give_the_same_run(tiny_mt_run, tmp_path):
+    out = tmp_path / "fused"
+    results = translation.run(_options(out, losses=LS_EL, fused_linear="on"))
+    for name in ("results.json", "results.csv", "report.md", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert (out / "translations" / f"{run_slug(LS_EL, 0)}.beam5.en").read_text().count("\n") == 24
+    assert results["config"]["fused_linear"] == {
+        "mode": "on",
+        "min_vocab": translation.FUSED_LINEAR_MIN_VOCAB,
+        "losses": [LS_EL],
+    }
+    fused = results["runs"][0]
+    materialised = load_results(tiny_mt_run)["runs"][1]  # auto: 400 tokens, below the threshold
+    assert fused["fused_linear"] and not materialised["fused_linear"]
+    assert fused["status"] == materialised["status"] == "ok"
+    for epoch_fused, epoch_materialised in zip(
+        fused["history"], materialised["history"], strict=True
+    ):
+        for name in ("train_loss", "train_ce", "train_accuracy", "grad_share_well_classified"):
+            assert epoch_fused[name] == pytest.approx(epoch_materialised[name], rel=1e-4), name
+        assert epoch_fused["val_accuracy"] == pytest.approx(
+            epoch_materialised["val_accuracy"], abs=1e-3
+        )
+    for name in ("token_accuracy", "ppl", "margin_mean", "energy_mean"):
+        assert fused["metrics"][name] == pytest.approx(materialised["metrics"][name], rel=1e-3), (
+            name
+        )
+
+
+def test_fused_linear_auto_threshold_and_losses():
+    el, focal = parse_loss(LS_EL), parse_loss("focal:gamma=2")
+    threshold = translation.FUSED_LINEAR_MIN_VOCAB
+    assert translation.use_fused_linear("auto", el, threshold)
+    assert not translation.use_fused_linear("auto", el, threshold - 1)
+    assert not translation.use_fused_linear("auto", focal, threshold)  # falls back
+    assert translation.use_fused_linear("on", parse_loss("ce"), 10)
+    assert not translation.use_fused_linear("off", el, threshold)
+    with pytest.raises(ValueError, match="fused-linear"):
+        translation.use_fused_linear("yes", el, threshold)
+
+
+def test_fused_linear_on_with_another_loss_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"fused-linear: 'on'.*'focal:gamma=2'"):
+        translation.use_fused_linear("on", parse_loss("focal:gamma=2"), 10_000)
+    with pytest.raises(ValueError, match="criterion: .*FocalLoss"):
+        translation.fused_loss_options(FocalLoss())
+    base = ["run", "translation", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*base, "--losses", "ce,poly1:epsilon=1", "--fused-linear", "on"]) == 2
+    error = capsys.readouterr().err
+    assert "fused-linear" in error and "poly1:epsilon=1" in error and error[-1] == "\n"
+    parser = build_parser()
+    assert translation.options_from_args(parser.parse_args(base)).fused_linear == "auto"
+    assert (
+        translation.options_from_args(
+            parser.parse_args([*base, "--fused-linear", "off"])
+        ).fused_linear
+        == "off"
+    )

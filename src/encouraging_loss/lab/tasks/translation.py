@@ -12,6 +12,10 @@ The paper's recipe is label smoothing 0.1 combined with EL (``log_end=0.5``): th
 compared across losses: the reported perplexity is ``exp`` of the plain (unsmoothed) CE of the
 same logits, computed separately.
 
+Large target vocabularies train through the core's fused linear + EL path
+(:func:`encouraging_loss.linear_encouraging_loss`: decoder states, output weight and targets in,
+the loss out, no ``(tokens, vocabulary)`` logits tensor); see ``--fused-linear``.
+
 Needs ``tokenizers`` and ``sacrebleu``.
 """
 
@@ -23,12 +27,15 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from encouraging_loss import EncouragingLoss, linear_encouraging_loss
 
 from .. import data as lab_data
 from .. import diagnostics, report
@@ -67,6 +74,14 @@ TABLE_METRICS = (
     ("energy_mean", "token energy −lse", False),
     ("grad_share_well_classified_last", "grad share p_y>0.5", True),
 )
+FUSED_LINEAR_MODES = ("auto", "on", "off")
+# ``--fused-linear auto`` switches the fused path on from this target vocabulary size: below it
+# a batch's (tokens x vocabulary) logits are small next to the Transformer's own activations.
+FUSED_LINEAR_MIN_VOCAB = 8192
+# Loss families the fused path computes: EL, and CE as EL with bonus scale 0.
+FUSED_LINEAR_FAMILIES = ("ce", "ls-ce", "el", "ls-el")
+# Logits per row chunk when the fused path's training statistics are computed (16 MiB float32).
+STATISTICS_CHUNK_LOGITS = 1 << 22
 
 
 # --- presets -----------------------------------------------------------------------------
@@ -198,6 +213,20 @@ class TranslationOptions:
     threads: int | None = None
     progress: bool = True
     stop_after_epochs: int | None = None
+    fused_linear: str = "auto"  # one of FUSED_LINEAR_MODES; see use_fused_linear
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this task's options to the ``run`` parser."""
+    group = parser.add_argument_group("translation task")
+    group.add_argument(
+        "--fused-linear",
+        choices=FUSED_LINEAR_MODES,
+        help="train CE/EL losses through the core's fused linear + EL (decoder states and the "
+        "output weight in, no tokens x vocabulary logits for the loss): auto = on from a target "
+        f"vocabulary of {FUSED_LINEAR_MIN_VOCAB} tokens, for the CE/EL losses only. "
+        "Default: auto",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> TranslationOptions:
@@ -237,7 +266,39 @@ def options_from_args(args: argparse.Namespace) -> TranslationOptions:
         threads=args.threads,
         progress=args.progress,
         stop_after_epochs=args.stop_after_epochs,
+        fused_linear=getattr(args, "fused_linear", None) or "auto",
     )
+
+
+def use_fused_linear(mode: str, spec: LossSpec, vocab_size: int) -> bool:
+    """Whether a loss trains through the fused linear + EL path.
+
+    Args:
+        mode: ``"on"``, ``"off"`` or ``"auto"`` (on when ``vocab_size`` is at least
+            :data:`FUSED_LINEAR_MIN_VOCAB` and the loss is CE or EL).
+        spec: the parsed loss.
+        vocab_size: the target vocabulary size.
+
+    Returns:
+        ``True`` for the fused path, ``False`` for materialised logits.
+
+    Raises:
+        ValueError: naming ``fused-linear`` for an unknown mode, or for ``"on"`` with a loss the
+            fused path does not compute (anything but CE and EL).
+    """
+    if mode not in FUSED_LINEAR_MODES:
+        raise ValueError(
+            f"fused-linear: must be one of {', '.join(FUSED_LINEAR_MODES)}, got {mode!r}"
+        )
+    fusable = spec.family in FUSED_LINEAR_FAMILIES
+    if mode == "on" and not fusable:
+        raise ValueError(
+            f"fused-linear: 'on' computes CE and EL losses only "
+            f"({', '.join(FUSED_LINEAR_FAMILIES)}), not {spec.name!r}; use auto or off"
+        )
+    if mode == "auto":
+        return fusable and vocab_size >= FUSED_LINEAR_MIN_VOCAB
+    return mode == "on"
 
 
 def resolve_recipe(options: TranslationOptions) -> TranslationRecipe:
@@ -632,17 +693,27 @@ class Seq2SeqTransformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of decoder states (the materialised path).
 
-        Hook for large vocabularies: the core's fused linear + EL path (``hidden``, the output
-        weight and the targets in, the loss out, no ``(tokens, vocab)`` logits tensor) is not
-        available yet; when it is, training calls it with ``hidden`` and ``self.output.weight``
-        instead of ``criterion(self.logits(hidden), targets)`` in :func:`train_translation`.
+        Training with the fused linear + EL path skips this: it takes the decoder states
+        (``forward(..., return_states=True)``) and passes them with ``self.output.weight`` and
+        ``self.output.bias`` to :func:`encouraging_loss.linear_encouraging_loss`, which never
+        forms the ``(tokens, vocab)`` logits (see :func:`teacher_forced_loss`).
         """
         return self.output(hidden)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``(B, Lt, vocab)``."""
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, return_states: bool = False
+    ) -> torch.Tensor:
+        """Teacher-forced logits ``(B, Lt, vocab)``, or decoder states ``(B, Lt, d)``.
+
+        Args:
+            src: ``(B, Ls)`` source ids.
+            tgt_in: ``(B, Lt)`` target prefix ids (``<s>`` first).
+            return_states: return the decoder states instead of the logits (for the fused
+                linear + loss path; going through ``forward`` keeps a DDP wrapper in the loop).
+        """
         memory, src_mask = self.encode(src)
-        return self.logits(self.decode(tgt_in, memory, src_mask))
+        states = self.decode(tgt_in, memory, src_mask)
+        return states if return_states else self.logits(states)
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -876,13 +947,199 @@ def epoch_batches(lengths: torch.Tensor, batch: int, seed: int, pool: int = 32) 
     return [batches[i] for i in shuffle]
 
 
+def _shifted_targets(tgt: torch.Tensor) -> torch.Tensor:
+    """Flat next-token targets ``(B*T,)`` of ``<s> ... </s>`` ids, pads as ``-100``."""
+    return tgt[:, 1:].masked_fill(tgt[:, 1:] == PAD, IGNORE_INDEX).reshape(-1)
+
+
 def _forced_logits(model, src, tgt, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced flat logits ``(B*T, V)`` and targets ``(B*T,)`` (pads = ``-100``)."""
     src, tgt = src.to(device), tgt.to(device)
-    targets = tgt[:, 1:].masked_fill(tgt[:, 1:] == PAD, IGNORE_INDEX).reshape(-1)
     logits = model(src, tgt[:, :-1])
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    return flat, targets
+    return flat, _shifted_targets(tgt)
+
+
+def _forced_states(model, src, tgt, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced flat decoder states ``(B*T, d)`` and targets ``(B*T,)`` (pads = ``-100``)."""
+    src, tgt = src.to(device), tgt.to(device)
+    states = model(src, tgt[:, :-1], return_states=True)
+    return states.reshape(-1, states.shape[-1]), _shifted_targets(tgt)
+
+
+def fused_loss_options(criterion: nn.Module) -> dict:
+    """The keywords of :func:`encouraging_loss.linear_encouraging_loss` for ``criterion``'s loss.
+
+    Read at every step, so that a bonus schedule's updates of ``criterion.bonus_scale`` apply.
+
+    Args:
+        criterion: an ``nn.CrossEntropyLoss`` (computed as EL with bonus scale 0) or an
+            ``EncouragingLoss``, with mean reduction.
+
+    Returns:
+        ``class_weight``, ``ignore_index``, ``reduction``, ``label_smoothing`` and the bonus
+        options.
+
+    Raises:
+        ValueError: naming ``criterion`` for another loss or reduction.
+    """
+    # Exact types: FocalLoss, Poly1Loss or a subclass may compute something else.
+    if type(criterion) is nn.CrossEntropyLoss:
+        bonus_options: dict = {"bonus_scale": 0.0}
+    elif type(criterion) is EncouragingLoss:
+        bonus_options = {
+            "log_end": criterion.log_end,
+            "bonus_scale": criterion.bonus_scale,
+            "bonus": criterion.bonus,
+            "bonus_gamma": criterion.bonus_gamma,
+            "bonus_start": criterion.bonus_start,
+            "bonus_weight": criterion.bonus_weight,
+            "validate_args": criterion.validate_args,
+            "backend": criterion.backend,
+        }
+    else:
+        raise ValueError(
+            "criterion: the fused linear path computes nn.CrossEntropyLoss and EncouragingLoss "
+            f"only, got {type(criterion).__name__}"
+        )
+    if criterion.reduction != "mean":
+        raise ValueError(
+            f"criterion: the fused linear path needs reduction='mean', got {criterion.reduction!r}"
+        )
+    return {
+        "class_weight": criterion.weight,
+        "ignore_index": criterion.ignore_index,
+        "reduction": "mean",
+        "label_smoothing": criterion.label_smoothing,
+        **bonus_options,
+    }
+
+
+def teacher_forced_loss(
+    model: Seq2SeqTransformer,
+    criterion: nn.Module,
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    *,
+    fused_linear: bool = False,
+    amp: bool = False,
+    forward: nn.Module | None = None,
+) -> tuple[torch.Tensor, Callable[[], list[float]]]:
+    """The training loss of one batch and a function that gives the batch's token statistics.
+
+    Materialised: ``criterion(logits, targets)`` on the flat ``(tokens, vocab)`` logits. Fused:
+    the decoder states, ``model.output.weight``/``bias`` and the targets go to
+    :func:`encouraging_loss.linear_encouraging_loss` with ``criterion``'s settings, which never
+    forms those logits; the same loss within rounding.
+
+    Args:
+        model: the model (its output layer is the fused path's projection).
+        criterion: the loss (``nn.CrossEntropyLoss`` or ``EncouragingLoss`` for the fused path).
+        src: ``(B, Ls)`` source ids.
+        tgt: ``(B, Lt)`` target ids ``<s> ... </s>``, padded.
+        fused_linear: use the fused linear + EL path.
+        amp: run the forward under bfloat16 autocast (CUDA); the fused loss then gets bfloat16
+            states and weight, as autocast gives the materialised projection.
+        forward: the module the forward runs through: the DDP wrapper of ``model`` under
+            ``torchrun``, so that the gradients reach its hooks; ``None`` = ``model``.
+
+    Returns:
+        ``(loss, statistics)``. Call ``statistics()`` after ``loss.backward()`` and before the
+        optimiser changes the weights: ``[loss x tokens, CE sum, correct tokens, tokens,
+        gradient norm of tokens with p_y > 0.5, total gradient norm]`` over non-pad tokens,
+        the norms being those of the loss's gradient on each token's logits.
+
+    Raises:
+        ValueError: from :func:`fused_loss_options` for a criterion the fused path lacks.
+    """
+    device = model.output.weight.device
+    forward = model if forward is None else forward
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        if fused_linear:
+            states, targets = _forced_states(forward, src, tgt, device)
+        else:
+            flat, targets = _forced_logits(forward, src, tgt, device)
+    if not fused_linear:
+        flat.retain_grad()
+        loss = criterion(flat, targets)
+        return loss, lambda: _materialised_statistics(loss, flat, targets)
+    options = fused_loss_options(criterion)
+    # Outside autocast, with the dtype autocast would give the materialised projection.
+    dtype = torch.bfloat16 if amp else model.output.weight.dtype
+    weight = model.output.weight.to(dtype)
+    bias = None if model.output.bias is None else model.output.bias.to(dtype)
+    states = states.to(dtype)
+    loss = linear_encouraging_loss(states, weight, targets, bias, **options).float()
+    return loss, lambda: _fused_statistics(criterion, states, weight, bias, targets)
+
+
+def _token_statistics(
+    logits: torch.Tensor, gold: torch.Tensor, grad: torch.Tensor
+) -> list[torch.Tensor]:
+    """CE sum, correct count, and the well-classified and total norms of rows of ``grad``."""
+    p_true = logits.softmax(1).gather(1, gold[:, None]).squeeze(1)
+    norms = grad.norm(dim=1)
+    return [
+        nn.functional.cross_entropy(logits, gold, reduction="sum"),
+        (logits.argmax(1) == gold).sum(),
+        norms[p_true > 0.5].sum(),
+        norms.sum(),
+    ]
+
+
+@torch.no_grad()
+def _materialised_statistics(
+    loss: torch.Tensor, flat: torch.Tensor, targets: torch.Tensor
+) -> list[float]:
+    """:func:`teacher_forced_loss`'s statistics from the logits and their retained gradient."""
+    keep = targets != IGNORE_INDEX
+    logits, gold = flat.detach()[keep], targets[keep]
+    count = len(gold)
+    ce, correct, well, total = (t.item() for t in _token_statistics(logits, gold, flat.grad[keep]))
+    return [loss.item() * count, ce, correct, count, well, total]
+
+
+def _mean_denominator(criterion: nn.Module, gold: torch.Tensor) -> float | torch.Tensor:
+    """What a mean-reduced criterion divides the summed loss of targets ``gold`` by."""
+    class_weight = getattr(criterion, "weight", None)
+    return float(len(gold)) if class_weight is None else class_weight[gold].sum()
+
+
+@torch.no_grad()
+def _fused_statistics(
+    criterion: nn.Module,
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+) -> list[float]:
+    """:func:`teacher_forced_loss`'s statistics from decoder states, in row chunks.
+
+    Each chunk's logits are formed again (``states @ weight.T + bias``, at most
+    :data:`STATISTICS_CHUNK_LOGITS` of them) and its loss recomputed with autograd on them,
+    scaled by the chunk's share of the batch's mean denominator, so that its gradient is the
+    batch loss's gradient on those rows: the materialised path's numbers without its logits.
+    """
+    keep = targets != IGNORE_INDEX
+    states, gold = states.detach()[keep], targets[keep]
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    denominator = _mean_denominator(criterion, gold)
+    rows = max(1, STATISTICS_CHUNK_LOGITS // weight.shape[0])
+    totals = [torch.zeros((), device=states.device) for _ in range(5)]
+    for start in range(0, len(gold), rows):
+        chunk_gold = gold[start : start + rows]
+        logits = nn.functional.linear(states[start : start + rows], weight, bias).float()
+        with torch.enable_grad():
+            logits.requires_grad_(True)
+            share = _mean_denominator(criterion, chunk_gold) / denominator
+            chunk_loss = criterion(logits, chunk_gold) * share
+            (grad,) = torch.autograd.grad(chunk_loss, logits)
+        parts = [chunk_loss.detach(), *_token_statistics(logits.detach(), chunk_gold, grad)]
+        totals = [total + part for total, part in zip(totals, parts, strict=True)]
+    loss, ce, correct, well, total = (t.item() for t in totals)
+    count = len(gold)
+    return [loss * count, ce, int(correct), count, well, total]
 
 
 @torch.no_grad()
@@ -939,6 +1196,7 @@ def train_translation(
     stop_after_epochs: int | None = None,
     progress: bool = True,
     description: str = "train",
+    fused_linear: bool = False,
 ) -> TrainResult:
     """Teacher-forced training with model selection on validation token accuracy.
 
@@ -948,9 +1206,14 @@ def train_translation(
     sentence pairs whose loss ignores padding. Under ``torchrun`` each rank averages over its
     own tokens, so the averaged gradient weights ranks equally rather than tokens.
 
+    With ``fused_linear`` the loss comes from the decoder states and the output layer through
+    the core's fused linear + EL (:func:`teacher_forced_loss`): the same loss, gradients and
+    per-epoch statistics within rounding, without the ``(tokens, vocab)`` logits.
+
     Args:
         model: freshly initialised model (seed first with ``set_seed``).
-        criterion: ``criterion(logits (N, V), targets (N,))`` ignoring ``-100``.
+        criterion: ``criterion(logits (N, V), targets (N,))`` ignoring ``-100``; for
+            ``fused_linear`` an ``nn.CrossEntropyLoss`` or ``EncouragingLoss``.
         train_data: encoded training pairs.
         val_data: encoded validation pairs.
         config: hyper-parameters.
@@ -960,14 +1223,24 @@ def train_translation(
         stop_after_epochs: return after this many epochs of this call as if killed.
         progress: show a tqdm bar on rank 0.
         description: bar label.
+        fused_linear: train through the fused linear + EL path (see :func:`use_fused_linear`).
 
     Returns:
         A ``trainer.TrainResult`` whose model holds the best validation weights.
 
     Raises:
-        ValueError: for a bad configuration or a checkpoint written for another setup.
+        ValueError: for a bad configuration, a checkpoint written for another setup, or a
+            criterion the fused path does not compute.
+        TypeError: if ``fused_linear`` is not a bool.
     """
     config.validate()
+    if not isinstance(fused_linear, bool):
+        raise TypeError(
+            "fused_linear: expected a bool (use_fused_linear resolves 'auto'/'on'/'off'), "
+            f"got {fused_linear!r}"
+        )
+    if fused_linear:
+        fused_loss_options(criterion)  # fail before training, not at the first step
     if resume and checkpoint_path is None:
         raise ValueError("checkpoint_path: resume=True needs a checkpoint path")
     if stop_after_epochs is not None and stop_after_epochs < 1:
@@ -1027,14 +1300,16 @@ def train_translation(
             if bonus_schedule is not None:
                 criterion.bonus_scale = float(bonus_schedule(global_step / max(1, total_steps)))
             index = batches[step_in_epoch][my_rank::world]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                flat, targets = _forced_logits(ddp_model, *train_data.batch(index), device)
-            flat.retain_grad()
-            # FUSED-PATH HOOK: the logits above are materialised (tokens x vocabulary). When the
-            # core ships its fused linear + EL, compute decoder states instead and call it with
-            # (states, model.output.weight, targets); the per-token gradient statistics below
-            # then need the fused path's per-row gradients or are skipped.
-            loss = criterion(flat, targets)
+            # Fused: decoder states through ddp_model (so DDP's hooks see the gradients), then
+            # the core's fused linear + EL with model.output; no (tokens x vocabulary) logits.
+            loss, statistics = teacher_forced_loss(
+                model,
+                criterion,
+                *train_data.batch(index),
+                fused_linear=fused_linear,
+                amp=use_amp,
+                forward=ddp_model,
+            )
             global_step += 1
             finite = torch.isfinite(loss.detach()).float()
             if distributed:
@@ -1046,19 +1321,9 @@ def train_translation(
             loss.backward()
             if config.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            # Before the step: the fused path's statistics form logits from the output weight.
+            sums = [total + part for total, part in zip(sums, statistics(), strict=True)]
             optimizer.step()
-            with torch.no_grad():
-                keep = targets != IGNORE_INDEX
-                logits, gold = flat.detach()[keep], targets[keep]
-                p_true = logits.softmax(1).gather(1, gold[:, None]).squeeze(1)
-                norms = flat.grad[keep].norm(dim=1)
-                count = len(gold)
-                sums[0] += loss.item() * count
-                sums[1] += nn.functional.cross_entropy(logits, gold, reduction="sum").item()
-                sums[2] += (logits.argmax(1) == gold).sum().item()
-                sums[3] += count
-                sums[4] += norms[p_true > 0.5].sum().item()
-                sums[5] += norms.sum().item()
         if diverged:
             result.diverged, result.diverged_step = True, global_step
             result.diverged_epoch = epoch + 1
@@ -1137,6 +1402,8 @@ def run(options: TranslationOptions) -> dict | None:
     # --- configuration -------------------------------------------------------------------
     specs = parse_loss_list(options.losses)
     recipe = resolve_recipe(options)
+    for spec in specs:  # a bad --fused-linear fails before the data is read
+        use_fused_linear(options.fused_linear, spec, recipe.vocab_size)
     _require("tokenizers")
     _require("sacrebleu")
     out_dir = Path(options.out or f"runs/{TASK}-{options.preset}-{DATASET}")
@@ -1201,6 +1468,15 @@ def run(options: TranslationOptions) -> dict | None:
                 "file": "tokenizer.json",
             },
             "max_tokens": recipe.max_tokens,
+        },
+        "fused_linear": {
+            "mode": options.fused_linear,
+            "min_vocab": FUSED_LINEAR_MIN_VOCAB,
+            "losses": [
+                s.name
+                for s in specs
+                if use_fused_linear(options.fused_linear, s, tokenizer.get_vocab_size())
+            ],
         },
         "table_metrics": [list(m) for m in TABLE_METRICS],
         "table_note": (
@@ -1275,6 +1551,7 @@ def _train_and_measure(
         max_positions=2 * recipe.max_tokens + 16,
     )
     criterion = build_criterion(spec)  # ignore_index=-100 (padding) for every family
+    fused_linear = use_fused_linear(options.fused_linear, spec, tokenizer.get_vocab_size())
     outcome = train_translation(
         model,
         criterion,
@@ -1287,6 +1564,7 @@ def _train_and_measure(
         stop_after_epochs=options.stop_after_epochs,
         progress=options.progress,
         description=f"{spec.name} seed {seed}",
+        fused_linear=fused_linear,
     )
     if outcome.interrupted or rank() != 0:
         return None, outcome.interrupted
@@ -1310,6 +1588,7 @@ def _train_and_measure(
         "reliability": None,
         "bleu_signature": signature,
         "train_seconds": outcome.train_seconds,
+        "fused_linear": fused_linear,
     }
     report.atomic_write_json(record_path, record)
     if checkpoint_path.is_file():
