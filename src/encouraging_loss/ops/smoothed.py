@@ -10,10 +10,13 @@ those classes,
 may come from the rounded p_k: it errs by about a unit of 1 per class, alpha-weighted, as torch's
 own smoothing term does. The target's terms are exact row quantities (the statistics of
 :func:`.rowwise.softmax_with_target_stats`). So, unlike the general dense path of
-:mod:`.rowwise`, no class needs special treatment, and every (M, C) pass after the softmax is one
+:mod:`.rowwise`, no row needs its arg-max, and every (M, C) pass after the softmax is one
 elementwise op or reduction. On CPU those passes run block by block over a few hundred rows that
 stay in cache, with one small scratch block instead of a second (M, C) buffer: the extra memory is
-the single buffer that becomes the gradient, as for hard targets.
+the single buffer that becomes the gradient, as for hard targets. There, too, the cap at e is
+skipped in the rows that cannot reach it (no class past e off y), and the few rows that can are
+redone exactly afterwards (:func:`_fix_rows`); on a GPU and under ``torch.compile`` every row takes
+the capped form, which needs no data-dependent shapes.
 
 Gradient, with V_k = p_k / (1 - min(p_k, e)) (= -r_k, r = p b'(p)), A' = alpha sum_{k != y} w_k
 and H' = -rho alpha sum_{k != y} w_k v_k V_k:
