@@ -57,6 +57,12 @@ def working_rows(logits: torch.Tensor, dtype: torch.dtype, consume: bool) -> tor
     return copy_rows(logits, dtype)
 
 
+def cpu_eager(device: torch.device) -> bool:
+    """Whether this runs eagerly on CPU, where in-place kernels, row blocks and data-dependent
+    row subsets pay; on a GPU and while compiling, whole-tensor passes are used instead."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def grad_like(buffer: torch.Tensor, ctx) -> torch.Tensor:
     """The gradient rows in the logits' shape and dtype."""
     grad = buffer.view(ctx.logits_shape)
@@ -69,7 +75,7 @@ def _softmax_rows_(buffer: torch.Tensor) -> torch.Tensor:
     On CPU the softmax kernel reads each row before writing it, so ``out`` may alias the input;
     elsewhere (and while compiling) it allocates.
     """
-    if buffer.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cpu_eager(buffer.device):
         return torch._softmax(buffer, 1, False, out=buffer)
     return torch.softmax(buffer, dim=1)
 
@@ -233,7 +239,7 @@ def block_rows(num_rows: int, num_classes: int, device: torch.device) -> int:
 
     On a GPU (and while compiling) one pass over everything is cheapest.
     """
-    if device.type != "cpu" or torch.compiler.is_compiling() or num_rows == 0:
+    if not cpu_eager(device) or num_rows == 0:
         return max(num_rows, 1)
     return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
 
@@ -301,12 +307,11 @@ def softmax_with_target_stats(
     num_rows = rows_in.shape[0]
     # Blocks pay when per_block adds passes over each block; without, whole passes are cheaper.
     step = max(num_rows, 1) if per_block is None else step
-    eager_cpu = rows_in.device.type == "cpu" and not torch.compiler.is_compiling()
     want_weighted = logit_weights is not False
     # Rows: max z, max p, p_y, sum_{j != y} p, [sum_k w_k z_k].
     stats = rows_in.new_empty(5 if want_weighted else 4, num_rows)
     probs = None
-    if eager_cpu:
+    if cpu_eager(rows_in.device):
         probs = rows_in if consume else torch.empty_like(rows_in)
 
     def run_block(index, z, out, block_target, z_max, p_max, p_y, rest, *z_weighted):

@@ -34,6 +34,7 @@ from ..bonus import Bonus
 from .rowwise import (
     ROW_DTYPE,
     block_rows,
+    cpu_eager,
     rows_as,
     rows_function,
     softmax_with_target_stats,
@@ -163,7 +164,7 @@ def _fix_rows(p_max: torch.Tensor, rest_sum: torch.Tensor, e: float, device) -> 
     others are redone exactly; on a GPU (and while compiling) every row takes the exact form,
     which needs no data-dependent shapes.
     """
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    if not cpu_eager(device):
         return None
     return (torch.minimum(p_max, rest_sum) > e).nonzero().squeeze(1)
 
@@ -177,7 +178,7 @@ class _BonusSums:
 
     def __init__(self, bound: _Bound, e: float, class_bonus, num_rows: int, step: int):
         self.bound, self.e, self.class_bonus, self.step = bound, e, class_bonus, step
-        self.exact = bound.one.device.type != "cpu" or torch.compiler.is_compiling()
+        self.exact = not cpu_eager(bound.one.device)  # see _fix_rows
         self.sums = bound.one.new_zeros(2, num_rows)
         self.log_blocks, self.excess_blocks = self.sums[0].split(step), self.sums[1].split(step)
         self.scratch = None
@@ -185,10 +186,8 @@ class _BonusSums:
     def __call__(self, index: int, block: torch.Tensor) -> None:
         if self.scratch is None:
             self.scratch = torch.empty_like(block)
-        scratch = self.scratch if block.shape[0] == self.scratch.shape[0] else \
-            self.scratch[: block.shape[0]]  # fmt: skip
         log_sum, excess = self.log_blocks[index], self.excess_blocks[index]
-        self._sum_block(block, scratch, log_sum, excess, self.exact)
+        self._sum_block(block, self.scratch[: block.shape[0]], log_sum, excess, self.exact)
 
     def _sum_block(self, block, scratch, log_sum, excess, exact: bool) -> None:
         bounded = self.bound.bounded_into(block, scratch, exact)
@@ -247,8 +246,7 @@ def smoothed_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) 
         columns = (buffer, c_fixed, c_ratio, c_smooth, ratio_sum)
         blocks = zip(*(t.split(step) for t in columns), strict=True)
         for block, *columns in blocks:
-            part = scratch if block.shape[0] == scratch.shape[0] else scratch[: block.shape[0]]
-            rows_grad(block, part, *columns, exact=fix_rows is None)
+            rows_grad(block, scratch[: block.shape[0]], *columns, exact=fix_rows is None)
         if fixed is not None:
             columns = (t[fix_rows] for t in (c_fixed, c_ratio, c_smooth))
             fixed_sum = ratio_sum.new_empty(fix_rows.numel(), 1)
