@@ -91,6 +91,23 @@ class EncouragingLoss(nn.Module):
         if self.log_end_schedule is not None:
             self.log_end = self.log_end_schedule(progress)
 
+    def keyword_options(self) -> dict:
+        """The keyword-only options of :func:`encouraging_loss` as set now (after ``step``).
+
+        For callers that pass this criterion's settings to another form of the loss, such as
+        :func:`encouraging_loss.linear_encouraging_loss`.
+        """
+        return {
+            "log_end": self.log_end,
+            "bonus_scale": self.bonus_scale,
+            "bonus": self.bonus,
+            "bonus_gamma": self.bonus_gamma,
+            "bonus_start": self.bonus_start,
+            "bonus_weight": self.bonus_weight,
+            "validate_args": self.validate_args,
+            "backend": self.backend,
+        }
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return encouraging_loss(
             input,
@@ -99,14 +116,7 @@ class EncouragingLoss(nn.Module):
             self.ignore_index,
             self.reduction,
             self.label_smoothing,
-            log_end=self.log_end,
-            bonus_scale=self.bonus_scale,
-            bonus=self.bonus,
-            bonus_gamma=self.bonus_gamma,
-            bonus_start=self.bonus_start,
-            bonus_weight=self.bonus_weight,
-            validate_args=self.validate_args,
-            backend=self.backend,
+            **self.keyword_options(),
         )
 
     def extra_repr(self) -> str:

@@ -987,16 +987,7 @@ def fused_loss_options(criterion: nn.Module) -> dict:
     if type(criterion) is nn.CrossEntropyLoss:
         bonus_options: dict = {"bonus_scale": 0.0}
     elif type(criterion) is EncouragingLoss:
-        bonus_options = {
-            "log_end": criterion.log_end,
-            "bonus_scale": criterion.bonus_scale,
-            "bonus": criterion.bonus,
-            "bonus_gamma": criterion.bonus_gamma,
-            "bonus_start": criterion.bonus_start,
-            "bonus_weight": criterion.bonus_weight,
-            "validate_args": criterion.validate_args,
-            "backend": criterion.backend,
-        }
+        bonus_options = criterion.keyword_options()
     else:
         raise ValueError(
             "criterion: the fused linear path computes nn.CrossEntropyLoss and EncouragingLoss "
