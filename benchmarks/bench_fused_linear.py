@@ -14,6 +14,8 @@ Contenders, on the same inputs (hidden (T, H) and weight (V, H), both requiring 
 class-index targets), in the same run:
 
 * ``fused``: ``linear_encouraging_loss(hidden, weight, target).backward()``;
+* ``fused-sum-in-weight-dtype`` (bfloat16 only): the same with ``accumulation_dtype=weight.dtype``
+  (the weight gradient summed over chunks in bfloat16, as Liger-Kernel does by default);
 * ``materialised``: ``encouraging_loss(F.linear(hidden, weight), target).backward()``;
 * ``materialised-ce`` (``--include-ce``): ``F.cross_entropy(F.linear(hidden, weight), target)``.
 
@@ -65,6 +67,10 @@ def make_loss(contender: str, args):
     if contender == "fused":
         return lambda h, w, t: linear_encouraging_loss(
             h, w, t, label_smoothing=eps, chunk_size=args.chunk_size
+        )
+    if contender == "fused-sum-in-weight-dtype":
+        return lambda h, w, t: linear_encouraging_loss(
+            h, w, t, label_smoothing=eps, chunk_size=args.chunk_size, accumulation_dtype=w.dtype
         )
     if contender == "materialised":
         return lambda h, w, t: encouraging_loss(F.linear(h, w), t, label_smoothing=eps)
@@ -199,6 +205,8 @@ def main(argv=None) -> dict:
         return {}
     dtype = getattr(torch, args.dtype)
     contenders = ["fused", "materialised"] + (["materialised-ce"] if args.include_ce else [])
+    if dtype == torch.bfloat16:
+        contenders.insert(1, "fused-sum-in-weight-dtype")
     print(
         f"fused linear + EL, T={args.tokens} H={args.hidden} V={args.vocab} {args.dtype}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
@@ -222,7 +230,7 @@ def main(argv=None) -> dict:
                 memory[name]["peak_extra_bytes"] / memory[base]["peak_extra_bytes"]
             )
         rows.append(row)
-        line = f"  {name:16s} time {row['median_s'] * 1e3:9.1f} ms  ({row['time_ratio_vs_materialised']:.2f}x)"  # noqa: E501
+        line = f"  {name:25s} time {row['median_s'] * 1e3:9.1f} ms  ({row['time_ratio_vs_materialised']:.2f}x)"  # noqa: E501
         if memory:
             line += f"  peak extra {row['peak_extra_mib']:8.1f} MiB  ({row['memory_ratio_vs_materialised']:.2f}x)"  # noqa: E501
         print(line)

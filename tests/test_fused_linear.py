@@ -132,6 +132,51 @@ def test_low_precision_within_materialised_error(dtype, tolerance, options):
         assert fused_error <= mat_error + tolerance * scale, (name, fused_error, mat_error)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, reduction="none")])
+def test_accumulation_in_the_weight_dtype(options):
+    """bf16 weight/bias gradients summed in bf16: one rounding per chunk, the rest unchanged.
+
+    The loss and the hidden gradient do not depend on the accumulation; the weight and bias
+    gradients are within one bf16 rounding per chunk of the float64 result (and the default
+    float32 accumulation is within the materialised path's error, as tested above).
+    """
+    tensors64, target = make_linear_case(64, seed=3)
+    options = dict(options, target=target)
+    _, exact = gradients(materialised(options), tensors64)
+    tensors = [t.detach().to(torch.bfloat16) for t in tensors64]
+    wide_value, wide = gradients(fused(dict(options, chunk_size=8)), tensors)
+    narrow_value, narrow = gradients(
+        fused(dict(options, chunk_size=8, accumulation_dtype=torch.bfloat16)), tensors
+    )
+    assert all(g.dtype == torch.bfloat16 for g in narrow)
+    torch.testing.assert_close(narrow_value, wide_value, rtol=0, atol=0)
+    torch.testing.assert_close(narrow[0], wide[0], rtol=0, atol=0)
+    chunks = -(-64 // 8)
+    unit = torch.finfo(torch.bfloat16).eps / 2  # one rounding's relative error
+    for got, wide_got, expected in zip(narrow[1:], wide[1:], exact[1:], strict=True):
+        scale = expected.abs().max().item()
+        wide_error = (wide_got.double() - expected).abs().max().item()
+        narrow_error = (got.double() - expected).abs().max().item()
+        assert narrow_error <= wide_error + chunks * unit * scale, (narrow_error, wide_error)
+        assert not torch.equal(got, wide_got)  # the option did change the summation
+
+
+def test_wider_accumulation_than_the_default():
+    """float32 inputs may accumulate in float64; float32 named explicitly equals the default."""
+    tensors64, target = make_linear_case(48, seed=5)
+    _, exact = gradients(materialised(dict(target=target)), tensors64)
+    tensors = [t.detach().float() for t in tensors64]
+    options = dict(target=target, chunk_size=8)
+    _, default = gradients(fused(options), tensors)
+    _, same = gradients(fused(dict(options, accumulation_dtype=torch.float32)), tensors)
+    _, wide = gradients(fused(dict(options, accumulation_dtype=torch.float64)), tensors)
+    for a, b in zip(default, same, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for got, expected in zip(wide, exact, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1.2e-7, atol=1e-7)
+
+
 def test_all_ignored_and_none_ignored():
     tensors, target = make_linear_case(9)
     all_ignored = torch.full_like(target, -100)
@@ -236,6 +281,8 @@ def test_default_chunk_size():
         (dict(class_weight=torch.ones(3)), ValueError, "class_weight"),
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
         (dict(hidden=[1.0]), TypeError, "hidden must be a torch.Tensor"),
+        (dict(accumulation_dtype=torch.bfloat16), ValueError, "accumulation_dtype"),
+        (dict(accumulation_dtype="float32"), TypeError, "accumulation_dtype"),
     ],
 )
 def test_validation_names_the_argument(change, error, match):

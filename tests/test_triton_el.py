@@ -236,3 +236,23 @@ def test_fused_linear_with_triton_chunks(options, dtype):
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_fused_linear_with_triton_chunks_accumulating_in_bf16():
+    """The in-place bf16 chunk gradient feeds a bf16 weight-gradient sum as the torch one does."""
+    from encouraging_loss import linear_encouraging_loss
+
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(12, 8, generator=generator).bfloat16()
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator).bfloat16()
+    bias = torch.randn(NUM_CLASSES, generator=generator).bfloat16()
+    target = torch.randint(0, NUM_CLASSES, (12,), generator=generator)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, projection, bias)]
+        value = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2], chunk_size=4,
+                                        accumulation_dtype=torch.bfloat16, backend=backend)
+        results[backend] = (value, *torch.autograd.grad(value, leaves))
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

@@ -17,7 +17,13 @@ from ._validate import (
 )
 from .bonus import Bonus
 from .functional import BACKENDS, compute_dtype_for, use_triton_backend
-from .ops.fused_linear import LinearEL, TritonRows, chunked_linear_el, default_chunk_size
+from .ops.fused_linear import (
+    LinearEL,
+    TritonRows,
+    check_accumulation_dtype,
+    chunked_linear_el,
+    default_chunk_size,
+)
 from .ops.index_targets import IndexTargetRows
 
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss"]
@@ -80,6 +86,7 @@ def linear_encouraging_loss(
     bonus_start: float = 0.0,
     bonus_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    accumulation_dtype: torch.dtype | None = None,
     validate_args: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -91,7 +98,7 @@ def linear_encouraging_loss(
     memory is a few (chunk_size x C) buffers instead of several (N x C) ones. The result equals
     the materialised loss (same maths, see :mod:`encouraging_loss.ops.fused_linear`) within
     rounding; bfloat16/float16 inputs are computed in float32 and ``weight``/``bias`` gradients
-    are accumulated in float32.
+    are accumulated in float32 unless ``accumulation_dtype`` says otherwise.
 
     Args:
         hidden: (..., H) hidden states (e.g. (batch, sequence, H) or (tokens, H)).
@@ -113,6 +120,12 @@ def linear_encouraging_loss(
         bonus_weight: optional (C,) per-class bonus weights.
         chunk_size: rows per chunk, a positive int; ``None`` picks
             ``next_power_of_2(ceil(N / ceil(C / H)))`` (chunk logits about the size of ``hidden``).
+        accumulation_dtype: the dtype the ``weight`` and ``bias`` gradients are summed in over
+            chunks: ``None`` (float32; float64 for float64 inputs), ``weight.dtype`` or a wider
+            float. With bfloat16/float16 weights, ``weight.dtype`` (Liger-Kernel's default)
+            needs 1x the weight's size for its gradient where float32 needs 3x at the end of the
+            loop (the accumulator and its rounded copy), and rounds once per chunk instead of
+            once in all: the choice for a vocabulary projection that barely fits.
         validate_args: check that class indices are in range (reads the target: a GPU sync).
         backend: how each chunk's loss and logits gradient are computed: ``"torch"`` (the
             row-wise torch passes), ``"triton"`` (one Triton kernel launch per chunk that writes
@@ -148,6 +161,7 @@ def linear_encouraging_loss(
         check_int("chunk_size", chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    accumulation_dtype = check_accumulation_dtype(accumulation_dtype, weight.dtype)
     if value_checks_enabled(validate_args):
         check_target_range(target, num_classes, ignore_index)
 
@@ -171,8 +185,9 @@ def linear_encouraging_loss(
     inputs = (flat_hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         result = LinearEL.apply(
-            flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows
-        )
+            flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows,
+            accumulation_dtype,
+        )  # fmt: skip
     else:
         row_losses, *_ = chunked_linear_el(
             flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows
@@ -219,6 +234,7 @@ class LinearEncouragingLoss(nn.Module):
         bonus_start: float = 0.0,
         bonus_weight: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        accumulation_dtype: torch.dtype | None = None,
         validate_args: bool = True,
         backend: str = "auto",
     ):
@@ -237,6 +253,11 @@ class LinearEncouragingLoss(nn.Module):
         if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
         self.chunk_size = chunk_size
+        if accumulation_dtype is not None and not isinstance(accumulation_dtype, torch.dtype):
+            raise TypeError(
+                f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
+            )
+        self.accumulation_dtype = accumulation_dtype
         self.validate_args = validate_args
         self.backend = check_choice("backend", backend, BACKENDS)
 
@@ -263,6 +284,7 @@ class LinearEncouragingLoss(nn.Module):
             bonus_start=self.bonus_start,
             bonus_weight=self.bonus_weight,
             chunk_size=self.chunk_size,
+            accumulation_dtype=self.accumulation_dtype,
             validate_args=self.validate_args,
             backend=self.backend,
         )
@@ -271,5 +293,5 @@ class LinearEncouragingLoss(nn.Module):
         return (
             f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
             f"bonus={self.bonus!r}, log_end={self.log_end}, bonus_scale={self.bonus_scale}, "
-            f"chunk_size={self.chunk_size}"
+            f"chunk_size={self.chunk_size}, accumulation_dtype={self.accumulation_dtype}"
         )

@@ -21,7 +21,11 @@ Precision: logits are formed in the inputs' dtype (as ``F.linear`` would); the l
 float32 for half-precision inputs (float64 for float64); the chunk gradient is rounded to the input
 dtype for ``grad_X`` (as the materialised path does), and ``grad_W`` / ``grad_bias`` are
 accumulated over chunks in float32 (a float32 product of the float32 chunk gradient and the
-upcast hidden chunk) and rounded once at the end.
+upcast hidden chunk) and rounded once at the end. ``accumulation_dtype=weight.dtype`` instead
+accumulates them in the weight's own dtype (each chunk's product added with one rounding, as
+Liger-Kernel's fused linear cross-entropy does by default): for half-precision weights it saves
+the float32 accumulator and its final rounded copy (3x the weight's size at the end of the loop,
+against 1x), at the price of one rounding per chunk instead of one in all.
 """
 
 from __future__ import annotations
@@ -52,6 +56,31 @@ def default_chunk_size(num_rows: int, hidden_size: int, num_classes: int) -> int
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_accumulation_dtype(accumulation_dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weight and bias gradients are summed in over chunks.
+
+    ``None`` means float32 (float64 for float64 weights); otherwise the weight's dtype or a wider
+    float (float32, float64), never a narrower one.
+    """
+    default = _accumulator_dtype(weight_dtype)
+    if accumulation_dtype is None:
+        return default
+    allowed = [weight_dtype] + [d for d in (torch.float32, torch.float64)
+                                if d != weight_dtype and torch.finfo(d).eps
+                                <= torch.finfo(weight_dtype).eps]  # fmt: skip
+    if not isinstance(accumulation_dtype, torch.dtype):
+        raise TypeError(
+            f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
+        )
+    if accumulation_dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise ValueError(
+            f"accumulation_dtype must be None (meaning {default}) or one of {names} "
+            f"(the weight's dtype or a wider float), got {accumulation_dtype!r}"
+        )
+    return accumulation_dtype
 
 
 # Whether CUDA's mixed-precision addmm (half inputs, float32 output) has worked here; None: not
@@ -118,6 +147,7 @@ def chunked_linear_el(
     grad_rows: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
     triton_rows: TritonRows | None = None,
+    accumulation_dtype: torch.dtype | None = None,
 ):
     """One pass over row chunks: row losses and, if ``grad_rows`` is given, the gradients.
 
@@ -130,6 +160,8 @@ def chunked_linear_el(
         grad_rows: (N,) incoming gradient of each row loss (float64), or None for losses only.
         needs: whether the gradients of (hidden, weight, bias) are wanted.
         triton_rows: compute each chunk's loss and gradient with the Triton kernel instead.
+        accumulation_dtype: the dtype ``grad_weight`` and ``grad_bias`` are summed in (see
+            :func:`check_accumulation_dtype`; None: float32, float64 for float64 inputs).
 
     Returns:
         (row_losses (N,) float64, grad_hidden or None, grad_weight or None, grad_bias or None);
@@ -139,7 +171,11 @@ def chunked_linear_el(
     row_losses = torch.empty(num_rows, dtype=ROW_DTYPE, device=hidden.device)
     want_grads = grad_rows is not None
     need_hidden, need_weight, need_bias = (want_grads and n for n in needs)
-    accumulate = _accumulator_dtype(hidden.dtype)
+    accumulate = accumulation_dtype or _accumulator_dtype(weight.dtype)
+    # In the weight's own (half) dtype the chunk product must be a half product too: its operand
+    # is the chunk gradient rounded to that dtype, the one grad_hidden's product uses.
+    narrow = accumulate == weight.dtype and accumulate in (torch.float16, torch.bfloat16)
+    sum_dtype = _accumulator_dtype(weight.dtype)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) \
         if need_weight else None  # fmt: skip
@@ -164,15 +200,17 @@ def chunked_linear_el(
                 continue
             grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
             del state
+        rounded = grad_logits.to(hidden.dtype) if grad_hidden is not None or narrow else None
         if grad_hidden is not None:
-            rounded = grad_logits.to(hidden.dtype)
             torch.mm(rounded, weight, out=grad_hidden[chunk])
-            del rounded
         if grad_weight is not None:
-            _accumulate_product_(grad_weight, grad_logits.t(), hidden_chunk)
+            if narrow:
+                grad_weight.addmm_(rounded.t(), hidden_chunk)
+            else:
+                _accumulate_product_(grad_weight, grad_logits.t(), hidden_chunk)
         if grad_bias is not None:
-            grad_bias.add_(grad_logits.sum(0, dtype=accumulate))
-        del grad_logits, buffer
+            grad_bias.add_(grad_logits.sum(0, dtype=sum_dtype))
+        del grad_logits, buffer, rounded
     if grad_weight is not None and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None and grad_bias.dtype != bias.dtype:
@@ -184,15 +222,18 @@ class LinearEL(torch.autograd.Function):
     """Autograd Function of the fused linear + encouraging loss (see the module docstring).
 
     Inputs: hidden (N, H), weight (C, H), bias (C,) or None, rows (:class:`IndexTargetRows`),
-    reduction, chunk_size, triton_rows (:class:`TritonRows` or None). Output: the reduced loss
+    reduction, chunk_size, triton_rows (:class:`TritonRows` or None), accumulation_dtype (see
+    :func:`chunked_linear_el`). Output: the reduced loss
     (float64 scalar), or (N,) float64 row losses for ``"none"``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows):
+    def forward(
+        ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows, accumulation_dtype
+    ):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.rows, ctx.reduction, ctx.chunk_size, ctx.needs = rows, reduction, chunk_size, needs
-        ctx.triton_rows = triton_rows
+        ctx.triton_rows, ctx.accumulation_dtype = triton_rows, accumulation_dtype
         ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = None
         if reduction == "none" or not any(needs):
@@ -202,7 +243,7 @@ class LinearEL(torch.autograd.Function):
             return row_losses
         unit = _unit_row_grad(rows, reduction, hidden.device)
         row_losses, *grads = chunked_linear_el(
-            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows
+            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows, accumulation_dtype
         )
         ctx.grads = grads
         total = row_losses.sum()
@@ -222,12 +263,12 @@ class LinearEL(torch.autograd.Function):
                 grad_rows = unit * grad_output.to(ROW_DTYPE)
             _, *grads = chunked_linear_el(
                 hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs,
-                ctx.triton_rows,
+                ctx.triton_rows, ctx.accumulation_dtype,
             )
         else:
             # The gradients were computed for a unit incoming gradient; they are ours to scale.
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:
