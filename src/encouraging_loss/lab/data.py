@@ -369,7 +369,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
         images = images.transpose(0, 3, 1, 2)
     else:
         raise ValueError(f"images: expected 3 or 4 dimensions, got shape {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    # A float copy straight from NumPy: the uint8 array may be a read-only view of the file's
+    # bytes, which torch.from_numpy warns about even though nothing writes to it.
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).div_(255.0)
 
 
 @dataclass
