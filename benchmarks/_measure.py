@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import tempfile
 from collections.abc import Callable
 
 
@@ -35,3 +37,13 @@ def rss_bytes() -> int:
     """The process's current resident set size."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

@@ -41,12 +41,11 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-from _measure import rss_bytes, time_interleaved
+from _measure import rss_bytes, time_interleaved, write_json_atomically
 
 from encouraging_loss import encouraging_loss, linear_encouraging_loss
 
@@ -163,14 +162,6 @@ def measure_memory(args, contender: str) -> dict:
         command += ["--chunk-size", str(args.chunk_size)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -41,13 +41,13 @@ block size / warp count nor the chunk size has been tuned on a GPU yet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
+
+from _measure import write_json_atomically
 
 GIB = 1024.0**3
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_gpu.json")
@@ -320,15 +320,6 @@ def verdicts(payload: dict) -> list[str]:
                 line += ", time not judged (liger-fused-ce not importable)"
             lines.append(line)
     return lines
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

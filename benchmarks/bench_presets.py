@@ -40,6 +40,7 @@ from importlib import import_module
 from pathlib import Path
 
 import torch
+from _measure import write_json_atomically
 
 DEFAULT_OUT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results", "bench_presets.json"
@@ -138,14 +139,6 @@ def run_case(name: str, case: Case, args, scratch: str) -> dict:
         "peak_rss_bytes": peak_rss,
         "status": record.get("status"),
     }
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 @pytest.fixture(scope="module")
 def bench_gpu():
+    # The script imports its sibling _measure, as when run as `python benchmarks/bench_gpu.py`.
+    sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
