@@ -115,9 +115,10 @@ def run_case(name: str, case: Case, args, scratch: str) -> dict:
     record = results["runs"][0]
     train_seconds = float(record["train_seconds"])
     data = results["config"].get("data", {})
-    epochs = int(recipe_of(case, args.preset).train.epochs)
+    recipe = recipe_of(case, args.preset)
+    epochs = int(recipe.train.epochs)
     scored = data.get("n_test")
-    recipe_test = getattr(recipe_of(case, args.preset), "max_test", None)
+    recipe_test = getattr(recipe, "max_test", None)
     preset_scores = recipe_test if recipe_test is not None else case.full_test
     scale = preset_scores / scored if case.test_size and preset_scores and scored else 1.0
     train_scale = case.full_train / case.train_size if case.train_size else 1.0

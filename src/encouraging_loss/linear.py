@@ -21,6 +21,7 @@ from .ops.fused_linear import (
     LinearEL,
     TritonRows,
     check_accumulation_dtype,
+    check_accumulation_dtype_type,
     chunked_linear_el,
     default_chunk_size,
 )
@@ -253,10 +254,7 @@ class LinearEncouragingLoss(nn.Module):
         if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
         self.chunk_size = chunk_size
-        if accumulation_dtype is not None and not isinstance(accumulation_dtype, torch.dtype):
-            raise TypeError(
-                f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
-            )
+        check_accumulation_dtype_type(accumulation_dtype)
         self.accumulation_dtype = accumulation_dtype
         self.validate_args = validate_args
         self.backend = check_choice("backend", backend, BACKENDS)

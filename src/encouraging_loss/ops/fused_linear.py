@@ -58,22 +58,27 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_accumulation_dtype_type(accumulation_dtype) -> None:
+    """``accumulation_dtype`` must be None or a torch.dtype (its value is checked against the
+    weight's dtype by :func:`check_accumulation_dtype`)."""
+    if accumulation_dtype is not None and not isinstance(accumulation_dtype, torch.dtype):
+        raise TypeError(
+            f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
+        )
+
+
 def check_accumulation_dtype(accumulation_dtype, weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype the weight and bias gradients are summed in over chunks.
 
     ``None`` means float32 (float64 for float64 weights); otherwise the weight's dtype or a wider
     float (float32, float64), never a narrower one.
     """
+    check_accumulation_dtype_type(accumulation_dtype)
     default = _accumulator_dtype(weight_dtype)
     if accumulation_dtype is None:
         return default
-    allowed = [weight_dtype] + [d for d in (torch.float32, torch.float64)
-                                if d != weight_dtype and torch.finfo(d).eps
-                                <= torch.finfo(weight_dtype).eps]  # fmt: skip
-    if not isinstance(accumulation_dtype, torch.dtype):
-        raise TypeError(
-            f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
-        )
+    candidates = dict.fromkeys((weight_dtype, torch.float32, torch.float64))
+    allowed = [d for d in candidates if torch.finfo(d).eps <= torch.finfo(weight_dtype).eps]
     if accumulation_dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise ValueError(
@@ -175,7 +180,8 @@ def chunked_linear_el(
     # In the weight's own (half) dtype the chunk product must be a half product too: its operand
     # is the chunk gradient rounded to that dtype, the one grad_hidden's product uses.
     narrow = accumulate == weight.dtype and accumulate in (torch.float16, torch.bfloat16)
-    sum_dtype = _accumulator_dtype(weight.dtype)
+    # The bias's chunk sums in float32 even when their total is kept in the half dtype.
+    sum_dtype = _accumulator_dtype(weight.dtype) if narrow else accumulate
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) \
         if need_weight else None  # fmt: skip
