@@ -1,20 +1,22 @@
-"""The ``encouraging-loss`` command line: ``run``, ``reproduce`` and ``report``.
+"""The ``encouraging-loss`` command line: ``run TASK``, ``reproduce`` and ``report``.
 
-Every failure the user can fix (missing dataset, unknown loss or task, bad option) ends with a
-non-zero exit status and one line on stderr.
+Built from the task registry (:mod:`.tasks`): every task gets a ``run`` sub-command with the
+shared options and its own. Every failure the user can fix (missing dataset or extra, unknown
+loss or task, bad option) ends with a non-zero exit status and one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-from importlib import import_module
 from pathlib import Path
-
-from .tasks import TASKS
 
 PROG = "encouraging-loss"
 EXIT_USAGE = 2
+EXIT_FAILED_RUNS = 1
+# What the lab imports beyond torch (the [lab] extra; graph and translation check their own).
+LAB_MODULES = ("numpy", "scipy", "matplotlib", "tqdm", "sklearn")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -24,27 +26,41 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _number(kind: type, text: str, positive: bool):
+    """``text`` as a ``kind`` (> 0 if ``positive``); an argparse error names what was wanted."""
+    wanted = f"a positive {'integer' if kind is int else 'number'}" if positive else "a number"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if positive and not value > 0:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    return _number(int, text, positive=True)
 
 
-def _add_common(parser: argparse.ArgumentParser, default_preset: str) -> None:
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    return _number(float, text, positive=True)
+
+
+def real(text: str) -> float:
+    """argparse type: any number."""
+    return _number(float, text, positive=False)
+
+
+def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -> None:
+    """The options of every job: preset, data, output, resume, device, threads, workers."""
     parser.add_argument(
         "--preset",
         default=default_preset,
-        choices=("quick", "standard", "full"),
-        help="recipe size: quick (≤3 min on 2 CPU cores for reproduce), standard (≤10 min), "
-        f"full (GPU recipes: CIFAR-10 ResNet-18, MNIST CNN). Default: {default_preset}",
+        choices=presets,
+        help="recipe size: quick (minutes on 2 CPU cores), standard (≤10 min for reproduce), "
+        f"full (GPU recipes). Default: {default_preset}",
     )
     parser.add_argument(
         "--data-root",
@@ -57,7 +73,7 @@ def _add_common(parser: argparse.ArgumentParser, default_preset: str) -> None:
         "--download",
         action="store_true",
         help="download a missing dataset into the data root with torchvision (needs internet "
-        "and torchvision; never done implicitly)",
+        "and torchvision; never done implicitly; image datasets only)",
     )
     parser.add_argument("--out", metavar="DIR", help="output folder for results and report")
     parser.add_argument(
@@ -65,6 +81,14 @@ def _add_common(parser: argparse.ArgumentParser, default_preset: str) -> None:
         action="store_true",
         help="continue an interrupted run in --out: finished (loss, seed) runs are reused and an "
         "unfinished one restarts from its last epoch checkpoint, ending with identical metrics",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        metavar="N",
+        help="run N (loss, seed) runs at once in worker processes, each with its preset's "
+        "threads; the result of each run is the same as with --jobs 1 (in-process). Default: "
+        "the machine's cores for the 1-thread CPU presets, else 1",
     )
     parser.add_argument(
         "--device",
@@ -78,120 +102,122 @@ def _add_common(parser: argparse.ArgumentParser, default_preset: str) -> None:
         help="disable bfloat16 autocast on CUDA (never used on CPU)",
     )
     parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+        "--no-progress", dest="progress", action="store_false", help="hide progress output"
     )
     parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (0 = torch default). Default: the preset's — 1 for quick and "
-        "standard (small models; extra threads mostly spin on a busy machine), torch's for full",
+        help="torch CPU threads per run (0 = torch default). Default: the preset's — 1 for the "
+        "CPU presets (small models; extra threads mostly spin on a busy machine), torch's for full",
+    )
+
+
+def _add_training(parser: argparse.ArgumentParser, task) -> None:
+    """The options that override a preset's recipe, worded for ``task``."""
+    parser.add_argument(
+        "--losses",
+        help="comma-separated loss names with parameters, e.g. ce,el,el:log_end=1,ls-ce:0.1,"
+        "ls-el:0.1,el:bonus=power,bonus_gamma=2,focal:gamma=2,poly1:epsilon=1; "
+        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale, "
+        "el:log_end_from=0.5,log_end_ramp=1 the log_end. "
+        f"Families: {', '.join(task.loss_families)}. Default: {task.default_losses}",
+    )
+    seeds = ", ".join(f"{p} {task.default_seeds(p)}" for p in task.presets)
+    parser.add_argument(
+        "--seeds", type=positive_int, help=f"seeds (0..N-1) per loss; default by preset: {seeds}"
+    )
+    if task.datasets:
+        parser.add_argument(
+            "--dataset", help=f"dataset: {', '.join(task.datasets)} (default: the preset's)"
+        )
+    if task.models:
+        parser.add_argument(
+            "--model", help=f"architecture: {', '.join(task.models)} (default: the preset's)"
+        )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        help="learning rate for every loss (overrides the preset's per-loss rates)",
+    )
+    parser.add_argument(
+        "--clip-grad-norm",
+        type=positive_float,
+        metavar="MAX",
+        help="clip the global gradient norm to MAX (default: no clipping)",
+    )
+    parser.add_argument("--epochs", type=positive_int, help="epochs (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, help="global batch size")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimizer")
+    parser.add_argument(
+        "--schedule", choices=("cosine", "multistep", "constant"), help="learning-rate schedule"
+    )
+    parser.add_argument("--weight-decay", type=real, help="weight decay")
+    parser.add_argument(
+        "--train-size",
+        type=positive_int,
+        help="use a fixed random subset of this many train examples (val included)",
+    )
+    parser.add_argument(
+        "--test-size", type=positive_int, help="score on a fixed random subset of this many"
+    )
+    parser.add_argument(
+        "--stop-after-epochs",
+        type=positive_int,
+        metavar="K",
+        help="stop after K epochs as if killed, keeping the checkpoint (to test --resume)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser (one sub-command per job).
+    """Build the argument parser: one ``run`` sub-command per registered task.
 
     Returns:
         The parser.
     """
-    from .tasks.graph import describe_presets as graph_presets
-    from .tasks.image import REPRODUCE_LOSSES, describe_presets
-    from .tasks.translation import describe_presets as translation_presets
+    from .tasks import MAIN_JOB, TASKS, load_task
 
     parser = _OneLineParser(
-        prog=PROG,
-        description="Reproducible cross-entropy vs encouraging-loss experiments.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets and the learning rate each uses:\n"
-        + "\n".join((describe_presets(), graph_presets(), translation_presets())),
+        prog=PROG, description="Reproducible cross-entropy vs encouraging-loss experiments."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
-
     run = commands.add_parser(
         "run",
         help="train a task with several losses and seeds, then write the report",
         description="Train TASK with each loss and seed, measure the paper's three claims "
-        "(margin, energy, representation) and calibration, and write results.json, "
-        "results.csv, plots and report.md into --out.",
+        "(margin, energy, representation) and the task's own metrics, and write results.json, "
+        "results.csv, plots and report.md into --out. `run TASK --help` lists TASK's options.",
     )
-    run.add_argument("task", metavar="TASK", help=f"task to run: {', '.join(TASKS)}")
-    run.add_argument(
-        "--losses",
-        help="comma-separated loss names with parameters, e.g. ce,el,el:log_end=1,ls-ce:0.1,"
-        "ls-el:0.1,focal:gamma=2,poly1:epsilon=1,el:log_end=0.5,bonus_scale=0.5; "
-        "el:ramp=0.5,start=0.1,shape=cosine schedules the bonus scale. Default: ce,el for image; "
-        "ce,el:log_end=0.5,start=0.5,ramp=0.2 for graph (bonus enabled late); "
-        "ls-ce:0.1,ls-el:0.1,log_end=0.5 for translation",
-    )
-    run.add_argument(
-        "--seeds",
-        type=_positive_int,
-        help="number of seeds (0..N-1) per loss; default: the task's (1 for image; "
-        "3 quick / 10 full for graph; 1 quick / 3 full for translation)",
-    )
-    run.add_argument(
-        "--dataset",
-        help="dataset; image: fashion-mnist, mnist or cifar10 (default fashion-mnist, cifar10 "
-        "for --preset full); graph: PROTEINS (default), MUTAG, ENZYMES, AIDS, Mutagenicity; "
-        "translation: multi30k (default)",
-    )
-    run.add_argument(
-        "--model",
-        help="architecture (default: the preset's); image: mlp, cnn, resnet18; graph: gin, gcn; "
-        "translation: transformer",
-    )
-    run.add_argument(
-        "--lr",
-        type=_positive_float,
-        help="learning rate for every loss (overrides the preset's per-loss rates)",
-    )
-    run.add_argument(
-        "--clip-grad-norm",
-        type=_positive_float,
-        metavar="MAX",
-        help="clip the global gradient norm to MAX (default: no clipping)",
-    )
-    run.add_argument("--epochs", type=_positive_int, help="epochs (default: the preset's)")
-    run.add_argument("--batch-size", type=_positive_int, help="global batch size")
-    run.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimizer")
-    run.add_argument(
-        "--schedule", choices=("cosine", "multistep", "constant"), help="learning-rate schedule"
-    )
-    run.add_argument("--weight-decay", type=float, help="weight decay")
-    run.add_argument(
-        "--train-size",
-        type=_positive_int,
-        help="use a fixed random subset of this many train examples (val included)",
-    )
-    run.add_argument(
-        "--test-size",
-        type=_positive_int,
-        help="score on a fixed random subset of this many test examples",
-    )
-    run.add_argument(
-        "--stop-after-epochs",
-        type=_positive_int,
-        metavar="K",
-        help="stop after K epochs as if killed, keeping the checkpoint (to test --resume)",
-    )
-    _add_common(run, "quick")
-    for task in TASKS:
-        # imbalanced, ood and adversarial add their own options in a group of their own.
-        module = import_module(f"{__package__}.tasks.{task}")
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(run)
+    by_task = run.add_subparsers(dest="task", metavar="TASK", parser_class=_OneLineParser)
+    by_task.required = True
+    for name in TASKS:
+        task = load_task(name)
+        parser_for_task = by_task.add_parser(
+            name,
+            help=task.summary,
+            description=task.summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"Presets:\n{task.describe_presets()}",
+        )
+        _add_training(parser_for_task, task)
+        _add_common(parser_for_task, task.presets, task.default_preset)
+        task.add_arguments(parser_for_task.add_argument_group(f"{name} task"))
 
+    main_task = load_task(MAIN_JOB)
+    job = main_task.main_job or {}
     reproduce = commands.add_parser(
         "reproduce",
-        help="the project's main job: CE vs EL on Fashion-MNIST, 3 seeds",
-        description=f"Run the image task on Fashion-MNIST with {REPRODUCE_LOSSES} and 3 seeds, "
-        "print the table and write the report (default --out runs/reproduce).",
+        help="the project's main job: " + job.get("summary", main_task.summary),
+        description=job.get("description", main_task.summary),
     )
     reproduce.add_argument(
-        "--seeds", type=_positive_int, default=3, help="number of seeds; default 3"
+        "--seeds",
+        type=positive_int,
+        default=job.get("seeds", 3),
+        help=f"number of seeds; default {job.get('seeds', 3)}",
     )
-    _add_common(reproduce, "standard")
+    _add_common(reproduce, main_task.presets, job.get("preset", "standard"))
+    reproduce.set_defaults(task=MAIN_JOB)
 
     rebuild = commands.add_parser(
         "report",
@@ -208,93 +234,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_task(args: argparse.Namespace, task: str, losses: str) -> int:
+def _run(args: argparse.Namespace) -> int:
     from . import data as lab_data
+    from .experiment import Options, run_experiment
     from .report import summary_table
-    from .tasks.image import ImageOptions, run_image
-    from .trainer import rank
+    from .tasks import load_task
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    if task != "image":
-        return _run_other_task(args, task, losses)
-    from .models import MODELS
-
-    if getattr(args, "model", None) not in (None, *MODELS):
-        raise ValueError(f"model: unknown image model {args.model!r}; known: {', '.join(MODELS)}")
-    options = ImageOptions(
-        losses=losses or "ce,el",
-        seeds=args.seeds if args.seeds is not None else 1,
-        preset=args.preset,
-        dataset=getattr(args, "dataset", None)
-        or ("fashion-mnist" if args.command == "reproduce" else None),
-        model=getattr(args, "model", None),
-        data_root=args.data_root,
-        out=args.out or ("runs/reproduce" if args.command == "reproduce" else None),
-        resume=args.resume,
-        lr=getattr(args, "lr", None),
-        clip_grad_norm=getattr(args, "clip_grad_norm", None),
-        epochs=getattr(args, "epochs", None),
-        batch_size=getattr(args, "batch_size", None),
-        optimizer=getattr(args, "optimizer", None),
-        schedule=getattr(args, "schedule", None),
-        weight_decay=getattr(args, "weight_decay", None),
-        train_size=getattr(args, "train_size", None),
-        test_size=getattr(args, "test_size", None),
-        device=args.device,
-        amp=args.amp,
-        threads=args.threads,
-        progress=args.progress,
-        stop_after_epochs=getattr(args, "stop_after_epochs", None),
-    )
-    if args.download:
-        dataset = options.dataset or "fashion-mnist"
+    task = load_task(args.task)
+    job = task.main_job if args.command == "reproduce" else None
+    options = Options.from_args(args, **{k: v for k, v in (job or {}).items() if k in _JOB_KEYS})
+    if options.download:
+        if not task.downloads:
+            raise ValueError(
+                f"download: the {task.name} task does not download; place its data under "
+                "--data-root (see ../shared/data/SOURCES.md)"
+            )
+        dataset = options.dataset or task.datasets[0]
         try:
             lab_data.find_dataset(dataset, options.data_root)
         except lab_data.DatasetNotFoundError:
             lab_data.download(dataset, options.data_root)
-    results = run_image(options)
-    if results is None and options.stop_after_epochs is not None and rank() == 0:
-        print(f"stopped after {options.stop_after_epochs} epoch(s) as asked; rerun with --resume")
-    if results is not None:
-        print(summary_table(results))
-        out = Path(options.out) if options.out else None
-        where = out or Path(f"runs/{task}-{options.preset}-{results['dataset']}")
-        print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
-    return 0
-
-
-def _run_other_task(args: argparse.Namespace, task: str, losses: str | None) -> int:
-    """Run a task other than image: through its ``run_from_args``, or its ``options_from_args``
-    and ``run`` (graph, translation)."""
-    from importlib import import_module
-
-    from .report import summary_table
-    from .trainer import rank
-
-    if args.download:
-        raise ValueError(
-            f"download: only the image task downloads; place {task} data under "
-            "--data-root (see ../shared/data/SOURCES.md)"
-        )
-    module = import_module(f".tasks.{task}", __package__)
-    if hasattr(module, "run_from_args"):  # imbalanced, ood, adversarial
-        results, where = module.run_from_args(args)
-        if results is not None:
-            print(summary_table(results))
-            print(f"report: {where / 'report.md'} ({results['config']['wall_seconds']:.1f} s)")
-        return 0
-    options = module.options_from_args(args)
-    results = module.run(options)
-    if results is None and options.stop_after_epochs is not None and rank() == 0:
-        print(f"stopped after {options.stop_after_epochs} epoch(s) as asked; rerun with --resume")
-    if results is not None:
-        print(summary_table(results))
+    results = run_experiment(options)
+    if results is None:
+        return 0  # a rank other than 0
+    print(summary_table(results))
+    config = results["config"]
+    print(f"report: {Path(config['out']) / 'report.md'} ({config['wall_seconds']:.1f} s)")
+    failed = results["config"].get("failed_runs", [])
+    for run in failed:
         print(
-            f"report: {Path(results['config']['out']) / 'report.md'} "
-            f"({results['config']['wall_seconds']:.1f} s)"
+            f"{PROG}: run {run['loss']} seed {run['seed']} failed: {run['error']}", file=sys.stderr
         )
-    return 0
+    return EXIT_FAILED_RUNS if failed else 0
+
+
+_JOB_KEYS = ("losses", "dataset", "out", "preset")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,27 +278,36 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments (default ``sys.argv[1:]``).
 
     Returns:
-        Exit status: 0 on success, 2 for a usage error, missing data or unknown name.
+        Exit status: 0 on success, 1 if a run failed (the others are reported), 2 for a usage
+        error, missing data or extra, or an unknown name; 130 when interrupted.
     """
+    missing = [m for m in LAB_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f'{PROG}: error: the lab needs pip install "encouraging-loss[lab]" '
+            f"(missing: {', '.join(missing)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
     from .data import DatasetNotFoundError
+    from .experiment import Interrupted
 
     try:
-        if args.command == "run":
-            return _run_task(args, args.task, args.losses)
-        if args.command == "reproduce":
-            from .tasks.image import REPRODUCE_LOSSES
-
-            return _run_task(args, "image", REPRODUCE_LOSSES)
+        if args.command in ("run", "reproduce"):
+            return _run(args)
         from .report import load_results, rebuild_report, summary_table
 
         path = rebuild_report(args.dirs, args.out)
         print(summary_table(load_results([path.parent])[0]))
         print(f"report: {path}")
+        return 0
+    except Interrupted as stopped:
+        print(f"stopped {stopped}; rerun with --resume to continue")
         return 0
     except (DatasetNotFoundError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -508,3 +508,35 @@ def find_data_folder(
                 f"DIR with DIR/{relative} or set {ENV_VAR}"
             )
     return folder
+
+
+def random_crop_flip(
+    images: torch.Tensor, generator: torch.Generator, pad: int = 4
+) -> torch.Tensor:
+    """Random crops of zero-padded images and random horizontal flips.
+
+    Args:
+        images: ``(N, C, H, W)`` batch.
+        generator: CPU generator deciding crops and flips (seeded per step for exact resume).
+        pad: padding on each side; crops shift by up to ``pad`` pixels.
+
+    Returns:
+        The augmented batch on the input's device.
+
+    Raises:
+        ValueError: if ``images`` is not 4-dimensional or ``pad`` is negative.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (N, C, H, W), got shape {tuple(images.shape)}")
+    if pad < 0:
+        raise ValueError(f"pad: must be non-negative, got {pad}")
+    n, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = shifts[:, 0, None] + torch.arange(height, device=images.device)
+    cols = shifts[:, 1, None] + torch.arange(width, device=images.device)
+    batch_index = torch.arange(n, device=images.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=images.device)[None, :, None, None]
+    crops = padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.where(flips[:, None, None, None], crops.flip(3), crops)

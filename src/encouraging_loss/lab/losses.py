@@ -1,4 +1,4 @@
-"""Loss names to configured criteria.
+"""Loss names to typed loss specs, and specs to configured criteria.
 
 Grammar: ``FAMILY[:ARGS]`` where ``ARGS`` is a comma-separated list of ``key=value`` pairs and at
 most one leading bare value for the family's main parameter. Examples::
@@ -9,16 +9,27 @@ most one leading bare value for the family's main parameter. Examples::
     el:log_end=1            EncouragingLoss(log_end=1.0)
     ls-el:0.1               EncouragingLoss(label_smoothing=0.1)
     el:log_end=0.5,bonus_scale=0.5
-    el:ramp=0.5,start=0.1   bonus scale scheduled by BonusSchedule(final=bonus_scale, ...)
+    el:bonus=power,bonus_gamma=2
+    el:ramp=0.5,start=0.1   bonus scale scheduled: BonusSchedule(final=bonus_scale, start, ramp,
+                            shape) — the bonus is off until ``start``, then ramps in
+    el:log_end=0.75,log_end_from=0.5,log_end_ramp=1
+                            log_end scheduled from 0.5 to 0.75 over training
     el:bonus_start=0.5      bonus only where p_y > 0.5
+    el:bonus_weight=balanced  class-balanced bonus weights (tasks that know class counts)
     focal:gamma=2           FocalLoss(gamma=2)
     poly1:epsilon=1         Poly1Loss(epsilon=1)
+
+A name is parsed once into a :class:`LossSpec`; the runner stores each spec (and its CE
+baseline) in the results, so the report never parses names again. Values are checked by the
+core's own constructors when the spec is parsed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from encouraging_loss import BonusSchedule, EncouragingLoss, FocalLoss, Poly1Loss
@@ -28,43 +39,28 @@ class UnknownLossError(ValueError):
     """A loss name or one of its parameters is not understood."""
 
 
-# family -> (main parameter for a bare value, {parameter: type}, defaults)
-_FAMILIES: dict[str, tuple[str, dict[str, type], dict[str, object]]] = {
-    "ce": ("label_smoothing", {"label_smoothing": float}, {}),
-    "ls-ce": ("label_smoothing", {"label_smoothing": float}, {"label_smoothing": 0.1}),
-    "el": (
-        "log_end",
-        {
-            "log_end": float,
-            "bonus_scale": float,
-            "bonus": str,
-            "bonus_start": float,
-            "label_smoothing": float,
-            "start": float,
-            "ramp": float,
-            "shape": str,
-        },
-        {},
-    ),
-    "ls-el": (
-        "label_smoothing",
-        {
-            "label_smoothing": float,
-            "log_end": float,
-            "bonus_scale": float,
-            "bonus": str,
-            "bonus_start": float,
-            "start": float,
-            "ramp": float,
-            "shape": str,
-        },
-        {"label_smoothing": 0.1},
-    ),
-    "focal": ("gamma", {"gamma": float}, {}),
-    "poly1": ("epsilon", {"epsilon": float, "label_smoothing": float}, {}),
-}
-LOSS_FAMILIES = tuple(_FAMILIES)
-_SCHEDULE_KEYS = ("start", "ramp", "shape")
+@dataclass(frozen=True)
+class Family:
+    """One loss family of the grammar.
+
+    Attributes:
+        name: the family's name (``el``, ``ce`` ...).
+        main: the parameter a bare value sets (``ls-ce:0.1``), or ``None``.
+        params: parameter names and their types.
+        defaults: values of parameters not given.
+        build: ``build(spec, class_counts)`` returns the criterion; ``None`` for a family whose
+            task builds it.
+    """
+
+    name: str
+    main: str | None
+    params: dict[str, type]
+    defaults: dict[str, object] = field(default_factory=dict)
+    build: Callable[[LossSpec, list[int] | None], nn.Module] | None = None
+
+    def with_name(self, name: str, **defaults) -> Family:
+        """A copy under another name (``ls-el`` is ``el`` with label smoothing 0.1)."""
+        return Family(name, self.main, dict(self.params), {**self.defaults, **defaults}, self.build)
 
 
 @dataclass(frozen=True)
@@ -72,9 +68,9 @@ class LossSpec:
     """A parsed loss name.
 
     Attributes:
-        name: the name as the user wrote it (used as the label in results).
-        family: ``ce``, ``ls-ce``, ``el``, ``ls-el``, ``focal`` or ``poly1``.
-        params: parsed parameters (only those given, plus the family's defaults).
+        name: the name as the user wrote it (the label in results).
+        family: the family's name.
+        params: parsed parameters (those given, plus the family's defaults).
     """
 
     name: str
@@ -84,7 +80,7 @@ class LossSpec:
     @property
     def is_encouraging(self) -> bool:
         """Whether this is an encouraging-loss variant."""
-        return self.family in ("el", "ls-el")
+        return self.family.removesuffix("-drw") in ("el", "ls-el")
 
     @property
     def baseline_name(self) -> str:
@@ -92,10 +88,9 @@ class LossSpec:
         smoothing = self.params.get("label_smoothing", 0.0)
         return f"ls-ce:{_format_value(smoothing)}" if smoothing else "ce"
 
-    @property
-    def has_schedule(self) -> bool:
-        """Whether the bonus scale follows a :class:`BonusSchedule` over training."""
-        return any(key in self.params for key in _SCHEDULE_KEYS)
+    def to_dict(self) -> dict:
+        """The spec as JSON (stored in ``results.json``)."""
+        return {"family": self.family, "params": dict(self.params)}
 
 
 def _format_value(value: object) -> str:
@@ -104,71 +99,227 @@ def _format_value(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def parse_loss(name: str, extra_families: dict | None = None) -> LossSpec:
-    """Parse one loss name.
+# --- criteria --------------------------------------------------------------------------------
+EL_OPTIONS = ("log_end", "bonus_scale", "bonus", "bonus_gamma", "bonus_start", "label_smoothing")
+SCHEDULES = {
+    # option -> (its schedule's parameters: start, ramp, shape, initial value or None)
+    "bonus_scale": ("start", "ramp", "shape", None),
+    "log_end": ("log_end_start", "log_end_ramp", "log_end_shape", "log_end_from"),
+}
+BONUS_WEIGHTS = ("none", "balanced")
+
+
+def class_balanced_weights(counts: list[int], beta: float = 0.9999) -> torch.Tensor:
+    """Class-balanced weights (Cui et al. 2019): ``(1 - beta) / (1 - beta^n_c)``, mean 1.
 
     Args:
-        name: e.g. ``"el:log_end=1"``; see the module docstring for the grammar.
-        extra_families: task-specific families added to (or replacing) the built-in ones, in
-            the same ``{family: (main parameter, {parameter: type}, defaults)}`` layout; the
-            task that adds them also builds their criteria.
+        counts: per-class training counts (all positive).
+        beta: in ``[0, 1)``; 0 gives equal weights.
+
+    Returns:
+        ``(C,)`` float32 weights averaging 1.
+
+    Raises:
+        ValueError: for an empty or non-positive count, or ``beta`` outside ``[0, 1)``.
+    """
+    if not counts or min(counts) < 1:
+        raise ValueError(f"counts: expected positive per-class counts, got {counts}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta: must be in [0, 1), got {beta}")
+    n = torch.tensor(counts, dtype=torch.float64)
+    weights = (1.0 - beta) / (1.0 - beta**n)
+    return (weights / weights.mean()).float()
+
+
+def _schedule_or_value(p: dict, option: str, default: float):
+    """``p[option]``, or a :class:`BonusSchedule` to it when the spec schedules it.
+
+    A scheduled bonus scale starts at 0 (the bonus is off until ``start``); a scheduled
+    ``log_end`` starts at ``log_end_from``.
+    """
+    start, ramp, shape, initial = SCHEDULES[option]
+    final = float(p.get(option, default))
+    keys = (start, ramp, shape) if initial is None else (start, ramp, shape, initial)
+    if not any(key in p for key in keys):
+        return final
+    return BonusSchedule(
+        final=final,
+        start=float(p.get(start, 0.0)),
+        ramp=float(p.get(ramp, 0.0)),
+        shape=str(p.get(shape, "linear")),
+        initial=0.0 if initial is None else float(p.get(initial, final)),
+    )
+
+
+def _build_el(spec: LossSpec, class_counts: list[int] | None) -> nn.Module:
+    p = spec.params
+    kwargs = {k: p[k] for k in EL_OPTIONS if k in p}
+    kwargs["bonus_scale"] = _schedule_or_value(p, "bonus_scale", 1.0)
+    if any(key in p for key in SCHEDULES["log_end"]):
+        kwargs["log_end"] = _schedule_or_value(p, "log_end", 0.75)
+    bonus_weight = str(p.get("bonus_weight", "none"))
+    if bonus_weight not in BONUS_WEIGHTS:
+        raise UnknownLossError(
+            f"loss {spec.name!r}: bonus_weight must be one of {', '.join(BONUS_WEIGHTS)}, "
+            f"got {bonus_weight!r}"
+        )
+    if bonus_weight == "balanced":
+        if class_counts is None:
+            raise UnknownLossError(
+                f"loss {spec.name!r}: bonus_weight=balanced needs class counts; only tasks "
+                "with imbalanced classes (imbalanced) support it"
+            )
+        kwargs["bonus_weight"] = class_balanced_weights(class_counts)
+    return EncouragingLoss(**kwargs)
+
+
+def _build_ce(spec: LossSpec, class_counts: list[int] | None) -> nn.Module:
+    smoothing = float(spec.params.get("label_smoothing", 0.0))
+    # The core's own check of label_smoothing (torch's module checks only when called).
+    EncouragingLoss(label_smoothing=smoothing, bonus_scale=0.0)
+    return nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+
+_EL_PARAMS: dict[str, type] = {
+    **{k: float for k in EL_OPTIONS},
+    "bonus": str,
+    "bonus_weight": str,
+    **{k: float for k in ("start", "ramp", "log_end_start", "log_end_ramp", "log_end_from")},
+    "shape": str,
+    "log_end_shape": str,
+}
+_EL = Family("el", "log_end", _EL_PARAMS, build=_build_el)
+_CE = Family("ce", "label_smoothing", {"label_smoothing": float}, build=_build_ce)
+FAMILIES: dict[str, Family] = {
+    "ce": _CE,
+    "ls-ce": _CE.with_name("ls-ce", label_smoothing=0.1),
+    "el": _EL,
+    "ls-el": Family(
+        "ls-el", "label_smoothing", _EL_PARAMS, {"label_smoothing": 0.1}, build=_build_el
+    ),
+    "focal": Family(
+        "focal", "gamma", {"gamma": float}, {"gamma": 2.0}, lambda s, _: FocalLoss(**s.params)
+    ),
+    "poly1": Family(
+        "poly1",
+        "epsilon",
+        {"epsilon": float, "label_smoothing": float},
+        {"epsilon": 1.0},
+        lambda s, _: Poly1Loss(**s.params),
+    ),
+}
+LOSS_FAMILIES = tuple(FAMILIES)
+
+
+def build_criterion(
+    spec: LossSpec | str,
+    class_counts: list[int] | None = None,
+    families: dict[str, Family] | None = None,
+) -> nn.Module:
+    """Build the configured criterion of a loss.
+
+    Args:
+        spec: a :class:`LossSpec` or a loss name.
+        class_counts: per-class training counts, for options that need them
+            (``bonus_weight=balanced``); ``None`` where the task has none.
+        families: the families to build from (default :data:`FAMILIES`; a task passes its own).
+
+    Returns:
+        An ``nn.Module`` called as ``criterion(logits, targets)`` with mean reduction; an
+        ``EncouragingLoss`` with a schedule follows it through ``criterion.step(progress)``.
+
+    Raises:
+        UnknownLossError: for a name that does not parse, or a family without a builder.
+    """
+    families = FAMILIES if families is None else families
+    if isinstance(spec, str):
+        spec = parse_loss(spec, families)
+    if not isinstance(spec, LossSpec):
+        raise UnknownLossError(f"spec: expected LossSpec or str, got {type(spec).__name__}")
+    family = families.get(spec.family)
+    if family is None or family.build is None:
+        raise UnknownLossError(f"spec: no criterion builder for family {spec.family!r}")
+    return family.build(spec, class_counts)
+
+
+# --- parsing ---------------------------------------------------------------------------------
+def _parse_items(name: str, family: Family, items: list[str]) -> dict[str, object]:
+    params: dict[str, object] = dict(family.defaults)
+    for position, item in enumerate(items):
+        key, has_eq, raw = item.partition("=")
+        if not has_eq:
+            if position != 0 or family.main is None:
+                raise UnknownLossError(
+                    f"loss {name!r}: bare value {item!r} must come first (it sets {family.main})"
+                )
+            key, raw = family.main, item
+        key = key.strip()
+        kind = family.params.get(key)
+        if kind is None:
+            raise UnknownLossError(
+                f"loss {name!r}: unknown parameter {key!r} for {family.name}; "
+                f"known: {', '.join(family.params)}"
+            )
+        try:
+            params[key] = kind(raw.strip())
+        except ValueError:
+            raise UnknownLossError(
+                f"loss {name!r}: parameter {key}={raw!r} is not a valid {kind.__name__}"
+            ) from None
+    return params
+
+
+def _spec(head: str, items: list[str], families: dict[str, Family], probe: list[int]) -> LossSpec:
+    """The spec of one loss from its family head and parameter items, checked by the core."""
+    family_name = head.partition(":")[0].strip().lower()
+    name = ",".join([head, *items]) if items else head
+    if family_name not in families:
+        raise UnknownLossError(
+            f"unknown loss {name!r}; known families: {', '.join(families)} "
+            "(e.g. ce, el, el:log_end=1, ls-ce:0.1, ls-el:0.1, focal:gamma=2, poly1:epsilon=1)"
+        )
+    family = families[family_name]
+    first = head.partition(":")[2].strip()
+    params = _parse_items(name, family, ([first] if first else []) + items)
+    spec = LossSpec(name, family_name, params)
+    if family.build is not None:
+        try:  # the core's constructors check every value
+            family.build(spec, probe)
+        except UnknownLossError:
+            raise
+        except (ValueError, TypeError) as error:
+            raise UnknownLossError(f"loss {name!r}: {error}") from None
+    return spec
+
+
+def parse_loss(name: str, families: dict[str, Family] | None = None) -> LossSpec:
+    """Parse one loss name (see the module docstring for the grammar).
+
+    Args:
+        name: e.g. ``"el:log_end=1"``.
+        families: the families known (default :data:`FAMILIES`).
 
     Returns:
         The parsed :class:`LossSpec`.
 
     Raises:
-        UnknownLossError: for an unknown family, parameter, or a malformed value.
+        UnknownLossError: for an unknown family, parameter, or an invalid value.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise UnknownLossError(f"name: expected a non-empty loss name, got {name!r}")
-    name = name.strip()
-    family, _, arg_text = name.partition(":")
-    family = family.strip().lower()
-    families = {**_FAMILIES, **(extra_families or {})}
-    if family not in families:
-        raise UnknownLossError(
-            f"unknown loss {name!r}; known families: {', '.join(families)} "
-            "(e.g. ce, el, el:log_end=1, ls-ce:0.1, ls-el:0.1, focal:gamma=2, poly1:epsilon=1)"
-        )
-    main_param, types, defaults = families[family]
-    params: dict[str, object] = dict(defaults)
-    if arg_text.strip():
-        for position, item in enumerate(arg_text.split(",")):
-            item = item.strip()
-            key, has_eq, raw = item.partition("=")
-            if not has_eq:
-                if position != 0:
-                    raise UnknownLossError(
-                        f"loss {name!r}: bare value {item!r} must come first (it sets {main_param})"
-                    )
-                key, raw = main_param, item
-            key = key.strip()
-            if key not in types:
-                raise UnknownLossError(
-                    f"loss {name!r}: unknown parameter {key!r} for {family}; "
-                    f"known: {', '.join(types)}"
-                )
-            try:
-                params[key] = types[key](raw.strip())
-            except ValueError:
-                raise UnknownLossError(
-                    f"loss {name!r}: parameter {key}={raw!r} is not a valid {types[key].__name__}"
-                ) from None
-    smoothing = params.get("label_smoothing", 0.0)
-    if not 0.0 <= float(smoothing) < 1.0:  # type: ignore[arg-type]
-        raise UnknownLossError(f"loss {name!r}: label_smoothing must be in [0, 1), got {smoothing}")
-    return LossSpec(name=name, family=family, params=params)
+    specs = parse_loss_list(name, families)
+    if len(specs) != 1:
+        raise UnknownLossError(f"name: expected one loss, got {len(specs)} in {name!r}")
+    return specs[0]
 
 
-def parse_loss_list(text: str, extra_families: dict | None = None) -> list[LossSpec]:
-    """Parse a ``--losses`` value: names separated by ``,`` where a new name starts a family.
+def parse_loss_list(text: str, families: dict[str, Family] | None = None) -> list[LossSpec]:
+    """Parse a ``--losses`` value: names separated by ``,`` where a known family starts a loss.
 
-    Commas also separate a loss's parameters (``el:log_end=0.5,bonus_scale=0.5``), so an item
-    containing ``=`` or a number after a loss with parameters is kept with that loss.
+    Commas also separate a loss's parameters (``el:log_end=0.5,bonus_scale=0.5``): an item that
+    does not start with a family name is a parameter of the loss before it.
 
     Args:
         text: e.g. ``"ce,el,el:log_end=0.5,bonus_scale=0.5,ls-ce:0.1"``.
-        extra_families: task-specific families, as in :func:`parse_loss`.
+        families: the families known (default :data:`FAMILIES`; tasks add their own).
 
     Returns:
         The parsed specs, in order, without duplicates.
@@ -176,23 +327,22 @@ def parse_loss_list(text: str, extra_families: dict | None = None) -> list[LossS
     Raises:
         UnknownLossError: if the list is empty or an item is not a loss.
     """
+    families = FAMILIES if families is None else families
     if not isinstance(text, str) or not text.strip():
         raise UnknownLossError(f"losses: expected a comma-separated list, got {text!r}")
-    groups: list[str] = []
-    for item in text.split(","):
-        item = item.strip()
+    groups: list[tuple[str, list[str]]] = []
+    for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        head = item.partition(":")[0].strip().lower()
-        known = head in _FAMILIES or head in (extra_families or {})
-        continues_previous = groups and ":" in groups[-1] and not known
-        if continues_previous:
-            groups[-1] += "," + item
+        starts_loss = item.partition(":")[0].strip().lower() in families
+        if groups and not starts_loss and (":" in groups[-1][0] or groups[-1][1]):
+            groups[-1][1].append(item)
         else:
-            groups.append(item)
+            groups.append((item, []))
+    probe = [2, 1]  # class counts, so that options needing them can be checked at parse time
     specs: list[LossSpec] = []
-    for group in groups:
-        spec = parse_loss(group, extra_families)
+    for head, items in groups:
+        spec = _spec(head, items, families, probe)
         if spec.name not in {s.name for s in specs}:
             specs.append(spec)
     if not specs:
@@ -200,59 +350,12 @@ def parse_loss_list(text: str, extra_families: dict | None = None) -> list[LossS
     return specs
 
 
-def build_criterion(spec: LossSpec | str) -> nn.Module:
-    """Build the configured criterion for a loss name.
+def baselines(specs: list[LossSpec]) -> dict[str, str | None]:
+    """Each loss's CE counterpart among ``specs`` (label smoothing matched), or ``None``.
 
-    Args:
-        spec: a :class:`LossSpec` or a loss name.
-
-    Returns:
-        An ``nn.Module`` called as ``criterion(logits, targets)`` with mean reduction.
-
-    Raises:
-        UnknownLossError: if ``spec`` is a string that does not parse.
+    CE-family losses (``ce``, ``ls-ce``) have none; they are the baselines.
     """
-    if isinstance(spec, str):
-        spec = parse_loss(spec)
-    if not isinstance(spec, LossSpec):
-        raise UnknownLossError(f"spec: expected LossSpec or str, got {type(spec).__name__}")
-    p = spec.params
-    if spec.family in ("ce", "ls-ce"):
-        return nn.CrossEntropyLoss(label_smoothing=float(p.get("label_smoothing", 0.0)))
-    if spec.family in ("el", "ls-el"):
-        kwargs = {
-            key: p[key]
-            for key in ("log_end", "bonus_scale", "bonus", "bonus_start", "label_smoothing")
-            if key in p
-        }
-        return EncouragingLoss(**kwargs)
-    if spec.family == "focal":
-        return FocalLoss(gamma=float(p.get("gamma", 2.0)))
-    return Poly1Loss(
-        epsilon=float(p.get("epsilon", 1.0)), label_smoothing=float(p.get("label_smoothing", 0.0))
-    )
-
-
-def build_bonus_schedule(spec: LossSpec) -> BonusSchedule | None:
-    """Return the bonus-scale schedule a loss asks for, or ``None`` for a constant scale.
-
-    Args:
-        spec: a parsed encouraging-loss name with ``start``, ``ramp`` or ``shape`` parameters.
-
-    Returns:
-        ``BonusSchedule(final=bonus_scale, start, ramp, shape)`` or ``None``.
-
-    Raises:
-        UnknownLossError: if ``spec`` is not a :class:`LossSpec`.
-    """
-    if not isinstance(spec, LossSpec):
-        raise UnknownLossError(f"spec: expected LossSpec, got {type(spec).__name__}")
-    if not (spec.is_encouraging and spec.has_schedule):
-        return None
-    p = spec.params
-    return BonusSchedule(
-        final=float(p.get("bonus_scale", 1.0)),
-        start=float(p.get("start", 0.0)),
-        ramp=float(p.get("ramp", 0.0)),
-        shape=str(p.get("shape", "linear")),
-    )
+    ce_like = {s.baseline_name: s.name for s in specs if s.family in ("ce", "ls-ce")}
+    return {
+        s.name: None if s.family in ("ce", "ls-ce") else ce_like.get(s.baseline_name) for s in specs
+    }

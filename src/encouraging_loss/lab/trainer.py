@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .data import random_crop_flip
+from .io import atomic_torch_save
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -218,20 +221,6 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """Save with ``torch.save`` to a temporary file, then ``os.replace`` it into place.
-
-    Args:
-        obj: anything ``torch.save`` accepts.
-        path: destination; a reader never sees a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Learning rate at a 0-based global ``step`` (warm-up, then the configured schedule).
 
@@ -293,38 +282,6 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def random_crop_flip(
-    images: torch.Tensor, generator: torch.Generator, pad: int = 4
-) -> torch.Tensor:
-    """Random crops of zero-padded images and random horizontal flips.
-
-    Args:
-        images: ``(N, C, H, W)`` batch.
-        generator: CPU generator deciding crops and flips (seeded per step for exact resume).
-        pad: padding on each side; crops shift by up to ``pad`` pixels.
-
-    Returns:
-        The augmented batch on the input's device.
-
-    Raises:
-        ValueError: if ``images`` is not 4-dimensional or ``pad`` is negative.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images: expected (N, C, H, W), got shape {tuple(images.shape)}")
-    if pad < 0:
-        raise ValueError(f"pad: must be non-negative, got {pad}")
-    n, channels, height, width = images.shape
-    padded = nn.functional.pad(images, (pad, pad, pad, pad))
-    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    rows = shifts[:, 0, None] + torch.arange(height, device=images.device)
-    cols = shifts[:, 1, None] + torch.arange(width, device=images.device)
-    batch_index = torch.arange(n, device=images.device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=images.device)[None, :, None, None]
-    crops = padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
-    return torch.where(flips[:, None, None, None], crops.flip(3), crops)
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -363,13 +320,118 @@ def all_reduce_sum(values: list[float], distributed: bool) -> list[float]:
     return tensor.tolist()
 
 
+class ClassificationBatches:
+    """The default training data of :func:`train`: tensors of examples and class labels.
+
+    A task with other batches (padded sentence pairs, graphs) passes an object with the same
+    four members instead: ``n_train``, ``epoch_batches``, ``loss`` and ``validate``.
+
+    Args:
+        splits: object with ``train_x, train_y, val_x, val_y`` (see ``data.Splits``).
+        augment: random 4-pixel-padded crops and horizontal flips, seeded per step.
+        perturb: ``perturb(model, x, y)`` returns the batch the model trains on (e.g. PGD
+            adversarial examples for adversarial training); ``None`` trains on ``x``.
+    """
+
+    def __init__(self, splits, augment: bool = False, perturb: Callable | None = None):
+        for name in ("train_x", "train_y", "val_x", "val_y"):
+            if not hasattr(splits, name):
+                raise ValueError(f"splits: expected train_x, train_y, val_x, val_y; no {name}")
+        self.splits, self.augment, self.perturb = splits, augment, perturb
+        self.n_train = len(splits.train_y)
+
+    def epoch_batches(self, batch: int, seed: int) -> list[torch.Tensor]:
+        """``n_train // batch`` index batches of one epoch, shuffled by a generator of ``seed``."""
+        order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed))
+        return list(order[: self.n_train // batch * batch].split(batch))
+
+    def loss(self, step: BatchStep) -> tuple[torch.Tensor, Callable[[], dict]]:
+        """The loss of one batch and a function giving its statistics after ``backward``."""
+        xb = self.splits.train_x[step.index].to(step.device)
+        yb = self.splits.train_y[step.index].to(step.device)
+        if self.augment:
+            # Seeded by (seed, step, rank) so a resumed run draws the same crops.
+            generator = torch.Generator().manual_seed(step.seed * 64 + step.rank)
+            xb = random_crop_flip(xb, generator)
+        if self.perturb is not None:
+            xb = self.perturb(step.model, xb, yb).detach()
+        with torch.autocast(step.device.type, dtype=torch.bfloat16, enabled=step.amp):
+            logits = step.forward(xb)
+        logits = logits.float()
+        logits.retain_grad()
+        loss = step.criterion(logits, yb)
+
+        def statistics() -> dict:
+            with torch.no_grad():
+                probs = logits.detach().softmax(dim=1)
+                p_true = probs.gather(1, yb[:, None]).squeeze(1)
+                grad_norms = logits.grad.norm(dim=1)  # per-example gradient w.r.t. logits
+                return {
+                    "loss": loss.item() * len(yb),
+                    "correct": (probs.argmax(dim=1) == yb).sum().item(),
+                    "count": len(yb),
+                    "well_norm": grad_norms[p_true > 0.5].sum().item(),
+                    "total_norm": grad_norms.sum().item(),
+                }
+
+        return loss, statistics
+
+    def validate(self, model: nn.Module, batch_size: int, device: torch.device) -> dict:
+        """Validation accuracy and NLL (``val_accuracy`` selects the epoch)."""
+        val_logits = predict_logits(model, self.splits.val_x, batch_size, device)
+        val_y = self.splits.val_y
+        return {
+            "val_accuracy": (val_logits.argmax(1) == val_y).float().mean().item(),
+            "val_nll": nn.functional.cross_entropy(val_logits, val_y).item(),
+        }
+
+
+@dataclass
+class BatchStep:
+    """What a batch-loss hook gets at one training step.
+
+    Attributes:
+        index: this rank's example indices of the batch.
+        model: the bare model (for attacks or its output layer).
+        forward: the module the forward pass runs through (the DDP wrapper under torchrun).
+        criterion: the loss module.
+        device: the training device.
+        amp: whether bfloat16 autocast is on.
+        seed: ``(run seed, global step)`` folded into one integer, for per-step randomness.
+        rank: this process's rank.
+    """
+
+    index: torch.Tensor
+    model: nn.Module
+    forward: nn.Module
+    criterion: nn.Module
+    device: torch.device
+    amp: bool
+    seed: int
+    rank: int
+
+
+def _epoch_record(sums: dict, validation: dict, epoch: int, step: int, lr: float, criterion):
+    """One epoch's history entry from the summed batch statistics and the validation."""
+    count = sums["count"]
+    record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": sums["loss"] / count}
+    if "ce" in sums:
+        record["train_ce"] = sums["ce"] / count
+    record["train_accuracy"] = sums["correct"] / count
+    record.update(validation)
+    total = sums["total_norm"]
+    record["grad_share_well_classified"] = sums["well_norm"] / total if total > 0 else 0.0
+    scale = getattr(criterion, "bonus_scale", None)
+    record["bonus_scale"] = None if scale is None else float(scale)
+    return record
+
+
 def train(
     model: nn.Module,
     criterion: nn.Module,
-    splits,
+    data,
     config: TrainConfig,
     *,
-    bonus_schedule: Callable[[float], float] | None = None,
     progress_hook: Callable[[float], None] | None = None,
     perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
@@ -382,16 +444,18 @@ def train(
 
     Args:
         model: freshly initialised model (seed it with :func:`set_seed` before building it).
-        criterion: ``criterion(logits, targets)`` returning a scalar loss.
-        splits: object with ``train_x, train_y, val_x, val_y`` tensors (see ``data.Splits``).
+        criterion: ``criterion(logits, targets)`` returning a scalar loss. If it has a
+            ``step(progress)`` method (``EncouragingLoss`` with a bonus or ``log_end``
+            schedule), it is called before every step with training progress in ``[0, 1]``.
+        data: the training data: an object with ``train_x, train_y, val_x, val_y`` tensors
+            (see ``data.Splits``; trained through :class:`ClassificationBatches`), or a task's
+            own batches with the members of :class:`ClassificationBatches`.
         config: hyper-parameters.
-        bonus_schedule: callable mapping training progress in ``[0, 1]`` to the criterion's
-            ``bonus_scale``, applied before every step; ``None`` leaves the scale alone.
         progress_hook: called before every step with training progress in ``[0, 1]`` (e.g.
             deferred re-weighting swaps the criterion's class weights at a fixed progress);
             it must be a pure function of progress so that resumed runs stay identical.
-        perturb: ``perturb(model, x, y)`` returns the batch the model trains on (e.g. PGD
-            adversarial examples for adversarial training); ``None`` trains on ``x``.
+        perturb: for tensor data, ``perturb(model, x, y)`` returns the batch the model trains
+            on (see :class:`ClassificationBatches`).
         checkpoint_path: where the per-epoch checkpoint is written (atomically); ``None`` = none.
         resume: continue from ``checkpoint_path`` if it exists.
         stop_after_epochs: return after this many epochs of *this call* as if killed (the
@@ -411,6 +475,10 @@ def train(
         raise ValueError("checkpoint_path: resume=True needs a checkpoint path")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise ValueError(f"stop_after_epochs: must be at least 1, got {stop_after_epochs}")
+    if not hasattr(data, "epoch_batches"):
+        data = ClassificationBatches(data, augment=config.augment, perturb=perturb)
+    elif perturb is not None:
+        raise ValueError("perturb: only for tensor data; a task's batches perturb themselves")
     started = time.perf_counter()
     device = resolve_device(config.device)
     distributed = init_distributed(device)
@@ -418,13 +486,12 @@ def train(
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} processes")
     model.to(device)
-    train_x, train_y = splits.train_x, splits.train_y
-    n_train = len(train_y)
+    n_train = data.n_train
     # Global batches must split evenly across ranks so that averaged gradients equal the
     # gradient of the global mean; a dataset smaller than the batch becomes one batch.
     batch = min(config.batch_size, n_train - n_train % world)
     if batch < world:
-        raise ValueError(f"splits: {n_train} training examples cannot feed {world} processes")
+        raise ValueError(f"data: {n_train} training examples cannot feed {world} processes")
     steps_per_epoch = n_train // batch
     total_steps = steps_per_epoch * config.epochs
     ddp_model: nn.Module = model
@@ -434,6 +501,7 @@ def train(
         )
     optimizer = make_optimizer(model, config)
     use_amp = config.amp and device.type == "cuda"
+    schedule_step = getattr(criterion, "step", None)
 
     result = TrainResult(model=model)
     best_state: dict | None = None
@@ -454,53 +522,32 @@ def train(
         )
         best_state = state["best_state"]
 
-    show = progress and my_rank == 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the [lab] extra; train silently without it
-        show = False
-    bar = (
-        tqdm(
-            total=config.epochs,
-            initial=start_epoch,
-            desc=description,
-            disable=not show,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        if show
-        else None
-    )
-
+    bar = _progress_bar(progress and my_rank == 0, config.epochs, start_epoch, description)
     for epoch in range(start_epoch, config.epochs):
         ddp_model.train()
-        order = torch.randperm(
-            n_train, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        )
-        # sums: loss*count, correct, count, grad-norm of well-classified, total grad-norm
-        sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        batches = data.epoch_batches(batch, config.seed * 1_000_003 + epoch)
+        sums: dict[str, float] = {}
         diverged = False
         for step_in_epoch in range(steps_per_epoch):
             lr = learning_rate(config, global_step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if bonus_schedule is not None:
-                criterion.bonus_scale = float(bonus_schedule(global_step / max(1, total_steps)))
+            progress_now = global_step / max(1, total_steps)
+            if schedule_step is not None:
+                schedule_step(progress_now)
             if progress_hook is not None:
-                progress_hook(global_step / max(1, total_steps))
-            index = order[step_in_epoch * batch : (step_in_epoch + 1) * batch][my_rank::world]
-            xb, yb = train_x[index].to(device), train_y[index].to(device)
-            if config.augment:
-                # Seeded by (seed, step, rank) so a resumed run draws the same crops.
-                step_seed = (config.seed * 1_000_003 + global_step) * 64 + my_rank
-                xb = random_crop_flip(xb, torch.Generator().manual_seed(step_seed))
-            if perturb is not None:
-                xb = perturb(model, xb, yb).detach()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = ddp_model(xb)
-            logits = logits.float()
-            logits.retain_grad()
-            loss = criterion(logits, yb)
+                progress_hook(progress_now)
+            step = BatchStep(
+                index=batches[step_in_epoch][my_rank::world],
+                model=model,
+                forward=ddp_model,
+                criterion=criterion,
+                device=device,
+                amp=use_amp,
+                seed=config.seed * 1_000_003 + global_step,
+                rank=my_rank,
+            )
+            loss, statistics = data.loss(step)
             global_step += 1
             finite = torch.isfinite(loss.detach()).float()
             if distributed:
@@ -512,42 +559,19 @@ def train(
             loss.backward()
             if config.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            # Before the step: a fused loss's statistics form logits from the output weight.
+            for key, value in statistics().items():
+                sums[key] = sums.get(key, 0.0) + value
             optimizer.step()
-            with torch.no_grad():
-                probs = logits.detach().softmax(dim=1)
-                p_true = probs.gather(1, yb[:, None]).squeeze(1)
-                grad_norms = logits.grad.norm(dim=1)  # per-example gradient w.r.t. logits
-                count = len(yb)
-                sums[0] += loss.item() * count
-                sums[1] += (probs.argmax(dim=1) == yb).sum().item()
-                sums[2] += count
-                sums[3] += grad_norms[p_true > 0.5].sum().item()
-                sums[4] += grad_norms.sum().item()
         if diverged:
-            result.diverged, result.diverged_step, result.diverged_epoch = (
-                True,
-                global_step,
-                epoch + 1,
-            )
+            result.diverged, result.diverged_step = True, global_step
+            result.diverged_epoch = epoch + 1
             break
-        loss_sum, correct, count, well_norm, total_norm = all_reduce_sum(sums, distributed)
-        val_logits = predict_logits(model, splits.val_x, config.eval_batch_size, device)
-        val_accuracy = (val_logits.argmax(1) == splits.val_y).float().mean().item()
-        val_nll = nn.functional.cross_entropy(val_logits, splits.val_y).item()
-        record = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "lr": lr,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "val_accuracy": val_accuracy,
-            "val_nll": val_nll,
-            "grad_share_well_classified": well_norm / total_norm if total_norm > 0 else 0.0,
-            "bonus_scale": (
-                float(criterion.bonus_scale) if hasattr(criterion, "bonus_scale") else None
-            ),
-        }
+        sums = dict(zip(sums, all_reduce_sum(list(sums.values()), distributed), strict=True))
+        validation = data.validate(model, config.eval_batch_size, device)
+        record = _epoch_record(sums, validation, epoch + 1, global_step, lr, criterion)
         result.history.append(record)
+        val_accuracy = validation["val_accuracy"]
         if best_state is None or val_accuracy > result.best_val_accuracy:
             result.best_epoch, result.best_val_accuracy = epoch + 1, val_accuracy
             best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
@@ -582,6 +606,19 @@ def train(
         model.load_state_dict(best_state)
     result.train_seconds = time.perf_counter() - started
     return result
+
+
+def _progress_bar(show: bool, epochs: int, start_epoch: int, description: str):
+    """A tqdm bar over epochs, or ``None`` when hidden or tqdm is missing."""
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the [lab] extra; train silently without it
+        return None
+    return tqdm(
+        total=epochs, initial=start_epoch, desc=description, leave=False, dynamic_ncols=True
+    )
 
 
 def finish_distributed() -> None:

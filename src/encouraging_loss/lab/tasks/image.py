@@ -1,25 +1,20 @@
 """Image classification: CE vs EL on Fashion-MNIST, MNIST or CIFAR-10.
 
-Reads top-down: presets → data → for each loss and seed: model → train → diagnostics → report.
+Reads top-down: presets → data → one (loss, seed) run: model → train → diagnostics → report.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-
-import torch
 
 from .. import data as lab_data
-from .. import diagnostics, report
-from ..losses import LossSpec, build_bonus_schedule, build_criterion, parse_loss_list
-from ..models import build_model
-from ..trainer import TrainConfig, finish_distributed, rank, set_seed, train, world_size
+from .. import diagnostics, io
+from ..experiment import Options, Prepared, RunContext, RunResult
+from ..losses import LossSpec, build_criterion
+from ..models import MODELS, build_model
+from ..trainer import TrainConfig, set_seed
+from . import Task
 
-TASK = "image"
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
 
 
@@ -61,215 +56,77 @@ _SGD_NOTE = (
     "so at CE's rate it is expected to diverge, and the divergence is the result reported. "
     "Compare it at other settings with --lr or --clip-grad-norm."
 )
+
+
+def _sgd(epochs: int, lr: float = 0.05, **kwargs) -> TrainConfig:
+    """The SGD recipe the image presets share (momentum 0.9, wd 5e-4, cosine)."""
+    return TrainConfig(
+        epochs=epochs, batch_size=128, optimizer="sgd", lr=lr, weight_decay=5e-4, **kwargs
+    )
+
+
+def _recipe(model: str, max_train, max_test, diagnostics_train: int, train, **kwargs) -> Recipe:
+    return Recipe(
+        model=model,
+        max_train=max_train,
+        max_test=max_test,
+        diagnostics_train=diagnostics_train,
+        train=train,
+        lr_note=kwargs.pop("lr_note", _SGD_NOTE.format(lr=train.lr)),
+        **kwargs,
+    )
+
+
+_GPU = {"threads": None}
 PRESETS: dict[str, dict[str, Recipe]] = {
     # ≤ 3 minutes for `reproduce --preset quick` on 2 CPU cores (5 losses × 3 seeds).
     "quick": {
-        "fashion-mnist": Recipe(
-            model="mlp",
-            max_train=10000,
-            max_test=5000,
-            diagnostics_train=5000,
-            train=TrainConfig(
-                epochs=5,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
-        "mnist": Recipe(
-            model="mlp",
-            max_train=10000,
-            max_test=5000,
-            diagnostics_train=5000,
-            train=TrainConfig(
-                epochs=5,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
-        "cifar10": Recipe(
-            model="cnn",
-            max_train=5000,
-            max_test=5000,
-            diagnostics_train=5000,
-            train=TrainConfig(
-                epochs=5,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
+        "fashion-mnist": _recipe("mlp", 10000, 5000, 5000, _sgd(5)),
+        "mnist": _recipe("mlp", 10000, 5000, 5000, _sgd(5)),
+        "cifar10": _recipe("cnn", 5000, 5000, 5000, _sgd(5)),
     },
     # ≤ 10 minutes for `reproduce` on 2 CPU cores.
     "standard": {
-        "fashion-mnist": Recipe(
-            model="mlp",
-            max_train=None,
-            max_test=None,
-            diagnostics_train=10000,
-            train=TrainConfig(
-                epochs=8,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
-        "mnist": Recipe(
-            model="mlp",
-            max_train=None,
-            max_test=None,
-            diagnostics_train=20000,
-            train=TrainConfig(
-                epochs=10,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
-        "cifar10": Recipe(
-            model="cnn",
-            max_train=20000,
-            max_test=None,
-            diagnostics_train=20000,
-            train=TrainConfig(
-                epochs=10,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-                augment=True,
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
+        "fashion-mnist": _recipe("mlp", None, None, 10000, _sgd(8)),
+        "mnist": _recipe("mlp", None, None, 20000, _sgd(10)),
+        "cifar10": _recipe("cnn", 20000, None, 20000, _sgd(10, augment=True)),
     },
     # GPU recipes (not timed on this machine).
     "full": {
-        "cifar10": Recipe(
-            model="resnet18",
-            max_train=None,
-            max_test=None,
-            diagnostics_train=50000,
-            threads=None,
-            train=TrainConfig(
-                epochs=200,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.1,
-                momentum=0.9,
-                weight_decay=5e-4,
-                schedule="cosine",
-                augment=True,
-                device="auto",
-            ),
+        "cifar10": _recipe(
+            "resnet18",
+            None,
+            None,
+            50000,
+            _sgd(200, lr=0.1, momentum=0.9, augment=True, device="auto"),
             lr_note=(
                 "The standard CIFAR ResNet-18 recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine, "
                 "200 epochs, crop+flip) for every loss, as in the paper's setting adapted; "
                 "el:log_end=1 may diverge at 0.1 and is then reported as diverged — rerun it "
                 "with --clip-grad-norm 5 or --lr 0.05."
             ),
+            **_GPU,
         ),
-        "mnist": Recipe(
-            model="cnn",
-            max_train=None,
-            max_test=None,
-            diagnostics_train=50000,
-            threads=None,
-            train=TrainConfig(
-                epochs=30,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-                device="auto",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
-        "fashion-mnist": Recipe(
-            model="cnn",
-            max_train=None,
-            max_test=None,
-            diagnostics_train=50000,
-            threads=None,
-            train=TrainConfig(
-                epochs=30,
-                batch_size=128,
-                optimizer="sgd",
-                lr=0.05,
-                weight_decay=5e-4,
-                schedule="cosine",
-                device="auto",
-            ),
-            lr_note=_SGD_NOTE.format(lr=0.05),
-        ),
+        "mnist": _recipe("cnn", None, None, 50000, _sgd(30, device="auto"), **_GPU),
+        "fashion-mnist": _recipe("cnn", None, None, 50000, _sgd(30, device="auto"), **_GPU),
     },
 }
 DEFAULT_DATASET = {"quick": "fashion-mnist", "standard": "fashion-mnist", "full": "cifar10"}
 
 
-@dataclass
-class ImageOptions:
-    """Everything one ``run image`` invocation needs (filled from the command line).
-
-    ``None`` fields fall back to the preset's recipe.
-    """
-
-    losses: str = "ce,el"
-    seeds: int = 1
-    preset: str = "quick"
-    dataset: str | None = None
-    model: str | None = None
-    data_root: str | None = None
-    out: str | None = None
-    resume: bool = False
-    lr: float | None = None
-    clip_grad_norm: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    schedule: str | None = None
-    weight_decay: float | None = None
-    train_size: int | None = None
-    test_size: int | None = None
-    device: str | None = None
-    amp: bool = True
-    threads: int | None = None
-    progress: bool = True
-    stop_after_epochs: int | None = None
-
-
-def resolve_recipe(options: ImageOptions) -> tuple[str, Recipe]:
+def resolve_recipe(options: Options) -> tuple[str, Recipe]:
     """Pick the preset's recipe for the dataset and apply command-line overrides.
 
     Args:
-        options: parsed options.
+        options: parsed options (``preset`` set).
 
     Returns:
         ``(dataset, recipe)``.
 
     Raises:
-        ValueError: for an unknown preset, a dataset the preset has no recipe for, or a bad
+        ValueError: for a dataset the preset has no recipe for, an unknown model or a bad
             override.
     """
-    if options.preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {options.preset!r}; known: {', '.join(PRESETS)}")
     dataset = options.dataset or DEFAULT_DATASET[options.preset]
     recipes = PRESETS[options.preset]
     if dataset not in recipes:
@@ -277,39 +134,17 @@ def resolve_recipe(options: ImageOptions) -> tuple[str, Recipe]:
             f"dataset: preset {options.preset!r} has no recipe for {dataset!r}; "
             f"it has: {', '.join(recipes)}"
         )
-    if options.seeds < 1:
-        raise ValueError(f"seeds: must be at least 1, got {options.seeds}")
+    if options.model not in (None, *MODELS):
+        raise ValueError(
+            f"model: unknown image model {options.model!r}; known: {', '.join(MODELS)}"
+        )
     recipe = recipes[dataset]
-    train_config = replace(
-        recipe.train,
-        **{
-            key: value
-            for key, value in (
-                ("lr", options.lr),
-                ("clip_grad_norm", options.clip_grad_norm),
-                ("epochs", options.epochs),
-                ("batch_size", options.batch_size),
-                ("optimizer", options.optimizer),
-                ("schedule", options.schedule),
-                ("weight_decay", options.weight_decay),
-                ("device", options.device),
-            )
-            if value is not None
-        },
-        amp=recipe.train.amp and options.amp,
-    )
-    train_config.validate()
-    if options.threads is not None and options.threads < 0:
-        raise ValueError(f"threads: must be >= 0 (0 = torch default), got {options.threads}")
-    for name, value in (("train_size", options.train_size), ("test_size", options.test_size)):
-        if value is not None and value < 10:
-            raise ValueError(f"{name}: must be at least 10, got {value}")
     recipe = replace(
         recipe,
         model=options.model or recipe.model,
         max_train=options.train_size if options.train_size is not None else recipe.max_train,
         max_test=options.test_size if options.test_size is not None else recipe.max_test,
-        train=train_config,
+        train=options.train_config(recipe.train),
         threads=recipe.threads if options.threads is None else (options.threads or None),
         # An explicit --lr applies to every loss.
         lr_by_loss={} if options.lr is not None else dict(recipe.lr_by_loss),
@@ -323,13 +158,6 @@ def resolve_recipe(options: ImageOptions) -> tuple[str, Recipe]:
 def lr_for(spec: LossSpec, recipe: Recipe) -> float:
     """The learning rate a recipe uses for one loss (by exact name, then family, else base).
 
-    Args:
-        spec: parsed loss.
-        recipe: the recipe.
-
-    Returns:
-        The learning rate.
-
     Raises:
         ValueError: if ``spec`` is not a :class:`LossSpec`.
     """
@@ -341,138 +169,7 @@ def lr_for(spec: LossSpec, recipe: Recipe) -> float:
     return recipe.train.lr
 
 
-def run_image(options: ImageOptions) -> dict | None:
-    """Run the image task and write the report.
-
-    Args:
-        options: see :class:`ImageOptions`.
-
-    Returns:
-        The results dict (``None`` on ranks other than 0, or when a run was interrupted on
-        purpose with ``stop_after_epochs``).
-
-    Raises:
-        ValueError: for bad options or loss names.
-        lab_data.DatasetNotFoundError: if the dataset is missing.
-    """
-    if not isinstance(options, ImageOptions):
-        raise ValueError(f"options: expected ImageOptions, got {type(options).__name__}")
-    # --- configuration -------------------------------------------------------------------
-    specs = parse_loss_list(options.losses)
-    dataset_name, recipe = resolve_recipe(options)
-    out_dir = Path(options.out or f"runs/{TASK}-{options.preset}-{dataset_name}")
-    is_main = rank() == 0
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
-
-    # --- data ----------------------------------------------------------------------------
-    started = time.perf_counter()
-    dataset = lab_data.load_dataset(
-        dataset_name, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
-    )
-    splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
-    config = {
-        "preset": options.preset,
-        "model": recipe.model,
-        "losses": [s.name for s in specs],
-        "seeds": list(range(options.seeds)),
-        "train": asdict(recipe.train),
-        "lr_by_loss": {s.name: lr_for(s, recipe) for s in specs},
-        "lr_note": recipe.lr_note,
-        "data": {
-            "source": str(dataset.source),
-            "n_train": len(splits.train_y),
-            "n_val": len(splits.val_y),
-            "n_test": len(splits.test_y),
-            "val_fraction": recipe.val_fraction,
-            "diagnostics_train": recipe.diagnostics_train,
-        },
-        "world_size": world_size(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-    }
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- one training run per loss and seed ----------------------------------------------
-    runs = []
-    for spec in specs:
-        for seed in range(options.seeds):
-            record, interrupted = _train_and_measure(spec, seed, recipe, splits, out_dir, options)
-            if interrupted:
-                finish_distributed()
-                return None  # stopped on purpose (--stop-after-epochs); --resume continues
-            if record is not None:
-                runs.append(record)
-    finish_distributed()
-
-    # --- report --------------------------------------------------------------------------
-    config["wall_seconds"] = time.perf_counter() - started
-    results = {"task": TASK, "dataset": dataset_name, "config": config, "runs": runs}
-    if is_main:
-        report.write_report(out_dir, results)
-    return results if is_main else None
-
-
-def _train_and_measure(
-    spec: LossSpec, seed: int, recipe: Recipe, splits, out_dir: Path, options: ImageOptions
-) -> tuple[dict | None, bool]:
-    """Train one (loss, seed) run, measure it, and save its record; reuse it under --resume.
-
-    Returns:
-        ``(record, interrupted)``; ``record`` is ``None`` on ranks other than 0.
-    """
-    slug = report.run_slug(spec.name, seed)
-    record_path = out_dir / "runs" / f"{slug}.json"
-    checkpoint_path = out_dir / "checkpoints" / f"{slug}.pt"
-    if options.resume and record_path.is_file():
-        return json.loads(record_path.read_text(encoding="utf-8")), False
-
-    train_config = replace(recipe.train, seed=seed, lr=lr_for(spec, recipe))
-    set_seed(seed, train_config.deterministic)
-    model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-    criterion = build_criterion(spec)
-    outcome = train(
-        model,
-        criterion,
-        splits,
-        train_config,
-        bonus_schedule=build_bonus_schedule(spec),
-        checkpoint_path=checkpoint_path,
-        resume=options.resume,
-        stop_after_epochs=options.stop_after_epochs,
-        progress=options.progress,
-        description=f"{spec.name} seed {seed}",
-    )
-    if outcome.interrupted or rank() != 0:
-        return None, outcome.interrupted
-
-    metrics: dict = outcome.outcome_metrics()
-    reliability = None
-    if not outcome.diverged:
-        metrics.update(_measure(model, splits, recipe, out_dir, spec.name, seed, train_config))
-        reliability = metrics.pop("_reliability")
-        metrics["grad_share_well_classified_last"] = outcome.history[-1][
-            "grad_share_well_classified"
-        ]
-    record = {
-        "loss": spec.name,
-        "seed": seed,
-        "status": "diverged" if outcome.diverged else "ok",
-        "lr": train_config.lr,
-        "metrics": metrics,
-        "history": outcome.history,
-        "reliability": reliability,
-        "train_seconds": outcome.train_seconds,
-    }
-    report.atomic_write_json(record_path, record)
-    if checkpoint_path.is_file():
-        checkpoint_path.unlink()  # the record now holds everything; checkpoints can be large
-    return record, False
-
-
-def _measure(model, splits, recipe: Recipe, out_dir: Path, loss: str, seed: int, config) -> dict:
+def _measure(model, splits, recipe: Recipe, run: RunContext, config: TrainConfig) -> dict:
     """Diagnostics of a trained (non-diverged) model on train and test."""
     device = next(model.parameters()).device
     batch = config.eval_batch_size
@@ -487,18 +184,18 @@ def _measure(model, splits, recipe: Recipe, out_dir: Path, loss: str, seed: int,
         **test,
         **diagnostics.logit_diagnostics(train_logits, train_y, prefix="train_"),
         "probe_accuracy": diagnostics.linear_probe_accuracy(
-            train_features, train_y, test_features, splits.test_y, seed=seed
+            train_features, train_y, test_features, splits.test_y, seed=run.seed
         ),
         "crt_accuracy": diagnostics.classifier_retraining_accuracy(
-            train_features, train_y, test_features, splits.test_y, seed=seed
+            train_features, train_y, test_features, splits.test_y, seed=run.seed
         ),
     }
     metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
     energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    report.save_arrays(
-        out_dir,
-        loss,
-        seed,
+    io.save_arrays(
+        run.out_dir,
+        run.loss,
+        run.seed,
         margin=diagnostics.margins(test_logits, splits.test_y).numpy(),
         energy=energy_free.numpy(),
         energy_true=energy_true.numpy(),
@@ -506,7 +203,7 @@ def _measure(model, splits, recipe: Recipe, out_dir: Path, loss: str, seed: int,
     return metrics
 
 
-def describe_presets() -> str:
+def _describe_presets() -> str:
     """Human-readable summary of every preset's recipes and learning rates (for ``--help``)."""
     lines = []
     for name, recipes in PRESETS.items():
@@ -524,3 +221,75 @@ def describe_presets() -> str:
         "--lr and --clip-grad-norm change it for all losses."
     )
     return "\n".join(lines)
+
+
+class ImageTask(Task):
+    """Image classification (the project's main job: ``encouraging-loss reproduce``)."""
+
+    name = "image"
+    summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
+    datasets = lab_data.DATASETS[:2] + ("cifar10",)
+    models = MODELS
+    downloads = True
+    main_job = {
+        "summary": "CE vs EL on Fashion-MNIST, 3 seeds",
+        "description": f"Run the image task on Fashion-MNIST with {REPRODUCE_LOSSES} and 3 "
+        "seeds, print the table and write the report (default --out runs/reproduce).",
+        "losses": REPRODUCE_LOSSES,
+        "dataset": "fashion-mnist",
+        "out": "runs/reproduce",
+        "preset": "standard",
+        "seeds": 3,
+    }
+
+    def prepare(self, options: Options) -> Prepared:
+        dataset_name, recipe = resolve_recipe(options)
+        threads = options.apply_threads(recipe.threads)
+        dataset = lab_data.load_dataset(
+            dataset_name, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
+        )
+        splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
+        config = {
+            "preset": options.preset,
+            "model": recipe.model,
+            "train": asdict(recipe.train),
+            "lr_note": recipe.lr_note,
+            "data": {
+                "source": str(dataset.source),
+                "n_train": len(splits.train_y),
+                "n_val": len(splits.val_y),
+                "n_test": len(splits.test_y),
+                "val_fraction": recipe.val_fraction,
+                "diagnostics_train": recipe.diagnostics_train,
+            },
+        }
+        return Prepared(
+            dataset=dataset_name,
+            out_name=f"{self.name}-{options.preset}-{dataset_name}",
+            config=config,
+            state=(recipe, splits),
+            threads=threads,
+        )
+
+    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
+        recipe, splits = prepared.state
+        config = replace(recipe.train, seed=seed, lr=lr_for(spec, recipe))
+        set_seed(seed, config.deterministic)
+        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
+        outcome = run.train(model, build_criterion(spec), splits, config)
+        result = RunResult(outcome, config.lr, extra={"reliability": None})
+        if not outcome.diverged:
+            result.metrics = _measure(model, splits, recipe, run, config)
+            result.extra["reliability"] = result.metrics.pop("_reliability")
+            last = outcome.history[-1]["grad_share_well_classified"]
+            result.metrics["grad_share_well_classified_last"] = last
+        return result
+
+    def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
+        return lr_for(spec, prepared.state[0])
+
+    def describe_presets(self) -> str:
+        return _describe_presets()
+
+
+TASK = ImageTask()

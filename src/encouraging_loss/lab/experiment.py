@@ -1,0 +1,409 @@
+"""The experiment runner: one options type, the (loss x seed) loop, resume records, results.
+
+``run_experiment(options)`` is what ``encouraging-loss run TASK`` does for every task:
+
+1. the task resolves its preset and loads its data once (:meth:`Task.prepare`);
+2. each (loss, seed) run not already recorded in ``OUT/runs/`` trains and is measured by the
+   task (:meth:`Task.run_one`) — in this process (``--jobs 1``) or in worker processes that
+   prepare the task once each and run one (loss, seed) at a time. A run's result depends only
+   on its loss and seed, so both give the same records;
+3. every finished run's record is saved as soon as it ends (``--resume`` reuses it); a failed
+   run is reported and left out, the others are kept; a diverged run is a result;
+4. ``results.json``, ``results.csv``, plots and ``report.md`` are written.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import io, report
+from .losses import LossSpec, baselines, build_criterion, parse_loss_list
+from .trainer import TrainConfig, TrainResult, finish_distributed, rank, train, world_size
+
+TRAIN_OVERRIDES = (
+    "lr",
+    "clip_grad_norm",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "schedule",
+    "weight_decay",
+    "device",
+)
+
+
+@dataclass
+class Options:
+    """Everything one ``encouraging-loss run`` invocation asks for.
+
+    ``None`` fields fall back to the task's preset; ``extra`` holds the task's own options
+    (``--ood-sets``, ``--epsilons`` ...), keyed by argparse ``dest``.
+    """
+
+    task: str = "image"
+    losses: str | None = None
+    seeds: int | None = None
+    preset: str | None = None
+    dataset: str | None = None
+    model: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    out: str | None = None
+    resume: bool = False
+    lr: float | None = None
+    clip_grad_norm: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    device: str | None = None
+    amp: bool = True
+    threads: int | None = None
+    progress: bool = True
+    stop_after_epochs: int | None = None
+    jobs: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args, **defaults) -> Options:
+        """Options from a parsed command line (``defaults`` fill what it leaves ``None``).
+
+        Every argparse value that is not a field goes to ``extra``.
+        """
+        names = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in vars(args).items() if k != "command"}
+        known = {k: v for k, v in values.items() if k in names}
+        known.update({k: v for k, v in defaults.items() if known.get(k) is None})
+        return cls(**known, extra={k: v for k, v in values.items() if k not in names})
+
+    def get(self, name: str, default=None):
+        """A task-specific option, or ``default`` when it was not given."""
+        value = self.extra.get(name)
+        return default if value is None else value
+
+    def validate(self, presets) -> None:
+        """Check the options every task shares.
+
+        Raises:
+            ValueError: naming the bad option.
+        """
+        if self.preset not in presets:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(presets)}")
+        for name in ("seeds", "jobs", "stop_after_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be at least 1, got {value}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"threads: must be >= 0 (0 = torch default), got {self.threads}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 10:
+                raise ValueError(f"{name}: must be at least 10, got {value}")
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise ValueError(f"data_root: {self.data_root} is not a folder")
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """A preset's training configuration with the command-line overrides applied.
+
+        Raises:
+            ValueError: naming an invalid field.
+        """
+        overrides = {k: getattr(self, k) for k in TRAIN_OVERRIDES if getattr(self, k) is not None}
+        config = replace(base, **overrides, amp=base.amp and self.amp)
+        config.validate()
+        return config
+
+    def apply_threads(self, preset_threads: int | None) -> int | None:
+        """Set torch's CPU threads: ``--threads`` (0 = torch default) over the preset's value."""
+        threads = preset_threads if self.threads is None else (self.threads or None)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return threads
+
+
+@dataclass
+class Prepared:
+    """A task's resolved preset and loaded data, shared by all its (loss, seed) runs.
+
+    Attributes:
+        dataset: the dataset's name (``results["dataset"]``).
+        out_name: the default output folder, under ``runs/``.
+        config: the task's part of ``results["config"]`` (preset, model, train, data ...).
+        state: whatever else the task's runs need (recipe, splits ...).
+        threads: CPU threads each run uses (``None`` = torch's default; such presets run with
+            ``--jobs 1`` unless asked otherwise).
+        class_counts: per-class training counts, for losses that need them.
+    """
+
+    dataset: str
+    out_name: str
+    config: dict
+    state: Any = None
+    threads: int | None = None
+    class_counts: list[int] | None = None
+
+
+@dataclass
+class RunContext:
+    """Where one (loss, seed) run writes, and how it trains (given to :meth:`Task.run_one`)."""
+
+    out_dir: Path
+    loss: str
+    seed: int
+    resume: bool = False
+    stop_after_epochs: int | None = None
+    progress: bool = True
+
+    def train(self, model, criterion, data, config: TrainConfig, **hooks) -> TrainResult:
+        """:func:`trainer.train` with this run's checkpoint, resume, stop and progress bar."""
+        return train(
+            model,
+            criterion,
+            data,
+            replace(config, seed=self.seed),
+            checkpoint_path=io.checkpoint_path(self.out_dir, self.loss, self.seed),
+            resume=self.resume,
+            stop_after_epochs=self.stop_after_epochs,
+            progress=self.progress,
+            description=f"{self.loss} seed {self.seed}",
+            **hooks,
+        )
+
+
+@dataclass
+class RunResult:
+    """What a task's run returns: the training outcome and the task's measurements.
+
+    Attributes:
+        outcome: :func:`trainer.train`'s result.
+        lr: the learning rate the run trained with.
+        metrics: measurements of the trained model (empty when it diverged).
+        extra: further fields of the run's record (e.g. ``reliability``).
+    """
+
+    outcome: TrainResult
+    lr: float
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def record(self, loss: str, seed: int) -> dict:
+        """The run's record, as saved in ``runs/`` and ``results.json``."""
+        return {
+            "loss": loss,
+            "seed": seed,
+            "status": "diverged" if self.outcome.diverged else "ok",
+            "lr": self.lr,
+            "metrics": {**self.outcome.outcome_metrics(), **self.metrics},
+            "history": self.outcome.history,
+            **self.extra,
+            "train_seconds": self.outcome.train_seconds,
+        }
+
+
+class Interrupted(Exception):
+    """A run stopped on purpose (``--stop-after-epochs``); ``--resume`` continues it."""
+
+
+def run_experiment(options: Options) -> dict | None:
+    """Run every (loss, seed) of a task and write the report.
+
+    Args:
+        options: the invocation's options.
+
+    Returns:
+        The results (``None`` on ranks other than 0).
+
+    Raises:
+        ValueError: for bad options or loss names.
+        Interrupted: after ``stop_after_epochs`` epochs of a run.
+        data.DatasetNotFoundError: if a dataset is missing.
+    """
+    from .tasks import load_task
+
+    if not isinstance(options, Options):
+        raise ValueError(f"options: expected Options, got {type(options).__name__}")
+    task = load_task(options.task)
+    options = replace(
+        options,
+        preset=options.preset or task.default_preset,
+        losses=options.losses or task.default_losses,
+    )
+    options.validate(task.presets)
+    specs = parse_loss_list(options.losses, task.loss_families)
+    seeds = list(range(options.seeds or task.default_seeds(options.preset)))
+    started = time.perf_counter()
+    prepared = task.prepare(options)
+    for spec in specs:  # fail on a loss this task cannot build before any run starts
+        build_criterion(spec, prepared.class_counts, task.loss_families)
+    out_dir = Path(options.out or f"runs/{prepared.out_name}")
+    if rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    records = {}
+    if options.resume:
+        for spec in specs:
+            for seed in seeds:
+                record = io.load_record(out_dir, spec.name, seed)
+                if record is not None:
+                    records[spec.name, seed] = record
+    pending = [(s, seed) for s in specs for seed in seeds if (s.name, seed) not in records]
+    jobs = _jobs(options, prepared, len(pending))
+    run = _run_parallel if jobs > 1 else _run_here
+    failed = run(task, prepared, options, out_dir, pending, records, jobs)
+    finish_distributed()
+    if rank() != 0:
+        return None
+
+    config = {
+        **prepared.config,
+        "losses": [s.name for s in specs],
+        "loss_specs": {s.name: s.to_dict() for s in specs},
+        "baselines": baselines(specs),
+        "lr_by_loss": {s.name: task.lr_for(prepared, s) for s in specs},
+        "seeds": seeds,
+        "out": str(out_dir),
+        "jobs": jobs,
+        "world_size": world_size(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": prepared.threads or torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if failed:
+        config["failed_runs"] = failed
+    results = {
+        "task": task.name,
+        "dataset": prepared.dataset,
+        "config": config,
+        "runs": [
+            records[key]
+            for key in ((s.name, seed) for s in specs for seed in seeds)
+            if key in records
+        ],
+    }
+    spec = task.report_spec(prepared, specs)
+    if spec is not None:
+        results["report"] = spec
+    report.write_report(out_dir, results)
+    return results
+
+
+def _jobs(options: Options, prepared: Prepared, pending: int) -> int:
+    """Worker processes: ``--jobs``, else the cores for 1-thread CPU presets, else 1."""
+    if world_size() > 1 or options.stop_after_epochs is not None or pending < 2:
+        return 1
+    if options.jobs is not None:
+        return min(options.jobs, pending)
+    if prepared.threads is None:
+        return 1
+    return max(1, min(pending, (os.cpu_count() or 1) // prepared.threads))
+
+
+def _run_one(task, prepared: Prepared, options: Options, out_dir: Path, spec, seed, progress):
+    """Train and measure one run and save its record (``None`` on ranks other than 0)."""
+    context = RunContext(
+        out_dir, spec.name, seed, options.resume, options.stop_after_epochs, progress
+    )
+    result = task.run_one(prepared, spec, seed, context)
+    if result.outcome.interrupted:
+        raise Interrupted(
+            f"{spec.name} seed {seed} after {options.stop_after_epochs} epoch(s) as asked"
+        )
+    if rank() != 0:
+        return None
+    record = result.record(spec.name, seed)
+    io.save_record(out_dir, record)
+    return record
+
+
+def _failure(spec: LossSpec, seed: int, error: BaseException) -> dict:
+    line = "".join(traceback.format_exception_only(type(error), error)).strip()
+    print(f"run {spec.name} seed {seed} failed: {line}", file=sys.stderr)
+    return {"loss": spec.name, "seed": seed, "error": line}
+
+
+def _run_here(task, prepared, options, out_dir, pending, records, jobs) -> list[dict]:
+    """Run the pending (loss, seed) pairs one after another in this process."""
+    failed = []
+    for spec, seed in pending:
+        try:
+            record = _run_one(task, prepared, options, out_dir, spec, seed, options.progress)
+        except (Interrupted, KeyboardInterrupt):
+            finish_distributed()
+            raise
+        except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+            if world_size() > 1:
+                raise  # the other ranks would wait for this one forever
+            failed.append(_failure(spec, seed, error))
+            continue
+        if record is not None:
+            records[spec.name, seed] = record
+    return failed
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(options: Options) -> None:
+    from .tasks import load_task
+
+    task = load_task(options.task)
+    _WORKER.update(task=task, options=options, prepared=task.prepare(options))
+
+
+def _worker_run(spec: LossSpec, seed: int, out_dir: Path) -> dict:
+    w = _WORKER
+    return _run_one(w["task"], w["prepared"], w["options"], out_dir, spec, seed, False)
+
+
+def _run_parallel(task, prepared, options, out_dir, pending, records, jobs) -> list[dict]:
+    """Run the pending pairs in ``jobs`` worker processes, one (loss, seed) at a time each."""
+    failed = []
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(jobs, context, _worker_init, (options,)) as pool:
+        futures = {pool.submit(_worker_run, s, seed, out_dir): (s, seed) for s, seed in pending}
+        if options.progress:
+            print(f"{len(futures)} runs in {jobs} worker processes", file=sys.stderr)
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec, seed = futures[future]
+                try:
+                    record = future.result()
+                except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+                    failed.append(_failure(spec, seed, error))
+                    continue
+                records[spec.name, seed] = record
+                if options.progress:
+                    finished = len(futures) - len(remaining)
+                    print(f"[{finished}/{len(futures)}] {_summary(record)}", file=sys.stderr)
+    return failed
+
+
+def _summary(record: dict) -> str:
+    """One line on a finished run, for progress in parallel mode."""
+    metrics = record["metrics"]
+    shown = "".join(
+        f", {k} {metrics[k]:.4f}"
+        for k in ("val_accuracy", "test_accuracy")
+        if isinstance(metrics.get(k), float)
+    )
+    return (
+        f"{record['loss']} seed {record['seed']}: {record['status']}{shown} "
+        f"({record['train_seconds']:.1f} s)"
+    )
