@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from encouraging_loss.lab.tasks import TASKS
+
 from .helpers import subprocess_env
 
 
@@ -22,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_explains_each_option():
-    done = run_cli("run", "--help")
+    done = run_cli("run", "image", "--help")
     assert done.returncode == 0
     for option in (
         "--losses",
@@ -36,17 +38,25 @@ def test_help_explains_each_option():
         "--epochs",
         "--device",
         "--download",
+        "--jobs",
     ):
         assert option in done.stdout
+    assert "lr 0.05" in done.stdout  # the presets, from the task
     top = run_cli("--help")
-    assert top.returncode == 0 and "reproduce" in top.stdout and "lr 0.05" in top.stdout
+    assert top.returncode == 0 and "reproduce" in top.stdout
+    tasks = run_cli("run", "--help")
+    for task in TASKS:
+        assert task in tasks.stdout
+    assert "--ood-sets" in run_cli("run", "ood", "--help").stdout
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
         (("run", "image", "--losses", "ce,xent"), "unknown loss 'xent'"),
-        (("run", "text"), "unknown task 'text'"),
+        (("run", "text"), "invalid choice: 'text'"),
+        (("run", "image", "--seeds", "x"), "--seeds: expected a positive integer, got 'x'"),
+        (("run", "image", "--lr", "-1"), "--lr: expected a positive number, got '-1'"),
         (("run", "image", "--seeds", "0"), "--seeds"),
         (("run", "image", "--bogus"), "unrecognized arguments: --bogus"),
         (("run", "image", "--preset", "huge"), "--preset"),
@@ -89,3 +99,39 @@ def test_cuda_requested_without_cuda_is_one_line(data_root):
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "CUDA is not available" in done.stderr
+
+
+def test_argparse_messages_show_no_private_names():
+    done = run_cli("run", "image", "--epochs", "zero")
+    assert done.returncode == 2 and "_" not in done.stderr.split("error:")[1].split("(see")[0]
+
+
+def test_missing_data_root_is_named(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    done = run_cli("run", "image", "--data-root", str(missing))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"data_root: {missing} is not a folder" in done.stderr
+
+
+def test_without_the_lab_extra_one_line_and_no_traceback():
+    # A meta-path finder hides numpy, as on an install without the [lab] extra.
+    hide_numpy = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'numpy' or name.startswith('numpy.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from encouraging_loss.lab.cli import main\n"
+        "raise SystemExit(main(['run', 'image']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", hide_numpy],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert 'pip install "encouraging-loss[lab]"' in done.stderr and "numpy" in done.stderr

@@ -9,7 +9,7 @@ from torch import nn
 from encouraging_loss import BonusSchedule, EncouragingLoss, FocalLoss, Poly1Loss
 from encouraging_loss.lab.losses import (
     UnknownLossError,
-    build_bonus_schedule,
+    baselines,
     build_criterion,
     parse_loss,
     parse_loss_list,
@@ -27,6 +27,8 @@ from encouraging_loss.lab.losses import (
         ("ls-ce", "ls-ce", {"label_smoothing": 0.1}),
         ("ls-el:0.2", "ls-el", {"label_smoothing": 0.2}),
         ("focal:gamma=2", "focal", {"gamma": 2.0}),
+        ("focal", "focal", {"gamma": 2.0}),
+        ("el:bonus=power,bonus_gamma=3", "el", {"bonus": "power", "bonus_gamma": 3.0}),
         ("poly1:epsilon=1", "poly1", {"epsilon": 1.0}),
         ("el:log_end=0.5,bonus_scale=0.5", "el", {"log_end": 0.5, "bonus_scale": 0.5}),
         ("EL:log_end = 0.9", "el", {"log_end": 0.9}),
@@ -41,7 +43,20 @@ def test_parse_loss(name, family, params):
 
 @pytest.mark.parametrize(
     "name",
-    ["", "xent", "el:foo=1", "el:log_end=abc", "focal:gamma=2,3", "ls-ce:1.5", "ce:gamma=2"],
+    [
+        "",
+        "xent",
+        "el:foo=1",
+        "el:log_end=abc",
+        "focal:gamma=2,3",
+        "ls-ce:1.5",
+        "ce:gamma=2",
+        "el:bonus=square",
+        "el:log_end=1.5",
+        "el:bonus_weight=heavy",
+        "el:start=2",
+        "el,ce",
+    ],
 )
 def test_parse_loss_rejects(name):
     with pytest.raises(UnknownLossError):
@@ -105,9 +120,38 @@ def test_baseline_names():
     assert parse_loss("ls-ce:0.1").baseline_name == "ls-ce:0.1"
 
 
-def test_bonus_schedule_from_name():
-    assert build_bonus_schedule(parse_loss("el")) is None
-    schedule = build_bonus_schedule(parse_loss("el:ramp=0.5,start=0.1,bonus_scale=0.8"))
-    assert isinstance(schedule, BonusSchedule)
-    assert schedule(0.0) == 0.0
-    assert schedule(1.0) == pytest.approx(0.8)
+def test_schedules_live_in_the_criterion():
+    assert build_criterion("el").bonus_schedule is None
+    el = build_criterion("el:ramp=0.5,start=0.1,bonus_scale=0.8")
+    assert isinstance(el.bonus_schedule, BonusSchedule) and el.bonus_scale == 0.0
+    el.step(1.0)
+    assert el.bonus_scale == pytest.approx(0.8)
+    scheduled_end = build_criterion("el:log_end=0.75,log_end_from=0.5,log_end_ramp=1")
+    assert scheduled_end.log_end == 0.5 and scheduled_end.bonus_schedule is None
+    scheduled_end.step(1.0)
+    assert scheduled_end.log_end == pytest.approx(0.75)
+
+
+def test_label_smoothing_one_is_the_cores_range():
+    assert build_criterion("ls-ce:1").label_smoothing == 1.0
+    assert build_criterion("ls-el:1").label_smoothing == 1.0
+
+
+def test_bonus_weight_balanced_needs_class_counts():
+    spec = parse_loss("el:bonus_weight=balanced")
+    with pytest.raises(UnknownLossError, match="class counts"):
+        build_criterion(spec)
+    weights = build_criterion(spec, class_counts=[90, 9, 1]).bonus_weight
+    assert weights.shape == (3,) and weights[0] < weights[1] < weights[2]
+
+
+def test_baselines_and_stored_spec():
+    specs = parse_loss_list("ce,el,ls-ce:0.1,ls-el:0.1,focal")
+    assert baselines(specs) == {
+        "ce": None,
+        "el": "ce",
+        "ls-ce:0.1": None,
+        "ls-el:0.1": "ls-ce:0.1",
+        "focal": "ce",
+    }
+    assert parse_loss("el:log_end=1").to_dict() == {"family": "el", "params": {"log_end": 1.0}}

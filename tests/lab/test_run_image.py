@@ -219,3 +219,35 @@ def test_reproduce_quick(tmp_path, data_root, capsys):
     assert len(results["runs"]) == 15
     printed = capsys.readouterr().out
     assert "| `ls-el:0.1` |" in printed and "report.md" in printed
+
+
+def test_worker_processes_give_the_sequential_records(tiny_run, tmp_path, data_root):
+    """--jobs 2 runs each (loss, seed) in a worker process; every record is the same."""
+    out = tmp_path / "parallel"
+    args = ["run", "image", "--losses", "ce,el", "--seeds", "2", "--jobs", "2"]
+    assert main([*args, "--data-root", str(data_root), "--out", str(out), *TINY_RUN]) == 0
+    sequential, parallel = load_results(tiny_run), load_results(out)
+    assert parallel["config"]["jobs"] == 2
+    for run_a, run_b in zip(sequential["runs"], parallel["runs"], strict=True):
+        assert (run_a["loss"], run_a["seed"]) == (run_b["loss"], run_b["seed"])
+        assert run_a["metrics"] == run_b["metrics"] and run_a["history"] == run_b["history"]
+
+
+def test_a_failed_run_is_reported_and_the_others_kept(tmp_path, data_root, monkeypatch, capsys):
+    from encouraging_loss.lab.tasks import image
+
+    real_run_one = image.ImageTask.run_one
+
+    def run_one(self, prepared, spec, seed, run):
+        if spec.name == "el":
+            raise RuntimeError("simulated crash")
+        return real_run_one(self, prepared, spec, seed, run)
+
+    monkeypatch.setattr(image.ImageTask, "run_one", run_one)
+    out = tmp_path / "failed"
+    args = ["run", "image", "--losses", "ce,el", "--jobs", "1", "--out", str(out)]
+    assert main([*args, "--data-root", str(data_root), *TINY_RUN]) == 1
+    results = load_results(out)
+    assert [r["loss"] for r in results["runs"]] == ["ce"]
+    assert results["config"]["failed_runs"][0]["loss"] == "el"
+    assert "simulated crash" in capsys.readouterr().err

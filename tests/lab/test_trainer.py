@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-from encouraging_loss import BonusSchedule
+from encouraging_loss import BonusSchedule, EncouragingLoss
 from encouraging_loss.lab import data
+from encouraging_loss.lab.data import random_crop_flip
 from encouraging_loss.lab.losses import build_criterion
 from encouraging_loss.lab.models import build_model
 from encouraging_loss.lab.trainer import (
+    ClassificationBatches,
     TrainConfig,
     learning_rate,
-    random_crop_flip,
     set_seed,
     train,
 )
@@ -58,7 +59,7 @@ def test_config_validation_names_the_field(field, value):
 def test_adamw_multistep_clipping_and_bonus_schedule(tiny_splits):
     set_seed(0)
     model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
-    criterion = build_criterion("el")
+    criterion = EncouragingLoss(bonus_scale=BonusSchedule(final=1.0, start=0.5))
     config = TrainConfig(
         epochs=3,
         batch_size=50,
@@ -72,7 +73,6 @@ def test_adamw_multistep_clipping_and_bonus_schedule(tiny_splits):
         criterion,
         tiny_splits,
         config,
-        bonus_schedule=BonusSchedule(final=1.0, start=0.5),
         progress=False,
     )
     assert not result.diverged and len(result.history) == 3
@@ -119,3 +119,34 @@ def test_random_crop_flip_keeps_shape_and_content():
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="images"):
         random_crop_flip(images[0], torch.Generator())
+
+
+class _CountingBatches(ClassificationBatches):
+    """A task's own batches: the default ones, counting the loss hook's calls."""
+
+    calls = 0
+
+    def loss(self, step):
+        type(self).calls += 1
+        return super().loss(step)
+
+
+def test_task_batches_drive_the_same_loop(tiny_splits):
+    def once(data):
+        set_seed(1)
+        model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+        config = TrainConfig(epochs=2, batch_size=50, seed=1)
+        return train(model, build_criterion("el"), data, config, progress=False).history
+
+    batches = _CountingBatches(tiny_splits)
+    assert once(batches) == once(tiny_splits)
+    assert _CountingBatches.calls == 2 * (len(tiny_splits.train_y) // 50)
+    with pytest.raises(ValueError, match="perturb"):
+        train(
+            build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes),
+            build_criterion("ce"),
+            batches,
+            TrainConfig(epochs=1),
+            perturb=lambda model, x, y: x,
+            progress=False,
+        )
