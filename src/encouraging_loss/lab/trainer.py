@@ -143,11 +143,7 @@ class TrainResult:
 
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; optionally request deterministic kernels.
-
-    Args:
-        seed: a non-negative integer.
-        deterministic: call ``torch.use_deterministic_algorithms(True, warn_only=True)``.
+    """Seed python, numpy and torch; with ``deterministic``, ask for deterministic kernels.
 
     Raises:
         ValueError: if ``seed`` is negative or not an int.
@@ -167,12 +163,6 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
 
 def resolve_device(device: str) -> torch.device:
     """Turn ``"auto"``/``"cpu"``/``"cuda[:i]"`` into a device, the local rank's GPU under DDP.
-
-    Args:
-        device: device string.
-
-    Returns:
-        The device.
 
     Raises:
         ValueError: if CUDA is requested but not available, or the string is malformed.
@@ -202,14 +192,7 @@ def rank() -> int:
 
 
 def init_distributed(device: torch.device) -> bool:
-    """Initialise the process group when launched by ``torchrun`` with more than one process.
-
-    Args:
-        device: the training device (nccl for CUDA, gloo otherwise).
-
-    Returns:
-        Whether training is distributed.
-    """
+    """Join ``torchrun``'s process group (nccl on CUDA, gloo otherwise); whether distributed."""
     if world_size() <= 1:
         return False
     if not dist.is_initialized():
@@ -222,16 +205,7 @@ def init_distributed(device: torch.device) -> bool:
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Learning rate at a 0-based global ``step`` (warm-up, then the configured schedule).
-
-    Args:
-        config: the run's configuration.
-        step: 0-based global step.
-        total_steps: steps in the whole run.
-        steps_per_epoch: steps per epoch (for the warm-up length).
-
-    Returns:
-        The learning rate.
+    """Learning rate at a 0-based global ``step`` of ``total_steps`` (warm-up, then schedule).
 
     Raises:
         ValueError: if ``step`` is negative or ``total_steps``/``steps_per_epoch`` not positive.
@@ -257,16 +231,7 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
 def predict_logits(
     model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in eval mode, returned on the CPU as float32.
-
-    Args:
-        model: the model (its train/eval mode is restored afterwards).
-        x: inputs.
-        batch_size: evaluation batch size.
-        device: where to run.
-
-    Returns:
-        ``(N, num_classes)`` float32 logits.
+    """``(N, C)`` float32 CPU logits of ``model`` on ``x`` in eval mode (mode restored after).
 
     Raises:
         ValueError: if ``batch_size`` is not positive.
