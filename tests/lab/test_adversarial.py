@@ -1,4 +1,4 @@
-"""The adversarial task: attacks stay in the ε-ball and lower accuracy; a tiny run."""
+"""The adversarial task: attacks stay in the ε-ball and lower accuracy; tiny runs."""
 
 from __future__ import annotations
 
@@ -6,16 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from encouraging_loss.lab.cli import main
-from encouraging_loss.lab.runs import parse_float_list
+from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
 from encouraging_loss.lab.tasks import adversarial as task
 
-from .helpers import SHARED_DATA, load_results, shared_dataset
+from .helpers import SHARED_DATA, load_results, shared_dataset, torch_globals_restored
 
 
 def _toy_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+
+def _run(out, **settings) -> dict:
+    """``run adversarial`` on staged MNIST (``settings``: :class:`Options` fields)."""
+    shared_dataset("mnist")
+    settings.setdefault("jobs", 1)  # the runner's parallel workers are tested in test_cli
+    options = Options(
+        task="adversarial", data_root=str(SHARED_DATA), out=str(out), progress=False, **settings
+    )
+    with torch_globals_restored():
+        return run_experiment(options)
 
 
 def test_attacks_stay_in_the_ball_and_in_range():
@@ -26,6 +36,7 @@ def test_attacks_stay_in_the_ball_and_in_range():
             adv = task.make_attack(name, model, 0.1, steps=5, backend=backend)(x, y)
             assert (adv - x).abs().max() <= 0.1 + 1e-6
             assert adv.min() >= 0 and adv.max() <= 1
+    assert model.training, "the attack restores the model's mode"
 
 
 def test_builtin_fgsm_matches_torchattacks():
@@ -42,39 +53,37 @@ def test_attack_validation_names_the_argument():
         task.make_attack("cw", _toy_model(), 0.1, 1)
     with pytest.raises(ValueError, match="eps"):
         task.make_attack("pgd", _toy_model(), -0.1, 1)
+    with pytest.raises(ValueError, match="backend"):
+        task.make_attack("pgd", _toy_model(), 0.1, 1, backend="foolbox")
     with pytest.raises(ValueError, match="epsilons"):
-        parse_float_list("epsilons", "0,abc")
-    assert parse_float_list("epsilons", "0,8/255") == pytest.approx([0.0, 8 / 255])
+        task.parse_float_list("epsilons", "0,abc")
+    assert task.parse_float_list("epsilons", "0,8/255") == pytest.approx([0.0, 8 / 255])
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"epsilons": "0,2"}, "epsilons"),
+        ({"attacks": "fgsm,cw"}, "attacks"),
+        ({"pgd_steps": 0}, "pgd_steps"),
+        ({"adv_epsilon": "0.1,0.2"}, "adv_epsilon"),
+    ],
+)
+def test_bad_options_name_the_option(extra, match):
+    with pytest.raises(ValueError, match=match):
+        task.resolve_recipe(Options(task="adversarial", preset="quick", extra=extra))
+
+
+def test_dataset_override_takes_that_datasets_epsilons():
+    recipe = task.resolve_recipe(Options(task="adversarial", preset="quick", dataset="cifar10"))
+    assert recipe.epsilons == task.CIFAR_EPSILONS and recipe.key_epsilon == pytest.approx(8 / 255)
 
 
 @pytest.fixture(scope="module")
 def tiny_adversarial(tmp_path_factory):
-    shared_dataset("mnist")
     out = tmp_path_factory.mktemp("adversarial") / "out"
-    argv = [
-        "run",
-        "adversarial",
-        "--losses",
-        "ce,el",
-        "--seeds",
-        "2",
-        "--train-size",
-        "600",
-        "--test-size",
-        "200",
-        "--epochs",
-        "3",
-        "--pgd-steps",
-        "3",
-        "--epsilons",
-        "0,0.1,0.3",
-        "--no-progress",
-        "--data-root",
-        str(SHARED_DATA),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
+    extra = {"pgd_steps": 3, "epsilons": "0,0.1,0.3"}
+    _run(out, losses="ce,el", seeds=2, train_size=600, test_size=200, epochs=3, extra=extra)
     return out
 
 
@@ -82,6 +91,7 @@ def test_tiny_run_attacks_lower_accuracy(tiny_adversarial):
     for name in ("results.json", "results.csv", "report.md", "robust_accuracy.png"):
         assert (tiny_adversarial / name).is_file(), name
     results = load_results(tiny_adversarial)
+    assert results["config"]["epsilons"] == [0.0, 0.1, 0.3]
     for run in results["runs"]:
         m = run["metrics"]
         assert m["clean_accuracy"] > 0.5
@@ -95,67 +105,27 @@ def test_tiny_run_attacks_lower_accuracy(tiny_adversarial):
 
 
 def test_adversarial_training_runs(tmp_path):
-    shared_dataset("mnist")
-    out = tmp_path / "adv"
-    argv = [
-        "run",
-        "adversarial",
-        "--losses",
-        "ce",
-        "--train-size",
-        "200",
-        "--test-size",
-        "100",
-        "--epochs",
-        "1",
-        "--adv-train",
-        "--adv-epsilon",
-        "0.1",
-        "--epsilons",
-        "0,0.1",
-        "--attacks",
-        "pgd",
-        "--pgd-steps",
-        "2",
-        "--no-progress",
-        "--data-root",
-        str(SHARED_DATA),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    config = load_results(out)["config"]
+    extra = {
+        "adv_train": True,
+        "adv_epsilon": "0.1",
+        "epsilons": "0,0.1",
+        "attacks": "pgd",
+        "pgd_steps": 2,
+    }
+    results = _run(tmp_path, losses="ce", train_size=200, test_size=100, epochs=1, extra=extra)
+    config = results["config"]
     assert config["adversarial_training"]["enabled"] is True
     assert config["adversarial_training"]["epsilon"] == pytest.approx(0.1)
+    assert "PGD adversarial training" in results["report"]["title"]
+    assert set(results["runs"][0]["metrics"]) >= {"robust_accuracy/pgd/0.1", "clean_accuracy"}
 
 
 def test_interrupted_adversarial_training_resumes_to_identical_metrics(tmp_path):
-    shared_dataset("mnist")
-    common = [
-        "run",
-        "adversarial",
-        "--losses",
-        "el",
-        "--train-size",
-        "200",
-        "--test-size",
-        "100",
-        "--epochs",
-        "2",
-        "--adv-train",
-        "--epsilons",
-        "0,0.1",
-        "--attacks",
-        "pgd",
-        "--pgd-steps",
-        "2",
-        "--no-progress",
-        "--data-root",
-        str(SHARED_DATA),
-    ]
-    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
-    interrupted = [*common, "--out", str(tmp_path / "resumed")]
-    assert main([*interrupted, "--stop-after-epochs", "1"]) == 0
-    assert main([*interrupted, "--resume"]) == 0
-    straight = load_results(tmp_path / "straight")["runs"][0]["metrics"]
-    assert load_results(tmp_path / "resumed")["runs"][0]["metrics"] == straight
+    extra = {"adv_train": True, "epsilons": "0,0.1", "attacks": "pgd", "pgd_steps": 2}
+    common = {"losses": "el", "train_size": 200, "test_size": 100, "epochs": 2, "extra": extra}
+    straight = _run(tmp_path / "straight", **common)["runs"][0]["metrics"]
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "resumed", stop_after_epochs=1, **common)
+    assert (tmp_path / "resumed" / "checkpoints" / "el__seed0.pt").is_file()
+    resumed = _run(tmp_path / "resumed", resume=True, **common)
+    assert resumed["runs"][0]["metrics"] == straight
