@@ -1,8 +1,10 @@
-"""``run graph`` end to end on a few dozen MUTAG graphs: files, metric ranges, determinism,
-resume, stratified splits and option errors. Skipped without torch_geometric or the data."""
+"""The graph task end to end on a few dozen MUTAG graphs: files, metric ranges, determinism,
+resume, stratified splits, the trainer's graph batches and option errors. Skipped without
+torch_geometric or the data."""
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import subprocess
@@ -11,36 +13,42 @@ import sys
 import pytest
 import torch
 
-from encouraging_loss.lab.cli import main
+from encouraging_loss.lab.data import DatasetNotFoundError
+from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
 
-from .helpers import SHARED_DATA, load_results, shared_dataset, subprocess_env
+from .helpers import (
+    SHARED_DATA,
+    load_results,
+    shared_dataset,
+    subprocess_env,
+    torch_globals_restored,
+)
 
 pytest.importorskip("torch_geometric")
 
 from encouraging_loss.lab.tasks import graph  # noqa: E402
 
-TINY = [
-    "--dataset",
-    "MUTAG",
-    "--train-size",
-    "60",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "16",
-    "--no-progress",
-]
+TINY = {"dataset": "MUTAG", "train_size": 60, "epochs": 3, "batch_size": 16, "progress": False}
+EL = "el:log_end=0.5,start=0.5,ramp=0.2"
 
 
-def _run(out, *extra: str) -> int:
+def _run(out, **settings) -> dict:
+    """``run graph`` on 60 staged MUTAG graphs (``settings``: :class:`Options` fields)."""
     shared_dataset("tu/MUTAG")
-    return main(["run", "graph", "--data-root", str(SHARED_DATA), "--out", str(out), *TINY, *extra])
+    settings.setdefault("jobs", 1)  # the runner's parallel workers are tested in test_cli
+    options = Options(task="graph", data_root=str(SHARED_DATA), out=str(out), **TINY, **settings)
+    with torch_globals_restored():
+        return run_experiment(options)
+
+
+def _run_of(results: dict, loss: str, seed: int) -> dict:
+    return next(r for r in results["runs"] if (r["loss"], r["seed"]) == (loss, seed))
 
 
 @pytest.fixture(scope="module")
 def tiny_graph_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("graph") / "out"
-    assert _run(out, "--seeds", "2") == 0
+    _run(out, seeds=2)
     return out
 
 
@@ -49,18 +57,21 @@ def test_files_and_contract(tiny_graph_run):
         assert (tiny_graph_run / name).is_file(), name
     results = load_results(tiny_graph_run)
     assert results["task"] == "graph" and results["dataset"] == "MUTAG"
-    assert results["config"]["losses"] == ["ce", "el:log_end=0.5,start=0.5,ramp=0.2"]
+    assert results["config"]["losses"] == ["ce", EL]
     assert sorted((r["loss"], r["seed"]) for r in results["runs"]) == [
         ("ce", 0),
         ("ce", 1),
-        ("el:log_end=0.5,start=0.5,ramp=0.2", 0),
-        ("el:log_end=0.5,start=0.5,ramp=0.2", 1),
+        (EL, 0),
+        (EL, 1),
     ]
     data = results["config"]["data"]
     assert data["n_graphs"] == 60 and data["n_train"] + data["n_val"] + data["n_test"] == 60
     text = (tiny_graph_run / "report.md").read_text()
-    assert "| test acc |" in text and "`el:log_end=0.5,start=0.5,ramp=0.2` − `ce`" in text
+    assert "| test acc |" in text and "| val acc |" in text and f"`{EL}` − `ce`" in text
+    assert "one random stratified 80/10/10 split per seed" in text
     assert (tiny_graph_run / "results.csv").read_text().count("\n") == 1 + 4
+    assert not any((tiny_graph_run / "checkpoints").glob("*.pt"))
+    assert len(list((tiny_graph_run / "arrays").glob("*.npz"))) == 4
 
 
 def test_metric_ranges_and_delayed_bonus(tiny_graph_run):
@@ -72,6 +83,8 @@ def test_metric_ranges_and_delayed_bonus(tiny_graph_run):
         for name in ("margin_mean", "energy_mean", "energy_true_mean", "test_nll"):
             assert math.isfinite(m[name]), name
         assert m["energy_mean"] <= m["energy_true_mean"]
+        assert 0.0 <= m["grad_share_well_classified_last"] <= 1.0
+        assert run["reliability"] is not None
         if run["loss"].startswith("el"):
             # start=0.5: no bonus in the first half of training, full bonus at the end.
             scales = [h["bonus_scale"] for h in run["history"]]
@@ -79,11 +92,8 @@ def test_metric_ranges_and_delayed_bonus(tiny_graph_run):
 
 
 def test_same_seed_same_numbers(tiny_graph_run, tmp_path):
-    assert _run(tmp_path / "again", "--seeds", "1", "--losses", "ce") == 0
-    again = load_results(tmp_path / "again")["runs"][0]
-    first = next(
-        r for r in load_results(tiny_graph_run)["runs"] if (r["loss"], r["seed"]) == ("ce", 0)
-    )
+    again = _run(tmp_path / "again", seeds=1, losses="ce")["runs"][0]
+    first = _run_of(load_results(tiny_graph_run), "ce", 0)
     assert again["metrics"]["test_accuracy"] == first["metrics"]["test_accuracy"]
     for a, b in zip(again["history"], first["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
@@ -91,14 +101,11 @@ def test_same_seed_same_numbers(tiny_graph_run, tmp_path):
 
 def test_resume_gives_the_uninterrupted_result(tiny_graph_run, tmp_path):
     out = tmp_path / "resumed"
-    args = ("--seeds", "1", "--losses", "ce")
-    assert _run(out, *args, "--stop-after-epochs", "1") == 0
+    with pytest.raises(Interrupted):
+        _run(out, seeds=1, losses="ce", stop_after_epochs=1)
     assert not (out / "results.json").exists() and any((out / "checkpoints").iterdir())
-    assert _run(out, *args, "--resume") == 0
-    resumed = load_results(out)["runs"][0]
-    first = next(
-        r for r in load_results(tiny_graph_run)["runs"] if (r["loss"], r["seed"]) == ("ce", 0)
-    )
+    resumed = _run(out, seeds=1, losses="ce", resume=True)["runs"][0]
+    first = _run_of(load_results(tiny_graph_run), "ce", 0)
     assert resumed["metrics"]["test_accuracy"] == first["metrics"]["test_accuracy"]
     assert resumed["history"][-1]["train_loss"] == pytest.approx(
         first["history"][-1]["train_loss"], rel=1e-6
@@ -118,31 +125,54 @@ def test_stratified_split_keeps_class_shares():
         graph.stratified_split(labels, seed=0, fractions=(0.5, 0.5, 0.5))
 
 
+def test_graph_batches_collate_pyg_batches():
+    from torch_geometric.data import Data
+
+    graphs = [
+        Data(x=torch.ones(n, 2), edge_index=torch.tensor([[0], [1]]), y=torch.tensor([n % 2]))
+        for n in range(2, 22)
+    ]
+    splits = graph.make_graph_splits(graphs, num_classes=2, seed=0)
+    batches = graph.GraphBatches(splits)
+    assert batches.n_train == len(splits.train_y) == len(splits.train_x)
+    index = batches.epoch_batches(4, seed=0)[0]
+    batch = splits.train_x[index]
+    assert batch.num_graphs == 4 and batch.x.shape[0] == sum(
+        splits.train_x.graphs[i].num_nodes for i in index.tolist()
+    )
+    assert splits.val_x[0:2].num_graphs == 2
+    model = graph.GraphClassifier("gin", 2, 2, hidden=8, layers=2)
+    validation = batches.validate(model, 8, torch.device("cpu"))
+    assert set(validation) == {"val_accuracy", "val_nll"}
+    with pytest.raises(ValueError, match="splits"):
+        graph.GraphBatches(splits.__dict__)
+
+
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("settings", "message"),
     [
-        (["--dataset", "CORA"], "dataset:"),
-        (["--model", "mlp"], "model:"),
-        (["--test-size", "20"], "test-size:"),
-        (["--preset", "standard"], "preset:"),
+        ({"dataset": "CORA"}, "dataset:"),
+        ({"model": "mlp"}, "model:"),
+        ({"test_size": 20}, "test_size:"),
+        ({"train_size": 15}, "train_size:"),
+        ({"preset": "standard"}, "preset:"),
     ],
 )
-def test_bad_options_name_the_argument(extra, message, tmp_path, capsys):
-    args = ["run", "graph", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"), *extra]
-    assert main(args) == 2
-    assert message in capsys.readouterr().err
+def test_bad_options_name_the_argument(settings, message, tmp_path):
+    options = Options(task="graph", data_root=str(tmp_path), out=str(tmp_path / "o"), **settings)
+    with pytest.raises(ValueError, match=message):
+        run_experiment(options)
 
 
-def test_missing_data_is_one_line(tmp_path, capsys):
-    assert main(["run", "graph", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "tu/PROTEINS" in err and err.count("\n") == 1
+def test_missing_data_is_one_line(tmp_path):
+    options = Options(task="graph", data_root=str(tmp_path), out=str(tmp_path / "o"))
+    with pytest.raises(DatasetNotFoundError) as error:
+        run_experiment(options)
+    assert "tu/PROTEINS" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_gcn_runs(tmp_path):
-    out = tmp_path / "gcn"
-    assert _run(out, "--model", "gcn", "--seeds", "1", "--losses", "el:log_end=0.5") == 0
-    results = load_results(out)
+    results = _run(tmp_path / "gcn", model="gcn", seeds=1, losses="el:log_end=0.5")
     assert results["config"]["model"] == "gcn"
     assert 0.0 <= results["runs"][0]["metrics"]["test_accuracy"] <= 1.0
 
@@ -153,6 +183,14 @@ def test_torchrun_two_processes(tmp_path):
     pytest.importorskip("torch.distributed.run")
     shared_dataset("tu/MUTAG")
     out = tmp_path / "ddp"
+    settings = {**TINY, "seeds": 1, "losses": "ce", "data_root": str(SHARED_DATA), "out": str(out)}
+    script = tmp_path / "run_graph.py"
+    script.write_text(
+        "import json, sys\n"
+        "from encouraging_loss.lab.experiment import Options, run_experiment\n"
+        "run_experiment(Options(task='graph', **json.loads(sys.argv[1])))\n",
+        encoding="utf-8",
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -169,19 +207,8 @@ def test_torchrun_two_processes(tmp_path):
             "127.0.0.1",
             "--master_port",
             str(port),
-            "-m",
-            "encouraging_loss.lab",
-            "run",
-            "graph",
-            "--data-root",
-            str(SHARED_DATA),
-            "--out",
-            str(out),
-            *TINY,
-            "--seeds",
-            "1",
-            "--losses",
-            "ce",
+            str(script),
+            json.dumps(settings),
         ],
         env=subprocess_env(),
         timeout=300,

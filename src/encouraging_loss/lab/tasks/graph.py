@@ -1,28 +1,24 @@
 """Graph classification: CE vs EL on TU datasets (PROTEINS by default) with GIN or GCN.
 
-Reads top-down: presets → data (TUDataset, stratified 80/10/10 split per seed) → model (PyG
-GIN/GCN layers + global pooling) → train (the lab's shared trainer) → diagnostics → report.
+Reads top-down: presets → data (TUDataset from a local root, stratified 80/10/10 split per
+seed) → model (PyG GIN/GCN + global pooling) → one (loss, seed) run: train (the one trainer,
+on :class:`GraphBatches`) → diagnostics → report spec.
 
 The protocol follows the paper's graph experiments: a random stratified split per seed, model
 selection on validation accuracy, test accuracy reported, encouraging loss with ``log_end=0.5``
-and its bonus switched on late in training through the core's :class:`BonusSchedule`
+and its bonus switched on late in training by the loss spec's schedule keys
 (``el:log_end=0.5,start=0.5,ramp=0.2`` = bonus scale 0 for the first half, then a linear ramp
 to 1 over the next 20% of training).
 
-Needs ``torch_geometric`` (pure Python; the compiled ``torch-scatter``/``torch-sparse`` extras
-are not used).
+Needs ``torch_geometric`` (pure Python; ``torch-scatter``/``torch-sparse`` are not used).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
-import platform
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,16 +26,19 @@ import torch
 from torch import nn
 
 from .. import data as lab_data
-from .. import diagnostics, report
-from ..losses import LossSpec, build_bonus_schedule, build_criterion, parse_loss_list
-from ..trainer import TrainConfig, finish_distributed, rank, set_seed, train, world_size
+from .. import diagnostics
+from .. import io as lab_io
+from ..experiment import Options, Prepared, RunContext, RunResult
+from ..losses import LossSpec, build_criterion
+from ..trainer import ClassificationBatches, TrainConfig, set_seed
+from . import Task
 
-TASK = "graph"
 DATASETS = ("PROTEINS", "MUTAG", "ENZYMES", "AIDS", "Mutagenicity")
 MODELS = ("gin", "gcn")
 DEFAULT_DATASET = "PROTEINS"
 DEFAULT_LOSSES = "ce,el:log_end=0.5,start=0.5,ramp=0.2"
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+MIN_GRAPHS = 20  # fewer leave a class's validation or test share empty
 TABLE_METRICS = (
     ("test_accuracy", "test acc", True),
     ("val_accuracy", "val acc", True),
@@ -60,17 +59,13 @@ TABLE_NOTE = (
 
 
 # --- presets -----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class GraphRecipe:
-    """How one preset trains.
+    """How one preset trains, with the command-line options resolved into it.
 
     Attributes:
-        model: ``gin`` or ``gcn``.
-        hidden: width of every graph layer and of the head.
-        layers: number of message-passing layers.
-        dropout: dropout before the classifier.
+        model, hidden, layers, dropout: ``gin`` or ``gcn``; width of every graph layer and of
+            the head; message-passing layers; dropout before the classifier.
         seeds: default number of seeds.
         train: optimiser and schedule (seed filled in per run).
         max_graphs: use a fixed random subset of this many graphs (``None`` = all).
@@ -87,43 +82,17 @@ class GraphRecipe:
     threads: int | None = 1
 
 
+def _adamw(epochs: int, batch_size: int, **kwargs) -> TrainConfig:
+    """AdamW lr 0.01, weight decay 1e-4, cosine: how every preset trains."""
+    adamw = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
+    return TrainConfig(epochs=epochs, batch_size=batch_size, eval_batch_size=512, **adamw, **kwargs)
+
+
 PRESETS: dict[str, GraphRecipe] = {
     # ≤ 3 minutes on 2 CPU cores for the default 2 losses × 3 seeds on PROTEINS.
-    "quick": GraphRecipe(
-        model="gin",
-        hidden=32,
-        layers=3,
-        dropout=0.5,
-        seeds=3,
-        train=TrainConfig(
-            epochs=60,
-            batch_size=64,
-            optimizer="adamw",
-            lr=0.01,
-            weight_decay=1e-4,
-            schedule="cosine",
-            eval_batch_size=512,
-        ),
-    ),
+    "quick": GraphRecipe("gin", 32, layers=3, dropout=0.5, seeds=3, train=_adamw(60, 64)),
     # The paper-sized protocol for a GPU (or a patient CPU): 10 seeds, wider GIN, 300 epochs.
-    "full": GraphRecipe(
-        model="gin",
-        hidden=64,
-        layers=5,
-        dropout=0.5,
-        seeds=10,
-        threads=None,
-        train=TrainConfig(
-            epochs=300,
-            batch_size=32,
-            optimizer="adamw",
-            lr=0.01,
-            weight_decay=1e-4,
-            schedule="cosine",
-            device="auto",
-            eval_batch_size=512,
-        ),
-    ),
+    "full": GraphRecipe("gin", 64, 5, 0.5, 10, _adamw(300, 32, device="auto"), threads=None),
 }
 LR_NOTE = (
     "AdamW lr {lr:g}, weight decay {wd:g}, cosine decay, for every loss: one rate keeps the "
@@ -131,82 +100,14 @@ LR_NOTE = (
 )
 
 
-@dataclass
-class GraphOptions:
-    """Everything one ``run graph`` invocation needs; ``None`` fields use the preset's."""
+def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
+    """Pick the preset's recipe and apply the command-line overrides.
 
-    losses: str = DEFAULT_LOSSES
-    seeds: int | None = None
-    preset: str = "quick"
-    dataset: str | None = None
-    model: str | None = None
-    data_root: str | None = None
-    out: str | None = None
-    resume: bool = False
-    lr: float | None = None
-    clip_grad_norm: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    schedule: str | None = None
-    weight_decay: float | None = None
-    max_graphs: int | None = None
-    device: str | None = None
-    amp: bool = True
-    threads: int | None = None
-    progress: bool = True
-    stop_after_epochs: int | None = None
-
-
-def options_from_args(args: argparse.Namespace) -> GraphOptions:
-    """Build :class:`GraphOptions` from the ``run`` sub-command's parsed arguments.
-
-    ``--train-size`` caps the number of graphs used (a fixed random subset, before splitting);
-    ``--test-size`` has no meaning here and is refused.
+    ``train_size`` caps the number of graphs used (a fixed random subset, before splitting);
+    ``test_size`` has no meaning here and is refused.
 
     Args:
-        args: parsed arguments of ``encouraging-loss run graph``.
-
-    Returns:
-        The options.
-
-    Raises:
-        ValueError: for an option the graph task does not take.
-    """
-    if getattr(args, "test_size", None) is not None:
-        raise ValueError(
-            "test-size: the graph task splits 80/10/10; use --train-size to cap graphs"
-        )
-    return GraphOptions(
-        losses=args.losses or DEFAULT_LOSSES,
-        seeds=args.seeds,
-        preset=args.preset,
-        dataset=args.dataset,
-        model=args.model,
-        data_root=args.data_root,
-        out=args.out,
-        resume=args.resume,
-        lr=args.lr,
-        clip_grad_norm=args.clip_grad_norm,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        max_graphs=args.train_size,
-        device=args.device,
-        amp=args.amp,
-        threads=args.threads,
-        progress=args.progress,
-        stop_after_epochs=args.stop_after_epochs,
-    )
-
-
-def resolve_recipe(options: GraphOptions) -> tuple[str, GraphRecipe]:
-    """Pick the preset's recipe and apply command-line overrides.
-
-    Args:
-        options: parsed options.
+        options: the invocation's options (``preset`` set).
 
     Returns:
         ``(dataset, recipe)``.
@@ -214,74 +115,31 @@ def resolve_recipe(options: GraphOptions) -> tuple[str, GraphRecipe]:
     Raises:
         ValueError: naming the first bad option.
     """
+    if not isinstance(options, Options):
+        raise ValueError(f"options: expected Options, got {type(options).__name__}")
     if options.preset not in PRESETS:
         raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {options.preset!r}")
+    if options.test_size is not None:
+        raise ValueError("test_size: the graph task splits 80/10/10; use train_size to cap graphs")
     dataset = options.dataset or DEFAULT_DATASET
     if dataset not in DATASETS:
         raise ValueError(f"dataset: unknown TU dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    if options.model is not None and options.model not in MODELS:
+    if options.model not in (None, *MODELS):
         raise ValueError(
             f"model: unknown graph model {options.model!r}; known: {', '.join(MODELS)}"
         )
-    if options.seeds is not None and options.seeds < 1:
-        raise ValueError(f"seeds: must be at least 1, got {options.seeds}")
-    if options.max_graphs is not None and options.max_graphs < 20:
-        raise ValueError(f"train-size: need at least 20 graphs, got {options.max_graphs}")
-    if options.threads is not None and options.threads < 0:
-        raise ValueError(f"threads: must be >= 0 (0 = torch default), got {options.threads}")
+    if options.train_size is not None and options.train_size < MIN_GRAPHS:
+        raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
     recipe = PRESETS[options.preset]
-    overrides = {
-        key: value
-        for key, value in (
-            ("lr", options.lr),
-            ("clip_grad_norm", options.clip_grad_norm),
-            ("epochs", options.epochs),
-            ("batch_size", options.batch_size),
-            ("optimizer", options.optimizer),
-            ("schedule", options.schedule),
-            ("weight_decay", options.weight_decay),
-            ("device", options.device),
-        )
-        if value is not None
-    }
-    train_config = replace(recipe.train, **overrides, amp=recipe.train.amp and options.amp)
-    train_config.validate()
-    recipe = replace(
+    return dataset, replace(
         recipe,
         model=options.model or recipe.model,
-        seeds=options.seeds or recipe.seeds,
-        train=train_config,
-        max_graphs=options.max_graphs if options.max_graphs is not None else recipe.max_graphs,
-        threads=recipe.threads if options.threads is None else (options.threads or None),
+        train=options.train_config(recipe.train),
+        max_graphs=options.train_size if options.train_size is not None else recipe.max_graphs,
     )
-    return dataset, recipe
-
-
-def describe_presets() -> str:
-    """One line per preset (for ``--help``)."""
-    lines = []
-    for name, r in PRESETS.items():
-        t = r.train
-        lines.append(
-            f"graph {name}/{DEFAULT_DATASET}: {r.model} {r.layers}x{r.hidden}, {r.seeds} seeds, "
-            f"{t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} ({t.schedule})"
-        )
-    return "\n".join(lines)
 
 
 # --- data --------------------------------------------------------------------------------
-
-
-def _require_pyg():
-    try:
-        import torch_geometric  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError(
-            "the graph task needs torch_geometric: pip install torch_geometric "
-            "(or the project's [lab] extra)"
-        ) from error
-
-
 def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | None = None):
     """Load a TU dataset from ``DATA_ROOT/tu/NAME/raw`` into memory as a list of graphs.
 
@@ -313,8 +171,11 @@ def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | N
         (f"raw/{name}_A.txt", f"raw/{name}_graph_indicator.txt", f"raw/{name}_graph_labels.txt"),
         data_root,
     )
-    _require_pyg()
-    from torch_geometric.datasets import TUDataset
+    try:
+        from torch_geometric.datasets import TUDataset
+    except ImportError as error:
+        message = "the graph task needs torch_geometric: pip install torch_geometric ([lab] extra)"
+        raise RuntimeError(message) from error
 
     with tempfile.TemporaryDirectory(prefix="el-tu-") as cache:
         shutil.copytree(folder / "raw", Path(cache) / name / "raw")
@@ -368,11 +229,12 @@ def stratified_split(
     return tuple(torch.tensor(sorted(p), dtype=torch.long) for p in parts)  # type: ignore[return-value]
 
 
-class GraphBatches:
-    """A list of graphs indexed like a tensor of examples: ``view[index]`` is one PyG ``Batch``.
+class GraphList:
+    """Graphs indexed like a tensor of examples: ``graphs[index]`` is one PyG ``Batch``.
 
-    This lets the lab's shared trainer, which draws ``train_x[index]`` and slices
-    ``val_x[i:j]``, train graph models unchanged.
+    A tensor of positions (a training batch) or a slice (an evaluation chunk) collates those
+    graphs, so the trainer's batches and the diagnostics' ``x[i:j]`` passes take graphs as
+    they take image tensors.
 
     Args:
         graphs: PyG ``Data`` objects.
@@ -388,23 +250,20 @@ class GraphBatches:
         from torch_geometric.data import Batch
 
         if isinstance(index, slice):
-            chosen = self.graphs[index]
-        elif isinstance(index, torch.Tensor):
-            chosen = [self.graphs[i] for i in index.view(-1).tolist()]
-        else:
-            chosen = [self.graphs[int(i)] for i in index]
-        return Batch.from_data_list(chosen)
+            return Batch.from_data_list(self.graphs[index])
+        positions = index.view(-1).tolist() if isinstance(index, torch.Tensor) else index
+        return Batch.from_data_list([self.graphs[int(i)] for i in positions])
 
 
 @dataclass
 class GraphSplits:
-    """One seed's split in the layout the shared trainer expects (``train_x``/``train_y``...)."""
+    """One seed's split: graphs (``*_x``, :class:`GraphList`) and their labels (``*_y``)."""
 
-    train_x: GraphBatches
+    train_x: GraphList
     train_y: torch.Tensor
-    val_x: GraphBatches
+    val_x: GraphList
     val_y: torch.Tensor
-    test_x: GraphBatches
+    test_x: GraphList
     test_y: torch.Tensor
     num_classes: int
 
@@ -413,30 +272,43 @@ def make_graph_splits(graphs: list, num_classes: int, seed: int) -> GraphSplits:
     """Split graphs 80/10/10 (stratified, seeded) into :class:`GraphSplits`.
 
     Args:
-        graphs: the dataset's graphs.
-        num_classes: number of classes.
+        graphs, num_classes: the dataset's graphs and number of classes.
         seed: split seed (the run's seed: every loss of one seed sees the same split).
 
     Returns:
         The splits.
+
+    Raises:
+        ValueError: for no graphs, or a split that would be empty.
     """
+    if not graphs:
+        raise ValueError("graphs: expected a non-empty list of PyG Data objects")
     labels = torch.cat([g.y for g in graphs])
     parts = stratified_split(labels, seed)
-    views = [GraphBatches([graphs[i] for i in p.tolist()]) for p in parts]
-    return GraphSplits(
-        train_x=views[0],
-        train_y=labels[parts[0]],
-        val_x=views[1],
-        val_y=labels[parts[1]],
-        test_x=views[2],
-        test_y=labels[parts[2]],
-        num_classes=num_classes,
-    )
+    pairs = [(GraphList([graphs[i] for i in part.tolist()]), labels[part]) for part in parts]
+    return GraphSplits(*(item for pair in pairs for item in pair), num_classes=num_classes)
+
+
+class GraphBatches(ClassificationBatches):
+    """One seed's graphs as the trainer's batches (``n_train``, ``epoch_batches``, ``loss``,
+    ``validate``): each step collates its graphs into one PyG ``Batch`` (:class:`GraphList`)
+    and trains on it as on a tensor batch, with the same shuffling, loss, gradient statistics
+    and validation as the other classification tasks.
+
+    Args:
+        splits: the seed's :class:`GraphSplits`.
+
+    Raises:
+        ValueError: if ``splits`` is not a :class:`GraphSplits`.
+    """
+
+    def __init__(self, splits: GraphSplits):
+        if not isinstance(splits, GraphSplits):
+            raise ValueError(f"splits: expected GraphSplits, got {type(splits).__name__}")
+        super().__init__(splits)
 
 
 # --- model -------------------------------------------------------------------------------
-
-
 class GraphClassifier(nn.Module):
     """GIN (sum pooling) or GCN (mean pooling) with a two-layer head, from PyG layers.
 
@@ -445,10 +317,8 @@ class GraphClassifier(nn.Module):
 
     Args:
         kind: ``"gin"`` or ``"gcn"``.
-        in_features: node feature size.
-        num_classes: number of classes.
-        hidden: layer width.
-        layers: message-passing layers.
+        in_features, num_classes: node feature size, number of classes.
+        hidden, layers: layer width, message-passing layers.
         dropout: dropout before the classifier.
 
     Raises:
@@ -475,8 +345,7 @@ class GraphClassifier(nn.Module):
         from torch_geometric.nn import GCNConv, GINConv, global_add_pool, global_mean_pool
 
         self.kind = kind
-        self.convs = nn.ModuleList()
-        self.norms = nn.ModuleList()
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
         width = in_features
         for _ in range(layers):
             if kind == "gin":
@@ -502,158 +371,8 @@ class GraphClassifier(nn.Module):
         return self.classifier(self.features(batch))
 
 
-# --- run ---------------------------------------------------------------------------------
-
-
-def run(options: GraphOptions) -> dict | None:
-    """Run the graph task for every loss and seed and write the report.
-
-    Args:
-        options: see :class:`GraphOptions`.
-
-    Returns:
-        The results dict (``None`` on ranks other than 0, or when stopped on purpose with
-        ``stop_after_epochs``).
-
-    Raises:
-        ValueError: for bad options or loss names.
-        lab_data.DatasetNotFoundError: if the dataset is missing.
-        RuntimeError: if torch_geometric is missing.
-    """
-    # --- configuration -------------------------------------------------------------------
-    specs = parse_loss_list(options.losses)
-    dataset_name, recipe = resolve_recipe(options)
-    out_dir = Path(options.out or f"runs/{TASK}-{options.preset}-{dataset_name}")
-    is_main = rank() == 0
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
-
-    # --- data ----------------------------------------------------------------------------
-    started = time.perf_counter()
-    graphs, num_features, num_classes, source = load_tu_dataset(
-        dataset_name, options.data_root, recipe.max_graphs
-    )
-    first_split = make_graph_splits(graphs, num_classes, seed=0)
-    config = {
-        "preset": options.preset,
-        "model": recipe.model,
-        "hidden": recipe.hidden,
-        "layers": recipe.layers,
-        "dropout": recipe.dropout,
-        "losses": [s.name for s in specs],
-        "seeds": list(range(recipe.seeds)),
-        "train": asdict(recipe.train),
-        "lr_note": LR_NOTE.format(lr=recipe.train.lr, wd=recipe.train.weight_decay),
-        "data": {
-            "source": str(source),
-            "n_graphs": len(graphs),
-            "num_features": num_features,
-            "num_classes": num_classes,
-            "split": "stratified 80/10/10, re-drawn per seed",
-            "n_train": len(first_split.train_y),
-            "n_val": len(first_split.val_y),
-            "n_test": len(first_split.test_y),
-        },
-        "table_metrics": [list(m) for m in TABLE_METRICS],
-        "table_note": TABLE_NOTE,
-        "out": str(out_dir),
-        "world_size": world_size(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-    }
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- one training run per loss and seed ----------------------------------------------
-    runs = []
-    for seed in range(recipe.seeds):
-        splits = make_graph_splits(graphs, num_classes, seed=seed)
-        for spec in specs:
-            record, interrupted = _train_and_measure(
-                spec, seed, recipe, splits, num_features, out_dir, options
-            )
-            if interrupted:
-                finish_distributed()
-                return None
-            if record is not None:
-                runs.append(record)
-    finish_distributed()
-
-    # --- report --------------------------------------------------------------------------
-    config["wall_seconds"] = time.perf_counter() - started
-    results = {"task": TASK, "dataset": dataset_name, "config": config, "runs": runs}
-    if is_main:
-        report.write_report(out_dir, results)
-    return results if is_main else None
-
-
-def _train_and_measure(
-    spec: LossSpec,
-    seed: int,
-    recipe: GraphRecipe,
-    splits: GraphSplits,
-    num_features: int,
-    out_dir: Path,
-    options: GraphOptions,
-) -> tuple[dict | None, bool]:
-    """Train one (loss, seed) run with the shared trainer, measure it, save its record."""
-    slug = report.run_slug(spec.name, seed)
-    record_path = out_dir / "runs" / f"{slug}.json"
-    checkpoint_path = out_dir / "checkpoints" / f"{slug}.pt"
-    if options.resume and record_path.is_file():
-        return json.loads(record_path.read_text(encoding="utf-8")), False
-
-    train_config = replace(recipe.train, seed=seed)
-    set_seed(seed, train_config.deterministic)
-    model = GraphClassifier(
-        recipe.model,
-        num_features,
-        splits.num_classes,
-        hidden=recipe.hidden,
-        layers=recipe.layers,
-        dropout=recipe.dropout,
-    )
-    outcome = train(
-        model,
-        build_criterion(spec),
-        splits,
-        train_config,
-        bonus_schedule=build_bonus_schedule(spec),
-        checkpoint_path=checkpoint_path,
-        resume=options.resume,
-        stop_after_epochs=options.stop_after_epochs,
-        progress=options.progress,
-        description=f"{spec.name} seed {seed}",
-    )
-    if outcome.interrupted or rank() != 0:
-        return None, outcome.interrupted
-
-    metrics: dict = outcome.outcome_metrics()
-    reliability = None
-    if not outcome.diverged:
-        metrics.update(_measure(model, splits, train_config, out_dir, spec.name, seed))
-        reliability = metrics.pop("_reliability")
-        metrics["grad_share_well_classified_last"] = outcome.history[-1][
-            "grad_share_well_classified"
-        ]
-    record = {
-        "loss": spec.name,
-        "seed": seed,
-        "status": "diverged" if outcome.diverged else "ok",
-        "lr": train_config.lr,
-        "metrics": metrics,
-        "history": outcome.history,
-        "reliability": reliability,
-        "train_seconds": outcome.train_seconds,
-    }
-    report.atomic_write_json(record_path, record)
-    if checkpoint_path.is_file():
-        checkpoint_path.unlink()
-    return record, False
-
-
-def _measure(model, splits: GraphSplits, config: TrainConfig, out_dir: Path, loss, seed) -> dict:
+# --- one run: train → diagnostics → report spec ------------------------------------------
+def _measure(model, splits: GraphSplits, run: RunContext, config: TrainConfig) -> dict:
     """Test accuracy, margin/energy/calibration diagnostics and a linear probe."""
     device = next(model.parameters()).device
     batch = config.eval_batch_size
@@ -668,17 +387,84 @@ def _measure(model, splits: GraphSplits, config: TrainConfig, out_dir: Path, los
         **test,
         **diagnostics.logit_diagnostics(train_logits, splits.train_y, prefix="train_"),
         "probe_accuracy": diagnostics.linear_probe_accuracy(
-            train_features, splits.train_y, test_features, splits.test_y, seed=seed
+            train_features, splits.train_y, test_features, splits.test_y, seed=run.seed
         ),
     }
     metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
     energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    report.save_arrays(
-        out_dir,
-        loss,
-        seed,
-        margin=diagnostics.margins(test_logits, splits.test_y).numpy(),
-        energy=energy_free.numpy(),
-        energy_true=energy_true.numpy(),
-    )
+    margin = diagnostics.margins(test_logits, splits.test_y)
+    arrays = {"margin": margin.numpy(), "energy": energy_free.numpy()}
+    lab_io.save_arrays(run.out_dir, run.loss, run.seed, **arrays, energy_true=energy_true.numpy())
     return metrics
+
+
+class GraphTask(Task):
+    """Graph classification on TU datasets: GIN or GCN, one stratified split per seed."""
+
+    name = "graph"
+    summary = "graph classification: TU datasets (PROTEINS, MUTAG ...) with GIN or GCN"
+    presets = tuple(PRESETS)
+    default_losses = DEFAULT_LOSSES
+    datasets = DATASETS
+    models = MODELS
+
+    def default_seeds(self, preset: str) -> int:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {preset!r}")
+        return PRESETS[preset].seeds
+
+    def describe_presets(self) -> str:
+        return "\n".join(
+            f"graph {name}/{DEFAULT_DATASET}: {r.model} {r.layers}x{r.hidden}, {r.seeds} seeds, "
+            f"{r.train.epochs} epochs, batch {r.train.batch_size}, {r.train.optimizer} lr "
+            f"{r.train.lr:g} ({r.train.schedule})"
+            for name, r in PRESETS.items()
+        )
+
+    def prepare(self, options: Options) -> Prepared:
+        dataset, recipe = resolve_recipe(options)
+        threads = options.apply_threads(recipe.threads)
+        graphs, num_features, num_classes, source = load_tu_dataset(
+            dataset, options.data_root, recipe.max_graphs
+        )
+        first_split = make_graph_splits(graphs, num_classes, seed=0)
+        sizes = {f"n_{p}": len(getattr(first_split, f"{p}_y")) for p in ("train", "val", "test")}
+        config = {
+            "preset": options.preset,
+            **{key: getattr(recipe, key) for key in ("model", "hidden", "layers", "dropout")},
+            "train": asdict(recipe.train),
+            "lr_note": LR_NOTE.format(lr=recipe.train.lr, wd=recipe.train.weight_decay),
+            "data": {
+                "source": str(source),
+                "n_graphs": len(graphs),
+                "num_features": num_features,
+                "num_classes": num_classes,
+                "split": "stratified 80/10/10, re-drawn per seed",
+                **sizes,
+            },
+        }
+        state = (recipe, graphs, num_features, num_classes)
+        return Prepared(dataset, f"{self.name}-{options.preset}-{dataset}", config, state, threads)
+
+    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
+        recipe, graphs, num_features, num_classes = prepared.state
+        splits = make_graph_splits(graphs, num_classes, seed=seed)
+        config = replace(recipe.train, seed=seed)
+        set_seed(seed, config.deterministic)
+        model = GraphClassifier(
+            recipe.model, num_features, num_classes, recipe.hidden, recipe.layers, recipe.dropout
+        )
+        outcome = run.train(model, build_criterion(spec), GraphBatches(splits), config)
+        result = RunResult(outcome, config.lr, extra={"reliability": None})
+        if not outcome.diverged:
+            result.metrics = _measure(model, splits, run, config)
+            result.extra["reliability"] = result.metrics.pop("_reliability")
+            last = outcome.history[-1]["grad_share_well_classified"]
+            result.metrics["grad_share_well_classified_last"] = last
+        return result
+
+    def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
+        return {"table": [list(m) for m in TABLE_METRICS], "notes": [TABLE_NOTE]}
+
+
+TASK = GraphTask()
