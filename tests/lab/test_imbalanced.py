@@ -6,11 +6,31 @@ import pytest
 import torch
 from torch import nn
 
-from encouraging_loss.lab.cli import main
-from encouraging_loss.lab.losses import parse_loss
+from encouraging_loss.lab import report
+from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
+from encouraging_loss.lab.losses import (
+    UnknownLossError,
+    build_criterion,
+    class_balanced_weights,
+    parse_loss,
+    parse_loss_list,
+)
 from encouraging_loss.lab.tasks import imbalanced as task
 
-from .helpers import SHARED_DATA, load_results, shared_dataset
+from .helpers import SHARED_DATA, load_results, shared_dataset, torch_globals_restored
+
+FAMILIES = task.TASK.loss_families
+
+
+def _run(out, **settings) -> dict:
+    """``run imbalanced`` on staged Fashion-MNIST (``settings``: :class:`Options` fields)."""
+    shared_dataset("fashion-mnist")
+    settings.setdefault("jobs", 1)  # the runner's parallel workers are tested in test_cli
+    options = Options(
+        task="imbalanced", data_root=str(SHARED_DATA), out=str(out), progress=False, **settings
+    )
+    with torch_globals_restored():
+        return run_experiment(options)
 
 
 def test_exponential_profile_counts():
@@ -38,18 +58,60 @@ def test_profile_validation_names_the_argument(kwargs, argument):
         task.long_tail_counts(**args)
 
 
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"extra": {"imbalance_ratio": 0.5}}, "imbalance_ratio"),
+        ({"extra": {"n_max": 0}}, "n_max"),
+        ({"extra": {"profile": "linear"}}, "profile"),
+        ({"extra": {"drw_start": 1.5}}, "drw_start"),
+        ({"model": "vit"}, "model"),
+    ],
+)
+def test_bad_options_name_the_option(settings, match):
+    with pytest.raises(ValueError, match=match):
+        task.resolve_recipe(Options(task="imbalanced", preset="quick", **settings))
+
+
+def test_options_resolve_into_the_recipe():
+    options = Options(
+        task="imbalanced",
+        preset="quick",
+        test_size=300,
+        epochs=2,
+        extra={"imbalance_ratio": 10, "profile": "step", "n_max": 200, "drw_start": 0.5},
+    )
+    recipe = task.resolve_recipe(options)
+    assert (recipe.imbalance_ratio, recipe.profile, recipe.n_max) == (10.0, "step", 200)
+    assert recipe.drw_start == 0.5 and recipe.test_per_class == 30 and recipe.train.epochs == 2
+
+
 def test_class_groups_thresholds():
     groups = task.class_groups(task.long_tail_counts(10, 1000, 100.0, "exp"))
     # many: n > 200; few: n < 40; medium: the rest.
     assert groups == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
 
 
+def test_group_accuracies_per_group():
+    labels = torch.tensor([0, 0, 1, 2])
+    predictions = torch.tensor([0, 1, 1, 0])
+    out = task.group_accuracies(predictions, labels, {"many": [0], "medium": [], "few": [1, 2]})
+    assert out == {
+        "test_accuracy": 0.5,
+        "many_accuracy": 0.5,
+        "medium_accuracy": None,
+        "few_accuracy": 0.5,
+    }
+    with pytest.raises(ValueError, match="predictions"):
+        task.group_accuracies(predictions[:3], labels, {})
+
+
 def test_class_balanced_weights_favour_the_tail():
-    weights = task.class_balanced_weights([1000, 100, 10], beta=0.9999)
+    weights = class_balanced_weights([1000, 100, 10], beta=0.9999)
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights[0] < weights[1] < weights[2]
     with pytest.raises(ValueError, match="beta"):
-        task.class_balanced_weights([10, 1], beta=1.0)
+        class_balanced_weights([10, 1], beta=1.0)
 
 
 def test_ldam_and_logit_adjustment_are_shifted_cross_entropy():
@@ -67,57 +129,56 @@ def test_ldam_and_logit_adjustment_are_shifted_cross_entropy():
     assert la(logits, target).item() == pytest.approx(
         nn.functional.cross_entropy(logits + prior.log(), target).item(), rel=1e-5
     )
+    with pytest.raises(ValueError, match="counts"):
+        task.LDAMLoss([10, 0])
+    with pytest.raises(ValueError, match="max_margin"):
+        task.LDAMLoss(counts, max_margin=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        task.LogitAdjustedLoss(counts, tau=-1.0)
 
 
 def test_loss_names_and_drw_switch():
-    specs = task.parse_loss_list(
+    specs = parse_loss_list(
         "ce,cb-ce,ce-drw,ldam-drw:max_margin=0.3,la:tau=2,el:bonus_weight=balanced,"
         "bonus_start=0.5,el-drw",
-        task.EXTRA_FAMILIES,
+        FAMILIES,
     )
     assert [s.family for s in specs] == ["ce", "cb-ce", "ce-drw", "ldam-drw", "la", "el", "el-drw"]
     counts = [100, 10, 1]
-    built = {s.name: task.build_imbalanced_criterion(s, counts) for s in specs}
-    assert built["ce-drw"][1] and built["el-drw"][1] and not built["ce"][1]
-    el, _ = built["el:bonus_weight=balanced,bonus_start=0.5"]
+    built = {s.name: build_criterion(s, counts, FAMILIES) for s in specs}
+    assert torch.equal(built["cb-ce"].weight, class_balanced_weights(counts))
+    assert built["ldam-drw:max_margin=0.3"].margins[2].item() == pytest.approx(0.3)
+    assert built["ce-drw"].weight is None and built["el-drw"].weight is None
+    el = built["el:bonus_weight=balanced,bonus_start=0.5"]
     assert el.bonus_weight is not None and el.bonus_weight[2] > el.bonus_weight[0]
-    criterion = built["ce-drw"][0]
+    criterion = built["ce-drw"]
     hook = task.drw_hook(criterion, counts, start=0.8, device=torch.device("cpu"))
     hook(0.5)
     assert criterion.weight is None
     hook(0.8)
-    assert torch.equal(criterion.weight, task.class_balanced_weights(counts))
+    assert torch.equal(criterion.weight, class_balanced_weights(counts))
+    with pytest.raises(ValueError, match="start"):
+        task.drw_hook(criterion, counts, start=1.5, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="bonus_weight"):
-        task.build_imbalanced_criterion(
-            parse_loss("el:bonus_weight=tail", task.EXTRA_FAMILIES), counts
-        )
+        parse_loss("el:bonus_weight=tail", FAMILIES)
+    with pytest.raises(UnknownLossError, match="beta"):
+        parse_loss("cb-ce:1.0", FAMILIES)
+    with pytest.raises(ValueError, match="counts"):
+        build_criterion(parse_loss("ldam", FAMILIES), None, FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def tiny_imbalanced(tmp_path_factory):
-    shared_dataset("fashion-mnist")
     out = tmp_path_factory.mktemp("imbalanced") / "out"
-    argv = [
-        "run",
-        "imbalanced",
-        "--losses",
-        "ce,ce-drw,el:bonus_weight=balanced",
-        "--seeds",
-        "2",
-        "--n-max",
-        "200",
-        "--epochs",
-        "2",
-        "--test-size",
-        "300",
-        "--no-progress",
-        "--data-root",
-        str(SHARED_DATA),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    return out, argv
+    settings = {
+        "losses": "ce,ce-drw,el:bonus_weight=balanced",
+        "seeds": 2,
+        "epochs": 2,
+        "test_size": 300,
+        "extra": {"n_max": 200},
+    }
+    _run(out, **settings)
+    return out, settings
 
 
 def test_tiny_run_files_and_metrics(tiny_imbalanced):
@@ -129,6 +190,7 @@ def test_tiny_run_files_and_metrics(tiny_imbalanced):
     data = results["config"]["data"]
     assert data["train_counts"] == task.long_tail_counts(10, 200, 100.0, "exp")
     assert data["n_train"] == sum(data["train_counts"]) and data["n_test"] == 300
+    assert results["config"]["drw_start"] == 0.8
     assert len(results["runs"]) == 6
     for run in results["runs"]:
         m = run["metrics"]
@@ -138,6 +200,7 @@ def test_tiny_run_files_and_metrics(tiny_imbalanced):
             "medium_accuracy",
             "few_accuracy",
             "crt_accuracy",
+            "class_accuracy/9",
         ):
             assert 0.0 <= m[name] <= 1.0, name
         assert m["test_accuracy"] > 0.2  # chance is 0.1
@@ -147,52 +210,37 @@ def test_tiny_run_files_and_metrics(tiny_imbalanced):
 
 
 def test_resume_reuses_finished_runs(tiny_imbalanced):
-    out, argv = tiny_imbalanced
+    out, settings = tiny_imbalanced
     before = {(r["loss"], r["seed"]): r["metrics"] for r in load_results(out)["runs"]}
-    assert main([*argv, "--resume"]) == 0
+    _run(out, resume=True, **settings)
     after = {(r["loss"], r["seed"]): r["metrics"] for r in load_results(out)["runs"]}
     assert before == after
 
 
-def test_unknown_loss_is_a_usage_error(capsys):
-    assert main(["run", "imbalanced", "--losses", "ce,nope", "--no-progress"]) == 2
-    assert "nope" in capsys.readouterr().err
+def test_unknown_loss_is_refused(tmp_path):
+    with pytest.raises(UnknownLossError, match="nope"):
+        run_experiment(Options(task="imbalanced", losses="ce,nope", out=str(tmp_path)))
 
 
 def test_report_rebuilds_with_the_task_layout(tiny_imbalanced, tmp_path):
     out, _ = tiny_imbalanced
-    rebuilt = tmp_path / "rebuilt"
-    assert main(["report", str(out), "--out", str(rebuilt)]) == 0
-    text = (rebuilt / "report.md").read_text(encoding="utf-8")
+    rebuilt = report.rebuild_report([out], tmp_path / "rebuilt")
+    text = rebuilt.read_text(encoding="utf-8")
     assert "| few |" in text and "balanced test accuracy is higher" in text
 
 
 def test_interrupted_drw_run_resumes_to_identical_metrics(tmp_path):
-    shared_dataset("fashion-mnist")
-    common = [
-        "run",
-        "imbalanced",
-        "--losses",
-        "ce-drw",
-        "--n-max",
-        "100",
-        "--epochs",
-        "3",
-        "--drw-start",
-        "0.5",
-        "--test-size",
-        "100",
-        "--no-progress",
-        "--data-root",
-        str(SHARED_DATA),
-    ]
-    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
-    interrupted = [*common, "--out", str(tmp_path / "resumed")]
-    assert main([*interrupted, "--stop-after-epochs", "1"]) == 0
+    common = {
+        "losses": "ce-drw",
+        "epochs": 3,
+        "test_size": 100,
+        "extra": {"n_max": 100, "drw_start": 0.5},
+    }
+    straight = _run(tmp_path / "straight", **common)["runs"][0]
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "resumed", stop_after_epochs=1, **common)
     assert not (tmp_path / "resumed" / "results.json").exists()
-    assert main([*interrupted, "--resume"]) == 0
-    straight = load_results(tmp_path / "straight")["runs"][0]
-    resumed = load_results(tmp_path / "resumed")["runs"][0]
+    resumed = _run(tmp_path / "resumed", resume=True, **common)["runs"][0]
     assert resumed["metrics"] == straight["metrics"]
     assert [h["train_loss"] for h in resumed["history"]] == [
         h["train_loss"] for h in straight["history"]

@@ -1,9 +1,8 @@
 """Imbalanced (long-tailed) classification: CE, re-weighting, DRW, focal, LDAM, logit adjustment
 and encouraging-loss variants on a long-tailed view of an image dataset.
 
-Reads top-down: presets → data (long-tailed train view, balanced validation and test) → for
-each loss and seed: criterion → model → train (with deferred re-weighting) → diagnostics
-(balanced accuracy, many/medium/few accuracy, cRT) → report.
+Reads top-down: presets → data (long-tailed train view, balanced validation and test) → losses
+→ one (loss, seed) run: train (deferred re-weighting) → balanced, group and cRT accuracy → report.
 
 Loss names (``--losses``), besides the lab's ``ce``, ``el:...``, ``focal:...``:
 
@@ -20,175 +19,108 @@ Loss names (``--losses``), besides the lab's ``ce``, ``el:...``, ``focal:...``:
 - ``el:bonus_weight=balanced``: the class-weighted bonus — per-class bonus weights equal to the
   class-balanced weights above (mean 1), so tail classes get a larger bonus;
   ``el:bonus_start=0.5`` gives the bonus only where ``p_y > 0.5``. Both combine with ``el-drw``.
-
-Many/medium/few: the CIFAR-100-LT / ImageNet-LT convention (many > 100, few < 20 training
-images with 500 in the largest class) scaled to the largest class ``n_max``: a class is *many*
-when ``n_c > n_max / 5``, *few* when ``n_c < n_max / 25``, else *medium*. For exponential
-profiles with ratio 100 this puts 4 / 3 / 3 of 10 classes in many / medium / few.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from encouraging_loss import EncouragingLoss
-
 from .. import data as lab_data
-from .. import diagnostics, report, runs
-from ..losses import _FAMILIES as BASE_FAMILIES
-from ..losses import LossSpec, build_criterion, parse_loss_list
-from ..models import build_model
-from ..trainer import TrainConfig, finish_distributed, rank, resolve_device, set_seed, train
+from .. import diagnostics, io, losses
+from ..experiment import Options, Prepared, RunContext, RunResult
+from ..losses import FAMILIES, Family, LossSpec, build_criterion
+from ..models import MODELS, build_model
+from ..trainer import TrainConfig, resolve_device, set_seed
+from . import Task
 
-TASK = "imbalanced"
 PROFILES = ("exp", "step")
 DRW_FAMILIES = ("ce", "el", "focal", "ldam")
-# family -> (main parameter, {parameter: type}, defaults), as in lab.losses.
-EXTRA_FAMILIES: dict[str, tuple[str, dict[str, type], dict[str, object]]] = {
-    "cb-ce": ("beta", {"beta": float}, {"beta": 0.9999}),
-    "ldam": ("max_margin", {"max_margin": float, "s": float}, {"max_margin": 0.5, "s": 1.0}),
-    "la": ("tau", {"tau": float}, {"tau": 1.0}),
-    "el": (
-        BASE_FAMILIES["el"][0],
-        {**BASE_FAMILIES["el"][1], "bonus_weight": str},
-        dict(BASE_FAMILIES["el"][2]),
-    ),
-}
-for _family in DRW_FAMILIES:
-    EXTRA_FAMILIES[f"{_family}-drw"] = EXTRA_FAMILIES.get(_family) or BASE_FAMILIES[_family]
-BONUS_WEIGHTS = ("none", "balanced")
-SUGGESTED_LOSSES = (
-    "ce,cb-ce,ce-drw,focal,ldam-drw,la,el,el:bonus_weight=balanced,el:bonus_start=0.5,el-drw"
-)
+SUGGESTED_LOSSES = "ce,cb-ce,ce-drw,focal,ldam-drw,la,el,el:bonus_weight=balanced,el-drw"
 
 
 # --- presets ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    """How one preset builds the long-tailed data and trains.
+    """How one preset builds the long-tailed data and trains (options resolved into it).
 
     Attributes:
-        dataset: source dataset name.
-        model: ``mlp``, ``cnn`` or ``resnet18``.
-        n_max: training images of the largest class.
-        imbalance_ratio: ``n_max / n_min``.
-        profile: ``exp`` (exponential decay over classes) or ``step`` (half the classes get
-            ``n_max``, half ``n_max / ratio``).
-        val_per_class: balanced validation images per class, drawn from training images left
-            out of the long-tailed view (used for model selection only).
-        test_per_class: balanced test images per class; ``None`` = the whole test split.
+        n_max, imbalance_ratio, profile: see :func:`long_tail_counts`.
+        val_per_class, test_per_class: balanced validation images per class (training images
+            left out of the long-tailed view), balanced test images (``None``: all).
+        train, dataset, model: how it trains (``mlp``, ``cnn`` or ``resnet18``), on what.
         drw_start: fraction of training after which ``*-drw`` losses switch on class weights.
-        train: optimiser/schedule settings.
         diagnostics_train: training images used for cRT features (the first of the LT view).
         threads: CPU threads (``None`` = torch's default).
     """
 
-    dataset: str
-    model: str
     n_max: int
-    imbalance_ratio: float
-    profile: str
     val_per_class: int
     test_per_class: int | None
-    drw_start: float
     train: TrainConfig
+    dataset: str = "fashion-mnist"
+    model: str = "mlp"
+    imbalance_ratio: float = 100.0
+    profile: str = "exp"
+    drw_start: float = 0.8
     diagnostics_train: int = 20000
     threads: int | None = 1
 
 
+# Cao et al.'s schedule: 5 warm-up epochs, the lr times 0.01 at 80% and again at 90% of training.
+_STEPS = {"schedule": "multistep", "milestones": (0.8, 0.9), "gamma": 0.01, "warmup_epochs": 5}
+# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, cosine schedule.
 PRESETS: dict[str, Recipe] = {
     # Long-tailed Fashion-MNIST, 2,480 training images: seconds per run on one CPU thread.
-    "quick": Recipe(
-        dataset="fashion-mnist",
-        model="mlp",
-        n_max=1000,
-        imbalance_ratio=100.0,
-        profile="exp",
-        val_per_class=50,
-        test_per_class=300,
-        drw_start=0.8,
-        train=TrainConfig(
-            epochs=10, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine"
-        ),
-    ),
+    "quick": Recipe(1000, val_per_class=50, test_per_class=300, train=TrainConfig(10, 64)),
     # Five times the quick view (12,403 images), the whole balanced test set; still the MLP.
-    "standard": Recipe(
-        dataset="fashion-mnist",
-        model="mlp",
-        n_max=5000,
-        imbalance_ratio=100.0,
-        profile="exp",
-        val_per_class=100,
-        test_per_class=None,
-        drw_start=0.8,
-        train=TrainConfig(
-            epochs=15,
-            batch_size=128,
-            optimizer="sgd",
-            lr=0.05,
-            weight_decay=5e-4,
-            schedule="cosine",
-        ),
-    ),
-    # CIFAR-10-LT (Cao et al. 2019's recipe): 200 epochs, step decay at 160 and 180, DRW at 160.
-    # Run it with --imbalance-ratio 100, 50 and 10.
+    "standard": Recipe(5000, val_per_class=100, test_per_class=None, train=TrainConfig(15)),
+    # CIFAR-10-LT (Cao et al. 2019's recipe), DRW at epoch 160; run it at ratios 100, 50 and 10.
     "full": Recipe(
-        dataset="cifar10",
-        model="resnet18",
-        n_max=5000,
-        imbalance_ratio=100.0,
-        profile="exp",
+        5000,
         # Class 0 keeps all its 5,000 training images, so none are left for validation:
         # 0 holds out a balanced 10% of the test split for model selection instead.
         val_per_class=0,
         test_per_class=None,
-        drw_start=0.8,
+        dataset="cifar10",
+        model="resnet18",
         threads=None,
-        train=TrainConfig(
-            epochs=200,
-            batch_size=128,
-            optimizer="sgd",
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=2e-4,
-            schedule="multistep",
-            milestones=(0.8, 0.9),
-            gamma=0.01,
-            warmup_epochs=5,
-            augment=True,
-            device="auto",
-        ),
+        train=TrainConfig(200, lr=0.1, weight_decay=2e-4, augment=True, device="auto", **_STEPS),
     ),
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add this task's options to the ``run`` parser."""
-    group = parser.add_argument_group(
-        "imbalanced task",
-        f"long-tailed data; losses e.g. {SUGGESTED_LOSSES}",
-    )
-    group.add_argument(
-        "--imbalance-ratio",
-        type=float,
-        metavar="R",
-        help="largest / smallest class size of the long-tailed view (default 100)",
-    )
-    group.add_argument("--profile", choices=PROFILES, help="long-tail profile (default exp)")
-    group.add_argument("--n-max", type=int, metavar="N", help="images of the largest class")
-    group.add_argument(
-        "--drw-start",
-        type=float,
-        metavar="F",
-        help="fraction of training after which *-drw losses re-weight (default 0.8)",
+def resolve_recipe(options: Options) -> Recipe:
+    """The preset's recipe with the command-line overrides applied.
+
+    Raises:
+        ValueError: naming a bad option (``imbalance_ratio``, ``n_max``, ``profile`` ...).
+    """
+    recipe = PRESETS[options.preset]
+    ratio = options.get("imbalance_ratio", recipe.imbalance_ratio)
+    n_max = options.get("n_max", recipe.n_max)
+    drw_start = options.get("drw_start", recipe.drw_start)
+    profile = options.get("profile", recipe.profile)
+    long_tail_counts(2, n_max, ratio, profile)  # checks the profile's options
+    if not 0.0 <= drw_start <= 1.0:
+        raise ValueError(f"drw_start: must be in [0, 1], got {drw_start}")
+    if options.model not in (None, *MODELS):
+        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
+    test_size = options.test_size
+    return replace(
+        recipe,
+        dataset=options.dataset or recipe.dataset,
+        model=options.model or recipe.model,
+        imbalance_ratio=float(ratio),
+        profile=profile,
+        n_max=int(n_max),
+        drw_start=float(drw_start),
+        test_per_class=recipe.test_per_class if test_size is None else max(1, test_size // 10),
+        train=options.train_config(recipe.train),
     )
 
 
@@ -220,9 +152,8 @@ def long_tail_counts(
     if profile == "exp":
         counts = [n_max * imbalance_ratio ** (-c / (num_classes - 1)) for c in range(num_classes)]
     elif profile == "step":
-        counts = [
-            n_max if c < num_classes // 2 else n_max / imbalance_ratio for c in range(num_classes)
-        ]
+        tail = n_max / imbalance_ratio
+        counts = [n_max if c < num_classes // 2 else tail for c in range(num_classes)]
     else:
         raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
     return [max(1, int(n)) for n in counts]
@@ -231,31 +162,33 @@ def long_tail_counts(
 def class_groups(counts: list[int]) -> dict[str, list[int]]:
     """Many / medium / few classes: ``n_c > n_max/5``, ``n_c < n_max/25``, the rest medium.
 
+    The CIFAR-100-LT / ImageNet-LT convention (many > 100, few < 20 training images with 500 in
+    the largest class) scaled to the largest class ``n_max``; for exponential profiles with
+    ratio 100 it puts 4 / 3 / 3 of 10 classes in many / medium / few.
+
     Args:
-        counts: per-class training counts.
+        counts: per-class training counts (positive).
 
     Returns:
         ``{"many": [...], "medium": [...], "few": [...]}`` class indices.
+
+    Raises:
+        ValueError: for no counts.
     """
+    if not counts:
+        raise ValueError(f"counts: expected per-class training counts, got {counts!r}")
     n_max = max(counts)
     groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
     for c, n in enumerate(counts):
-        if n > n_max / 5:
-            groups["many"].append(c)
-        elif n < n_max / 25:
-            groups["few"].append(c)
-        else:
-            groups["medium"].append(c)
+        groups["many" if n > n_max / 5 else "few" if n < n_max / 25 else "medium"].append(c)
     return groups
 
 
-def _balanced_take(labels: np.ndarray, per_class: int | None, rng, exclude=None) -> np.ndarray:
+def _balanced_take(labels: np.ndarray, per_class: int | None, rng) -> np.ndarray:
+    """Sorted indices of ``per_class`` random examples of each class (``None``: all)."""
     chosen = []
     for c in np.unique(labels):
-        pool = np.flatnonzero(labels == c)
-        if exclude is not None:
-            pool = np.setdiff1d(pool, exclude, assume_unique=True)
-        pool = rng.permutation(pool)
+        pool = rng.permutation(np.flatnonzero(labels == c))
         chosen.append(pool if per_class is None else pool[:per_class])
     return np.sort(np.concatenate(chosen))
 
@@ -296,8 +229,8 @@ def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 
         # balanced 10% of the test split for model selection and score on the rest.
         per_class = max(1, len(test_idx) // (10 * num_classes))
         val_idx_test = _balanced_take(data.test_labels[test_idx], per_class, rng)
-        val_x_images = data.test_images[test_idx[val_idx_test]]
-        val_y = data.test_labels[test_idx[val_idx_test]]
+        held_out = test_idx[val_idx_test]
+        val_x_images, val_y = data.test_images[held_out], data.test_labels[held_out]
         test_idx = np.delete(test_idx, val_idx_test)
     else:
         val_x_images, val_y = data.train_images[val_idx], labels[val_idx]
@@ -319,26 +252,11 @@ def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 
 
 
 # --- losses ----------------------------------------------------------------------------------
-def class_balanced_weights(counts: list[int], beta: float = 0.9999) -> torch.Tensor:
-    """Class-balanced weights from the effective number of samples (Cui et al. 2019).
-
-    Args:
-        counts: per-class training counts (each at least 1).
-        beta: in ``[0, 1)``; ``w_c ∝ (1 − β) / (1 − β^{n_c})``.
-
-    Returns:
-        ``(C,)`` float32 weights with mean 1.
-
-    Raises:
-        ValueError: naming ``beta`` or ``counts`` when out of range.
-    """
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta: must be in [0, 1), got {beta}")
-    if not counts or min(counts) < 1:
-        raise ValueError(f"counts: every class needs at least one image, got {counts}")
-    n = torch.tensor(counts, dtype=torch.float64)
-    weights = (1.0 - beta) / (1.0 - beta**n)
-    return (weights / weights.mean()).float()
+def _check_counts(counts) -> torch.Tensor:
+    """``counts`` as float64, checked: one positive count per class."""
+    if counts is None or len(counts) == 0 or min(counts) < 1:
+        raise ValueError(f"counts: expected positive per-class training counts, got {counts}")
+    return torch.tensor(counts, dtype=torch.float64)
 
 
 class LDAMLoss(nn.Module):
@@ -353,21 +271,17 @@ class LDAMLoss(nn.Module):
 
     def __init__(self, counts: list[int], max_margin: float = 0.5, s: float = 1.0, weight=None):
         super().__init__()
-        if not max_margin > 0:
-            raise ValueError(f"max_margin: must be positive, got {max_margin}")
-        if not s > 0:
-            raise ValueError(f"s: must be positive, got {s}")
-        margins = torch.tensor(counts, dtype=torch.float64) ** -0.25
+        if not (max_margin > 0 and s > 0):
+            raise ValueError(f"max_margin, s: must be positive, got {max_margin}, {s}")
+        margins = _check_counts(counts) ** -0.25
         self.register_buffer("margins", (margins * (max_margin / margins.max())).float())
         self.register_buffer("weight", weight)
         self.s = s
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean LDAM loss of a batch."""
-        shifted = (
-            logits - nn.functional.one_hot(target, logits.shape[1]) * self.margins[target, None]
-        )
-        return nn.functional.cross_entropy(self.s * shifted, target, weight=self.weight)
+        margins = nn.functional.one_hot(target, logits.shape[1]) * self.margins[target, None]
+        return nn.functional.cross_entropy(self.s * (logits - margins), target, weight=self.weight)
 
 
 class LogitAdjustedLoss(nn.Module):
@@ -382,63 +296,49 @@ class LogitAdjustedLoss(nn.Module):
         super().__init__()
         if tau < 0:
             raise ValueError(f"tau: must be non-negative, got {tau}")
-        prior = torch.tensor(counts, dtype=torch.float64)
+        prior = _check_counts(counts)
         self.register_buffer("adjustment", (tau * torch.log(prior / prior.sum())).float())
-        self.register_buffer("weight", None)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean logit-adjusted loss of a batch."""
-        return nn.functional.cross_entropy(logits + self.adjustment, target, weight=self.weight)
+        return nn.functional.cross_entropy(logits + self.adjustment, target)
 
 
-def build_imbalanced_criterion(spec: LossSpec, counts: list[int]) -> tuple[nn.Module, bool]:
-    """Build the criterion of one loss name for these class counts.
+def _class_balanced_ce(counts: list[int], beta: float) -> nn.Module:
+    return nn.CrossEntropyLoss(weight=losses.class_balanced_weights(counts, beta))
 
-    Args:
-        spec: a parsed loss (families of :data:`EXTRA_FAMILIES` or the lab's own).
-        counts: per-class training counts.
 
-    Returns:
-        ``(criterion, drw)``: ``drw`` says whether class weights switch on late in training.
+def _counted_family(name: str, main: str, defaults: dict[str, float], make) -> Family:
+    """A family of float parameters whose criterion is ``make(class_counts, **params)``."""
 
-    Raises:
-        ValueError: for an unknown ``bonus_weight`` or parameters out of range.
-    """
-    family = spec.family.removesuffix("-drw")
-    drw = spec.family.endswith("-drw")
-    p = dict(spec.params)
-    if family == "cb-ce":
-        return nn.CrossEntropyLoss(weight=class_balanced_weights(counts, float(p["beta"]))), False
-    if family == "ldam":
-        return LDAMLoss(counts, float(p["max_margin"]), float(p["s"])), drw
-    if family == "la":
-        return LogitAdjustedLoss(counts, float(p["tau"])), drw
-    if family == "el":
-        bonus_weight = str(p.pop("bonus_weight", "none"))
-        if bonus_weight not in BONUS_WEIGHTS:
-            raise ValueError(
-                f"bonus_weight: expected one of {BONUS_WEIGHTS} in {spec.name!r}, "
-                f"got {bonus_weight!r}"
-            )
-        kwargs = {
-            k: p[k]
-            for k in ("log_end", "bonus_scale", "bonus", "bonus_start", "label_smoothing")
-            if k in p
-        }
-        unsupported = set(p) - set(kwargs)
-        if unsupported:
-            raise ValueError(f"losses: {spec.name!r}: {sorted(unsupported)} not supported here")
-        weights = class_balanced_weights(counts) if bonus_weight == "balanced" else None
-        return EncouragingLoss(bonus_weight=weights, **kwargs), drw
-    return build_criterion(LossSpec(spec.name, family, p)), drw
+    def build(spec: LossSpec, class_counts: list[int] | None) -> nn.Module:
+        return make(class_counts, **spec.params)
+
+    return Family(name, main, dict.fromkeys(defaults, float), defaults, build)
+
+
+# The lab's families plus this task's; ``FAMILY-drw`` builds as FAMILY, and
+# :meth:`ImbalancedTask.run_one` switches its class weights on late in training.
+LOSS_FAMILIES: dict[str, Family] = {
+    **FAMILIES,
+    "cb-ce": _counted_family("cb-ce", "beta", {"beta": 0.9999}, _class_balanced_ce),
+    "ldam": _counted_family("ldam", "max_margin", {"max_margin": 0.5, "s": 1.0}, LDAMLoss),
+    "la": _counted_family("la", "tau", {"tau": 1.0}, LogitAdjustedLoss),
+}
+LOSS_FAMILIES |= {f"{n}-drw": LOSS_FAMILIES[n].with_name(f"{n}-drw") for n in DRW_FAMILIES}
 
 
 def drw_hook(criterion: nn.Module, counts: list[int], start: float, device: torch.device):
     """Progress hook of deferred re-weighting: no class weights before ``start``, CB after.
 
     A pure function of progress, so resumed runs switch at the same step.
+
+    Raises:
+        ValueError: for ``start`` outside [0, 1], or counts that are not positive.
     """
-    weights = class_balanced_weights(counts).to(device)
+    if not 0.0 <= start <= 1.0:
+        raise ValueError(f"start: must be in [0, 1], got {start}")
+    weights = losses.class_balanced_weights(counts).to(device)
 
     def hook(progress: float) -> None:
         criterion.weight = weights if progress >= start else None
@@ -446,188 +346,21 @@ def drw_hook(criterion: nn.Module, counts: list[int], start: float, device: torc
     return hook
 
 
-# --- task ------------------------------------------------------------------------------------
-def resolve_recipe(options: runs.TaskOptions) -> Recipe:
-    """The preset's recipe with command-line overrides applied.
-
-    Raises:
-        ValueError: naming a bad option.
-    """
-    runs.check_common(options, PRESETS)
-    recipe = PRESETS[options.preset]
-    ratio = options.get("imbalance_ratio", recipe.imbalance_ratio)
-    n_max = options.get("n_max", recipe.n_max)
-    drw_start = options.get("drw_start", recipe.drw_start)
-    if not (math.isfinite(ratio) and ratio >= 1):
-        raise ValueError(f"imbalance_ratio: must be at least 1, got {ratio}")
-    if n_max < 1:
-        raise ValueError(f"n_max: must be at least 1, got {n_max}")
-    if not 0.0 <= drw_start <= 1.0:
-        raise ValueError(f"drw_start: must be in [0, 1], got {drw_start}")
-    test_per_class = recipe.test_per_class
-    if options.test_size is not None:
-        test_per_class = max(1, options.test_size // 10)
-    return replace(
-        recipe,
-        dataset=options.dataset or recipe.dataset,
-        model=options.model or recipe.model,
-        imbalance_ratio=float(ratio),
-        profile=options.get("profile", recipe.profile),
-        n_max=int(n_max),
-        drw_start=float(drw_start),
-        test_per_class=test_per_class,
-        train=runs.override_train(recipe.train, options),
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> tuple[dict | None, Path]:
-    """Entry point of ``encouraging-loss run imbalanced`` (see :func:`run_imbalanced`)."""
-    options = runs.TaskOptions.from_args(args)
-    return run_imbalanced(options), output_dir(options)
-
-
-def output_dir(options: runs.TaskOptions) -> Path:
-    """``--out`` or ``runs/imbalanced-<preset>``."""
-    return Path(options.out or f"runs/{TASK}-{options.preset}")
-
-
-def run_imbalanced(options: runs.TaskOptions) -> dict | None:
-    """Train every loss and seed on the long-tailed view and write the report.
-
-    Args:
-        options: parsed options.
-
-    Returns:
-        The results (``None`` on ranks other than 0 or after ``--stop-after-epochs``).
-
-    Raises:
-        ValueError: for bad options or loss names.
-        lab_data.DatasetNotFoundError: if the dataset is missing.
-    """
-    # --- configuration -------------------------------------------------------------------
-    specs = parse_loss_list(options.losses, EXTRA_FAMILIES)
-    recipe = resolve_recipe(options)
-    out_dir = output_dir(options)
-    runs.apply_threads(recipe.threads, options)
-    started = time.perf_counter()
-
-    # --- data ----------------------------------------------------------------------------
-    dataset = lab_data.load_dataset(recipe.dataset, options.data_root)
-    splits, counts = long_tailed_splits(dataset, recipe)
-    if options.train_size is not None:  # a smaller view with the same profile, for tests
-        keep = torch.arange(min(options.train_size, len(splits.train_y)))
-        splits = replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
-        counts = torch.bincount(splits.train_y, minlength=splits.num_classes).clamp_min(1).tolist()
-    groups = class_groups(counts)
-    config = runs.base_config(
-        options,
-        recipe.model,
-        recipe.train,
-        {
-            "source": str(dataset.source),
-            "profile": recipe.profile,
-            "imbalance_ratio": recipe.imbalance_ratio,
-            "n_max": recipe.n_max,
-            "train_counts": counts,
-            "n_train": len(splits.train_y),
-            "n_val": len(splits.val_y),
-            "n_test": len(splits.test_y),
-            "groups": groups,
-            "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
-        },
-    )
-    config.update(
-        losses=[s.name for s in specs],
-        drw_start=recipe.drw_start,
-        lr_by_loss={s.name: recipe.train.lr for s in specs},
-    )
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- one training run per loss and seed ----------------------------------------------
-    records = []
-    for spec in specs:
-        for seed in range(options.seeds):
-            record = runs.load_record(out_dir, spec.name, seed, options.resume)
-            if record is None:
-                record = _train_and_measure(spec, seed, recipe, splits, counts, out_dir, options)
-                if record == "interrupted":
-                    finish_distributed()
-                    return None
-            if record is not None:
-                records.append(record)
-    finish_distributed()
-
-    # --- report --------------------------------------------------------------------------
-    config["wall_seconds"] = time.perf_counter() - started
-    names = [s.name for s in specs]
-    results = {
-        "task": TASK,
-        "dataset": f"{recipe.dataset}-lt",
-        "config": config,
-        "runs": records,
-        "report": _report_spec(names, recipe, groups),
-    }
-    if rank() == 0:
-        report.write_report(out_dir, results)
-    return results if rank() == 0 else None
-
-
-def _train_and_measure(spec, seed, recipe, splits, counts, out_dir, options):
-    """Train one (loss, seed) run and measure it; ``"interrupted"`` after a deliberate stop."""
-    train_config = replace(recipe.train, seed=seed)
-    set_seed(seed, train_config.deterministic)
-    model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-    criterion, drw = build_imbalanced_criterion(spec, counts)
-    device = resolve_device(train_config.device)
-    criterion.to(device)  # class weights, margins and priors live next to the logits
-    outcome = train(
-        model,
-        criterion,
-        splits,
-        train_config,
-        progress_hook=drw_hook(criterion, counts, recipe.drw_start, device) if drw else None,
-        checkpoint_path=runs.checkpoint_path(out_dir, spec.name, seed),
-        resume=options.resume,
-        stop_after_epochs=options.stop_after_epochs,
-        progress=options.progress,
-        description=f"{spec.name} seed {seed}",
-    )
-    if outcome.interrupted:
-        return "interrupted"
-    if rank() != 0:
-        return None
-    metrics: dict = {
-        "diverged": outcome.diverged,
-        "best_epoch": outcome.best_epoch,
-        "val_accuracy": outcome.best_val_accuracy,
-    }
-    if not outcome.diverged:
-        metrics.update(_measure(model, splits, counts, recipe, train_config, out_dir, spec, seed))
-    record = {
-        "loss": spec.name,
-        "seed": seed,
-        "status": "diverged" if outcome.diverged else "ok",
-        "lr": train_config.lr,
-        "metrics": metrics,
-        "history": outcome.history,
-        "train_seconds": outcome.train_seconds,
-    }
-    runs.save_record(out_dir, record)
-    return record
-
-
 def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: dict) -> dict:
     """Accuracy over all test images and over the classes of each group.
 
     Args:
-        predictions: ``(N,)`` predicted classes.
-        labels: ``(N,)`` true classes.
+        predictions, labels: ``(N,)`` predicted and true classes.
         groups: output of :func:`class_groups`.
 
     Returns:
         ``test_accuracy`` and ``{many,medium,few}_accuracy`` (``None`` for an empty group).
+
+    Raises:
+        ValueError: if ``predictions`` and ``labels`` differ in shape.
     """
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions: shape {tuple(predictions.shape)} is not labels' shape")
     correct = (predictions == labels).float()
     out = {"test_accuracy": correct.mean().item()}
     for name, classes in groups.items():
@@ -636,61 +369,46 @@ def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: di
     return out
 
 
-def _measure(model, splits, counts, recipe, config, out_dir, spec, seed) -> dict:
+def _measure(model, splits, counts: list[int], recipe: Recipe, run: RunContext, config) -> dict:
     """Balanced test accuracy, per-group accuracy, per-class accuracy, cRT, margins."""
-    device = next(model.parameters()).device
-    groups = class_groups(counts)
+    device, batch = next(model.parameters()).device, config.eval_batch_size
     n_diag = min(recipe.diagnostics_train, len(splits.train_y))
-    train_features, _ = diagnostics.extract_features(
-        model, splits.train_x[:n_diag], config.eval_batch_size, device
-    )
-    test_features, test_logits = diagnostics.extract_features(
-        model, splits.test_x, config.eval_batch_size, device
-    )
+    train_x = splits.train_x[:n_diag]
+    train_features, _ = diagnostics.extract_features(model, train_x, batch, device)
+    test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
     predictions = test_logits.argmax(1)
-    metrics = group_accuracies(predictions, splits.test_y, groups)
+    metrics = group_accuracies(predictions, splits.test_y, class_groups(counts))
     for c in range(splits.num_classes):
         mask = splits.test_y == c
         metrics[f"class_accuracy/{c}"] = (predictions[mask] == c).float().mean().item()
     test = diagnostics.logit_diagnostics(test_logits, splits.test_y)
-    metrics.update(
-        test_nll=test["nll"],
-        margin_mean=test["margin_mean"],
-        energy_mean=test["energy_mean"],
-        ece=test["ece"],
-        crt_accuracy=diagnostics.classifier_retraining_accuracy(
-            train_features, splits.train_y[:n_diag], test_features, splits.test_y, seed=seed
-        ),
+    metrics["test_nll"] = test["nll"]
+    metrics.update((key, test[key]) for key in ("margin_mean", "energy_mean", "ece"))
+    metrics["crt_accuracy"] = diagnostics.classifier_retraining_accuracy(
+        train_features, splits.train_y[:n_diag], test_features, splits.test_y, seed=run.seed
     )
     energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    report.save_arrays(
-        out_dir,
-        spec.name,
-        seed,
-        margin=diagnostics.margins(test_logits, splits.test_y).numpy(),
-        energy=energy_free.numpy(),
-        energy_true=energy_true.numpy(),
-    )
+    margin = diagnostics.margins(test_logits, splits.test_y).numpy()
+    arrays = {"margin": margin, "energy": energy_free.numpy(), "energy_true": energy_true.numpy()}
+    io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
     return metrics
 
 
-def _report_spec(losses: list[str], recipe: Recipe, groups: dict) -> dict:
+def _report_spec(names: list[str], recipe: Recipe, groups: dict) -> dict:
     """Table, comparisons and the paper's direction for the report."""
-    comparisons = [[loss, "ce"] for loss in losses if loss != "ce"]
-    el_losses = [loss for loss in losses if loss.startswith("el")]
-    claim_pairs = [[loss, "ce"] for loss in el_losses]
-    if "ce-drw" in losses:
-        claim_pairs += [[loss, "ce-drw"] for loss in el_losses if loss.startswith("el-drw")]
-        comparisons += [[loss, "ce-drw"] for loss in el_losses if loss.startswith("el-drw")]
+    comparisons = [[name, "ce"] for name in names if name != "ce"]
+    el_names = [name for name in names if name.startswith("el")]
+    claim_pairs = [[name, "ce"] for name in el_names]
+    if "ce-drw" in names:  # EL with DRW is also compared with CE with DRW
+        drw_pairs = [[name, "ce-drw"] for name in el_names if name.startswith("el-drw")]
+        claim_pairs, comparisons = claim_pairs + drw_pairs, comparisons + drw_pairs
     sizes = {name: len(classes) for name, classes in groups.items()}
     return {
         "title": f"imbalanced: long-tailed {recipe.dataset} ({recipe.profile}, ratio "
         f"{recipe.imbalance_ratio:g}, largest class {recipe.n_max})",
         "table": [
             ["test_accuracy", "test acc", True],
-            ["many_accuracy", "many", True],
-            ["medium_accuracy", "medium", True],
-            ["few_accuracy", "few", True],
+            *([f"{group}_accuracy", group, True] for group in groups),
             ["crt_accuracy", "cRT acc", True],
             ["margin_mean", "margin", True],
             ["ece", "ECE", False],
@@ -716,3 +434,86 @@ def _report_spec(losses: list[str], recipe: Recipe, groups: dict) -> dict:
         ],
         "curves": [],
     }
+
+
+# --- task ------------------------------------------------------------------------------------
+class ImbalancedTask(Task):
+    """Long-tailed classification: re-weighting, DRW, LDAM, logit adjustment and EL variants."""
+
+    name = "imbalanced"
+    summary = "imbalanced classification: long-tailed Fashion-MNIST, MNIST or CIFAR-10"
+    datasets = ("fashion-mnist", "mnist", "cifar10")
+    models = MODELS
+    loss_families = LOSS_FAMILIES
+
+    def add_arguments(self, group) -> None:
+        group.description = f"long-tailed data; losses e.g. {SUGGESTED_LOSSES}"
+        add = group.add_argument
+        add("--imbalance-ratio", type=float, metavar="R", help="largest / smallest class (100)")
+        add("--profile", choices=PROFILES, help="long-tail profile (default exp)")
+        add("--n-max", type=int, metavar="N", help="images of the largest class")
+        add("--drw-start", type=float, metavar="F", help="when *-drw losses re-weight (0.8)")
+
+    def describe_presets(self) -> str:
+        return "\n".join(
+            f"{name}: {r.dataset}-LT {r.model}, n_max {r.n_max}, ratio {r.imbalance_ratio:g} "
+            f"({r.profile}), {r.train.epochs} epochs, {r.train.optimizer} lr {r.train.lr:g} "
+            f"({r.train.schedule}), DRW at {r.drw_start:g}"
+            for name, r in PRESETS.items()
+        )
+
+    def prepare(self, options: Options) -> Prepared:
+        recipe = resolve_recipe(options)
+        threads = options.apply_threads(recipe.threads)
+        dataset = lab_data.load_dataset(recipe.dataset, options.data_root)
+        splits, counts = long_tailed_splits(dataset, recipe)
+        if options.train_size is not None:  # a smaller view with the same profile, for tests
+            keep = torch.arange(min(options.train_size, len(splits.train_y)))
+            splits = replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
+            counts = torch.bincount(splits.train_y, minlength=splits.num_classes)
+            counts = counts.clamp_min(1).tolist()
+        groups = class_groups(counts)
+        config = {
+            "preset": options.preset,
+            "model": recipe.model,
+            "train": asdict(recipe.train),
+            "data": {
+                "source": str(dataset.source),
+                "profile": recipe.profile,
+                "imbalance_ratio": recipe.imbalance_ratio,
+                "n_max": recipe.n_max,
+                "train_counts": counts,
+                "n_train": len(splits.train_y),
+                "n_val": len(splits.val_y),
+                "n_test": len(splits.test_y),
+                "groups": groups,
+                "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
+            },
+            "drw_start": recipe.drw_start,
+        }
+        out_name, state = f"{self.name}-{options.preset}", (recipe, splits, groups)
+        return Prepared(f"{recipe.dataset}-lt", out_name, config, state, threads, counts)
+
+    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
+        recipe, splits, _ = prepared.state
+        counts = prepared.class_counts
+        config = replace(recipe.train, seed=seed)
+        set_seed(seed, config.deterministic)
+        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
+        criterion = build_criterion(spec, counts, self.loss_families)
+        device = resolve_device(config.device)
+        criterion.to(device)  # class weights, margins and priors live next to the logits
+        drw = spec.family.endswith("-drw")
+        hook = drw_hook(criterion, counts, recipe.drw_start, device) if drw else None
+        outcome = run.train(model, criterion, splits, config, progress_hook=hook)
+        result = RunResult(outcome, config.lr)
+        if not outcome.diverged:
+            result.metrics = _measure(model, splits, counts, recipe, run, config)
+        return result
+
+    def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
+        recipe, _, groups = prepared.state
+        return _report_spec([s.name for s in specs], recipe, groups)
+
+
+TASK = ImbalancedTask()
