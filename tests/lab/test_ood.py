@@ -7,10 +7,21 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from encouraging_loss.lab.cli import main
+from encouraging_loss.lab.experiment import Options, run_experiment
 from encouraging_loss.lab.tasks import ood as task
 
-from .helpers import SHARED_DATA, load_results, shared_dataset
+from .helpers import SHARED_DATA, load_results, shared_dataset, torch_globals_restored
+
+
+def _run(out, **settings) -> dict:
+    """``run ood`` on staged MNIST (``settings``: :class:`Options` fields)."""
+    shared_dataset("mnist")
+    settings.setdefault("jobs", 1)  # the runner's parallel workers are tested in test_cli
+    options = Options(
+        task="ood", data_root=str(SHARED_DATA), out=str(out), progress=False, **settings
+    )
+    with torch_globals_restored():
+        return run_experiment(options)
 
 
 def test_metrics_on_a_fixed_toy_case():
@@ -33,6 +44,10 @@ def test_metrics_validate_inputs():
         task.ood_metrics(np.array([]), np.array([0.1]))
     with pytest.raises(ValueError, match="finite"):
         task.ood_metrics(np.array([np.nan]), np.array([0.1]))
+    with pytest.raises(ValueError, match="logits"):
+        task.scores_from_logits(torch.zeros(3))
+    with pytest.raises(ValueError, match="temperature"):
+        task.odin_scores(torch.nn.Linear(2, 2), torch.zeros(1, 2), 0.0, 0.1, 8, "cpu")
 
 
 def test_scores_from_logits():
@@ -43,36 +58,36 @@ def test_scores_from_logits():
     assert scores["msp"][1] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"extra": {"ood_scores": "msp,mahalanobis"}}, "ood_scores"),
+        ({"extra": {"ood_sets": " , "}}, "ood_sets"),
+        ({"dataset": "cifar10"}, "dataset"),
+        ({"model": "vit"}, "model"),
+    ],
+)
+def test_bad_options_name_the_option(settings, match):
+    with pytest.raises(ValueError, match=match):
+        task.resolve_recipe(Options(task="ood", preset="quick", **settings))
+
+
+def test_presets_resolve_to_their_recipes():
+    quick = task.resolve_recipe(Options(task="ood", preset="quick"))
+    assert quick.scores == ("msp", "max_logit", "energy") and quick.max_test == 2000
+    assert (quick.train.epochs, quick.train.batch_size, quick.threads) == (5, 64, 1)
+    full = task.resolve_recipe(Options(task="ood", preset="full", test_size=50))
+    assert full.scores == task.SCORES and full.model == "cnn" and full.threads is None
+    assert full.max_test == 50 and full.train.device == "auto"
+
+
 @pytest.fixture(scope="module")
 def tiny_ood(tmp_path_factory):
-    shared_dataset("mnist")
     shared_dataset("fashion-mnist")
     notmnist = shared_dataset("notmnist")
     out = tmp_path_factory.mktemp("ood") / "out"
-    argv = [
-        "run",
-        "ood",
-        "--losses",
-        "ce,el",
-        "--seeds",
-        "2",
-        "--train-size",
-        "500",
-        "--test-size",
-        "200",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--ood-sets",
-        f"fashion-mnist,{notmnist}",
-        "--ood-scores",
-        "msp,max_logit,energy,odin",
-        "--data-root",
-        str(SHARED_DATA),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
+    extra = {"ood_sets": f"fashion-mnist,{notmnist}", "ood_scores": "msp,max_logit,energy,odin"}
+    _run(out, losses="ce,el", seeds=2, train_size=500, test_size=200, epochs=2, extra=extra)
     return out
 
 
@@ -93,20 +108,7 @@ def test_tiny_run_files_and_metric_names(tiny_ood):
     )
 
 
-def test_unknown_ood_set_is_a_usage_error(capsys):
-    shared_dataset("mnist")
-    argv = [
-        "run",
-        "ood",
-        "--ood-sets",
-        "nowhere",
-        "--data-root",
-        str(SHARED_DATA),
-        "--train-size",
-        "100",
-        "--epochs",
-        "1",
-        "--no-progress",
-    ]
-    assert main(argv) == 2
-    assert "ood_sets" in capsys.readouterr().err
+def test_unknown_ood_set_fails_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="ood_sets"):
+        _run(tmp_path, train_size=100, epochs=1, extra={"ood_sets": "nowhere"})
+    assert not (tmp_path / "runs").exists()

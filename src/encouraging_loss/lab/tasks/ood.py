@@ -1,8 +1,7 @@
 """Out-of-distribution detection: train on MNIST, tell its test images from other idx sets.
 
-Reads top-down: presets → data (in-distribution splits, out-of-distribution test sets) → for
-each loss and seed: model → train → scores (MSP, max logit, energy, optional ODIN) → metrics
-(scikit-learn AUROC, AUPR-in, AUPR-out, FPR at 95% TPR) → report.
+Reads top-down: presets → data (in-distribution splits, OOD test sets) → scores (MSP, max logit,
+energy, ODIN) and their scikit-learn metrics → one (loss, seed) run: train → measure → report.
 
 Every score is "higher = more in-distribution"; in-distribution is the positive class for
 AUROC, AUPR-in and FPR95 (the share of OOD images above the threshold that keeps 95% of the
@@ -12,9 +11,8 @@ Metrics are named ``ood/<set>/<score>/<metric>``, e.g. ``ood/fashion-mnist/energ
 
 from __future__ import annotations
 
-import argparse
-import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +20,14 @@ import torch
 from torch import nn
 
 from .. import data as lab_data
-from .. import diagnostics, report, runs
-from ..losses import build_bonus_schedule, build_criterion, parse_loss_list
-from ..models import build_model
-from ..trainer import TrainConfig, finish_distributed, rank, resolve_device, set_seed, train
+from .. import diagnostics
+from ..experiment import Options, Prepared, RunContext, RunResult
+from ..losses import LossSpec, build_criterion
+from ..models import MODELS, build_model
+from ..trainer import TrainConfig, set_seed
+from . import Task
 
-TASK = "ood"
 SCORES = ("msp", "max_logit", "energy", "odin")
-OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 
 # --- presets ---------------------------------------------------------------------------------
@@ -38,131 +36,101 @@ class Recipe:
     """How one preset trains the in-distribution classifier and scores OOD sets.
 
     Attributes:
-        dataset: in-distribution dataset.
-        ood_sets: out-of-distribution sets (dataset names or folders of idx files).
+        train, model: how it trains (optimiser, schedule), and the architecture.
+        dataset, ood_sets: the in-distribution dataset; OOD sets (dataset names or idx folders).
         scores: scores to evaluate, from :data:`SCORES`.
-        model: ``mlp``, ``cnn`` or ``resnet18``.
         max_train: in-distribution training images (validation included); ``None`` = all.
         max_test: in-distribution test images and images per OOD set; ``None`` = all.
-        odin_temperature: ODIN's softmax temperature.
-        odin_epsilon: ODIN's input-perturbation size (in standardised input units).
-        train: optimiser/schedule settings.
+        odin_temperature, odin_epsilon: ODIN's temperature and input step (standardised units).
         val_fraction: share of the training images held out for model selection.
         threads: CPU threads (``None`` = torch's default).
     """
 
-    dataset: str
-    ood_sets: tuple[str, ...]
-    scores: tuple[str, ...]
-    model: str
-    max_train: int | None
-    max_test: int | None
     train: TrainConfig
+    scores: tuple[str, ...] = SCORES
+    dataset: str = "mnist"
+    ood_sets: tuple[str, ...] = ("fashion-mnist", "notmnist")
+    model: str = "mlp"
+    max_train: int | None = None  # quick: the 10,000 MNIST training images staged offline
+    max_test: int | None = None
     odin_temperature: float = 1000.0
     odin_epsilon: float = 0.0014
     val_fraction: float = 0.1
-    threads: int | None = 1
+    threads: int | None = 1  # None for the GPU preset (full)
 
 
+_sgd = partial(TrainConfig, optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine")
 PRESETS: dict[str, Recipe] = {
-    "quick": Recipe(
-        dataset="mnist",
-        ood_sets=("fashion-mnist", "notmnist"),
-        scores=("msp", "max_logit", "energy"),
-        model="mlp",
-        max_train=None,  # the 10,000 MNIST training images staged offline
-        max_test=2000,
-        train=TrainConfig(
-            epochs=5, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine"
-        ),
-    ),
-    "standard": Recipe(
-        dataset="mnist",
-        ood_sets=("fashion-mnist", "notmnist"),
-        scores=("msp", "max_logit", "energy", "odin"),
-        model="mlp",
-        max_train=None,
-        max_test=None,
-        train=TrainConfig(
-            epochs=10,
-            batch_size=128,
-            optimizer="sgd",
-            lr=0.05,
-            weight_decay=5e-4,
-            schedule="cosine",
-        ),
-    ),
-    "full": Recipe(
-        dataset="mnist",
-        ood_sets=("fashion-mnist", "notmnist"),
-        scores=("msp", "max_logit", "energy", "odin"),
-        model="cnn",
-        max_train=None,
-        max_test=None,
-        threads=None,
-        train=TrainConfig(
-            epochs=30,
-            batch_size=128,
-            optimizer="sgd",
-            lr=0.05,
-            weight_decay=5e-4,
-            schedule="cosine",
-            device="auto",
-        ),
-    ),
+    "quick": Recipe(_sgd(epochs=5, batch_size=64), scores=SCORES[:3], max_test=2000),
+    "standard": Recipe(_sgd(epochs=10, batch_size=128)),
+    "full": Recipe(_sgd(epochs=30, batch_size=128, device="auto"), model="cnn", threads=None),
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add this task's options to the ``run`` parser."""
-    group = parser.add_argument_group("ood task", "in-distribution --dataset (default mnist)")
-    group.add_argument(
-        "--ood-sets",
-        metavar="SETS",
-        help="comma-separated OOD test sets: dataset names under --data-root (fashion-mnist, "
-        "notmnist, mnist) or folders holding t10k idx files. Default fashion-mnist,notmnist",
-    )
-    group.add_argument(
-        "--ood-scores",
-        metavar="SCORES",
-        help=f"comma-separated scores from {', '.join(SCORES)}. Default msp,max_logit,energy "
-        "(quick) or all four",
-    )
+def resolve_recipe(options: Options) -> Recipe:
+    """The preset's recipe with the command-line overrides applied.
+
+    Raises:
+        ValueError: naming a bad option.
+    """
+    options.validate(PRESETS)
+    recipe = PRESETS[options.preset]
+
+    def listed(key: str, default: tuple[str, ...]) -> tuple[str, ...]:  # comma-separated option
+        return tuple(s.strip() for s in options.get(key, ",".join(default)).split(",") if s.strip())
+
+    ood_sets, scores = listed("ood_sets", recipe.ood_sets), listed("ood_scores", recipe.scores)
+    if not ood_sets:
+        raise ValueError("ood_sets: name at least one set")
+    unknown = [s for s in scores if s not in SCORES]
+    if unknown or not scores:
+        raise ValueError(f"ood_scores: unknown {unknown}; known: {', '.join(SCORES)}")
+    overrides = {"dataset": options.dataset, "model": options.model, "max_test": options.test_size}
+    overrides["max_train"] = options.train_size
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if recipe.dataset not in OodTask.datasets:
+        raise ValueError(f"dataset: OOD takes mnist or fashion-mnist, got {recipe.dataset!r}")
+    if recipe.model not in MODELS:
+        raise ValueError(f"model: unknown model {recipe.model!r}; known: {', '.join(MODELS)}")
+    train = options.train_config(recipe.train)
+    return replace(recipe, ood_sets=ood_sets, scores=scores, train=train)
 
 
 # --- data ------------------------------------------------------------------------------------
-def load_ood_set(name: str, data_root, max_test: int | None, seed: int = 0):
-    """Test images of one OOD set, as uint8 images.
+def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Splits, seed=0):
+    """Test images of one OOD set, standardised as the in-distribution ``splits`` are.
 
     Args:
-        name: an idx dataset name under the data root, or a folder holding
+        name, data_root: an idx dataset name under the data root, or a folder holding
             ``t10k-images-idx3-ubyte[.gz]``.
-        data_root: the data root.
         max_test: keep a seeded random subset of this many images (``None`` = all).
+        splits: the in-distribution splits (their input shape, mean and std).
         seed: seed of the subset.
 
     Returns:
-        ``(label, images)``: the name used in metric names and ``(N, H, W)`` uint8 images.
+        ``(label, x)``: the name used in metric names and ``(N, C, H, W)`` float inputs.
 
     Raises:
-        ValueError: naming ``ood_sets`` for an unknown name or a non-idx dataset.
+        ValueError: naming ``ood_sets`` for an unknown name, a non-idx dataset or images of
+            another shape than the splits', or ``max_test`` if it is below 1.
     """
-    if name in lab_data.IDX_DATASETS:
-        folder = lab_data.find_dataset(name, data_root)
-        label = name
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-        label = folder.name
-    else:
+    if max_test is not None and max_test < 1:
+        raise ValueError(f"max_test: must be at least 1 or None, got {max_test}")
+    known = name in lab_data.IDX_DATASETS
+    folder = lab_data.find_dataset(name, data_root) if known else Path(name).expanduser()
+    if not (known or folder.is_dir()):
         raise ValueError(
             f"ood_sets: {name!r} is neither an idx dataset ({', '.join(lab_data.IDX_DATASETS)}) "
             "nor a folder of idx files"
         )
+    label = name if known else folder.name
     images = np.array(lab_data.load_idx_dataset(label, folder).test_images)  # a writable copy
     if max_test is not None and max_test < len(images):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:max_test])
-        images = images[keep]
-    return label, images
+        images = images[np.sort(np.random.default_rng(seed).permutation(len(images))[:max_test])]
+    x = lab_data.to_tensor(images)
+    if (shape := tuple(x.shape[1:])) != splits.input_shape:
+        raise ValueError(f"ood_sets: {name!r} images are {shape}, not {splits.input_shape}")
+    return label, (x - splits.mean) / splits.std
 
 
 # --- scores and metrics ----------------------------------------------------------------------
@@ -174,7 +142,12 @@ def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
 
     Returns:
         ``{"msp", "max_logit", "energy"}`` float64 arrays.
+
+    Raises:
+        ValueError: if ``logits`` is not a 2-D tensor.
     """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits: expected an (N, C) tensor, got {getattr(logits, 'shape', '?')}")
     logits = logits.double()
     return {
         "msp": logits.softmax(1).max(1).values.numpy(),
@@ -184,28 +157,24 @@ def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def odin_scores(
-    model: nn.Module,
-    x: torch.Tensor,
-    temperature: float,
-    epsilon: float,
-    batch_size: int,
-    device: torch.device,
+    model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float, batch_size: int, device
 ) -> np.ndarray:
     """ODIN (Liang et al. 2018): MSP at temperature T after a small input step towards it.
 
     Args:
-        model: the classifier.
-        x: inputs (standardised as the model expects).
-        temperature: softmax temperature, positive.
-        epsilon: size of the input step (sign of the gradient), non-negative.
-        batch_size: batch size.
-        device: where to run.
+        model, x: the classifier, and its inputs (standardised as it expects).
+        temperature, epsilon: softmax temperature (> 0), size of the input step (≥ 0).
+        batch_size, device: batch size (≥ 1), and where to run (``torch.device`` or its name).
 
     Returns:
         ``(N,)`` scores, higher = more in-distribution.
+
+    Raises:
+        ValueError: naming ``temperature``, ``epsilon`` and ``batch_size`` if one is out of range.
     """
-    if not temperature > 0 or epsilon < 0:
-        raise ValueError(f"temperature/epsilon: need T > 0 and ε ≥ 0, got {temperature}/{epsilon}")
+    if not (temperature > 0 and epsilon >= 0 and batch_size >= 1):
+        got = f"{temperature}/{epsilon}/{batch_size}"
+        raise ValueError(f"temperature/epsilon/batch_size: need > 0, ≥ 0, ≥ 1, got {got}")
     was_training = model.training
     model.eval()
     out = []
@@ -252,200 +221,25 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-# --- task ------------------------------------------------------------------------------------
-def resolve_recipe(options: runs.TaskOptions) -> Recipe:
-    """The preset's recipe with command-line overrides applied.
-
-    Raises:
-        ValueError: naming a bad option.
-    """
-    runs.check_common(options, PRESETS)
-    recipe = PRESETS[options.preset]
-    ood_sets = recipe.ood_sets
-    if options.get("ood_sets"):
-        ood_sets = tuple(s.strip() for s in options.get("ood_sets").split(",") if s.strip())
-        if not ood_sets:
-            raise ValueError("ood_sets: name at least one set")
-    scores = recipe.scores
-    if options.get("ood_scores"):
-        scores = tuple(s.strip() for s in options.get("ood_scores").split(",") if s.strip())
-        unknown = [s for s in scores if s not in SCORES]
-        if unknown or not scores:
-            raise ValueError(f"ood_scores: unknown {unknown}; known: {', '.join(SCORES)}")
-    dataset = options.dataset or recipe.dataset
-    if dataset == "cifar10":
-        raise ValueError("dataset: the OOD task needs a 28x28 idx set (mnist or fashion-mnist)")
-    return replace(
-        recipe,
-        dataset=dataset,
-        ood_sets=ood_sets,
-        scores=scores,
-        model=options.model or recipe.model,
-        max_train=options.train_size if options.train_size is not None else recipe.max_train,
-        max_test=options.test_size if options.test_size is not None else recipe.max_test,
-        train=runs.override_train(recipe.train, options),
-    )
-
-
-def output_dir(options: runs.TaskOptions) -> Path:
-    """``--out`` or ``runs/ood-<preset>``."""
-    return Path(options.out or f"runs/{TASK}-{options.preset}")
-
-
-def run_from_args(args: argparse.Namespace) -> tuple[dict | None, Path]:
-    """Entry point of ``encouraging-loss run ood`` (see :func:`run_ood`)."""
-    options = runs.TaskOptions.from_args(args)
-    return run_ood(options), output_dir(options)
-
-
-def run_ood(options: runs.TaskOptions) -> dict | None:
-    """Train every loss and seed on the in-distribution set, score OOD sets, write the report.
-
-    Args:
-        options: parsed options.
-
-    Returns:
-        The results (``None`` on ranks other than 0 or after ``--stop-after-epochs``).
-
-    Raises:
-        ValueError: for bad options, loss names or OOD sets.
-        lab_data.DatasetNotFoundError: if a dataset is missing.
-    """
-    # --- configuration -------------------------------------------------------------------
-    specs = parse_loss_list(options.losses)
-    recipe = resolve_recipe(options)
-    out_dir = output_dir(options)
-    runs.apply_threads(recipe.threads, options)
-    started = time.perf_counter()
-
-    # --- data ----------------------------------------------------------------------------
-    dataset = lab_data.load_dataset(
-        recipe.dataset, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
-    )
-    splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
-    ood_x: dict[str, torch.Tensor] = {}
-    for name in recipe.ood_sets:
-        label, images = load_ood_set(name, options.data_root, recipe.max_test)
-        x = lab_data.to_tensor(images)
-        if tuple(x.shape[1:]) != splits.input_shape:
-            raise ValueError(
-                f"ood_sets: {name!r} images are {tuple(x.shape[1:])}, the in-distribution "
-                f"set's are {splits.input_shape}"
-            )
-        ood_x[label] = (x - splits.mean) / splits.std  # the in-distribution standardisation
-    config = runs.base_config(
-        options,
-        recipe.model,
-        recipe.train,
-        {
-            "source": str(dataset.source),
-            "n_train": len(splits.train_y),
-            "n_val": len(splits.val_y),
-            "n_test": len(splits.test_y),
-            "ood_sets": {name: len(x) for name, x in ood_x.items()},
-        },
-    )
-    config.update(
-        losses=[s.name for s in specs],
-        scores=list(recipe.scores),
-        odin={"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon},
-        lr_by_loss={s.name: recipe.train.lr for s in specs},
-    )
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- one training run per loss and seed ----------------------------------------------
-    records = []
-    for spec in specs:
-        for seed in range(options.seeds):
-            record = runs.load_record(out_dir, spec.name, seed, options.resume)
-            if record is None:
-                record = _train_and_measure(spec, seed, recipe, splits, ood_x, out_dir, options)
-                if record == "interrupted":
-                    finish_distributed()
-                    return None
-            if record is not None:
-                records.append(record)
-    finish_distributed()
-
-    # --- report --------------------------------------------------------------------------
-    config["wall_seconds"] = time.perf_counter() - started
-    results = {
-        "task": TASK,
-        "dataset": recipe.dataset,
-        "config": config,
-        "runs": records,
-        "report": _report_spec([s.name for s in specs], recipe, list(ood_x)),
-    }
-    if rank() == 0:
-        report.write_report(out_dir, results)
-    return results if rank() == 0 else None
-
-
-def _train_and_measure(spec, seed, recipe, splits, ood_x, out_dir, options):
-    """Train one (loss, seed) run and score it; ``"interrupted"`` after a deliberate stop."""
-    train_config = replace(recipe.train, seed=seed)
-    set_seed(seed, train_config.deterministic)
-    model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-    outcome = train(
-        model,
-        build_criterion(spec),
-        splits,
-        train_config,
-        bonus_schedule=build_bonus_schedule(spec),
-        checkpoint_path=runs.checkpoint_path(out_dir, spec.name, seed),
-        resume=options.resume,
-        stop_after_epochs=options.stop_after_epochs,
-        progress=options.progress,
-        description=f"{spec.name} seed {seed}",
-    )
-    if outcome.interrupted:
-        return "interrupted"
-    if rank() != 0:
-        return None
-    metrics: dict = {
-        "diverged": outcome.diverged,
-        "best_epoch": outcome.best_epoch,
-        "val_accuracy": outcome.best_val_accuracy,
-    }
-    if not outcome.diverged:
-        metrics.update(_measure(model, splits, ood_x, recipe, train_config))
-    record = {
-        "loss": spec.name,
-        "seed": seed,
-        "status": "diverged" if outcome.diverged else "ok",
-        "lr": train_config.lr,
-        "metrics": metrics,
-        "history": outcome.history,
-        "train_seconds": outcome.train_seconds,
-    }
-    runs.save_record(out_dir, record)
-    return record
-
-
-def _all_scores(model, x, recipe, config, device) -> tuple[dict[str, np.ndarray], torch.Tensor]:
-    """Every requested score of ``x`` and its logits."""
-    _, logits = diagnostics.extract_features(model, x, config.eval_batch_size, device)
-    scores = scores_from_logits(logits)
-    if "odin" in recipe.scores:
-        scores["odin"] = odin_scores(
-            model, x, recipe.odin_temperature, recipe.odin_epsilon, config.eval_batch_size, device
-        )
-    return {name: scores[name] for name in recipe.scores}, logits
-
-
-def _measure(model, splits, ood_x, recipe, config) -> dict:
+# --- one run: train → measure → report spec --------------------------------------------------
+def _measure(model, splits, ood_x: dict, recipe: Recipe, config: TrainConfig) -> dict:
     """Test accuracy and energy of the in-distribution set, then every OOD metric."""
-    device = resolve_device(config.device)
-    id_scores, id_logits = _all_scores(model, splits.test_x, recipe, config, device)
+    device, batch = next(model.parameters()).device, config.eval_batch_size
+    temperature, epsilon = recipe.odin_temperature, recipe.odin_epsilon
+
+    def all_scores(x: torch.Tensor) -> tuple[dict, torch.Tensor]:  # and the logits
+        _, logits = diagnostics.extract_features(model, x, batch, device)
+        scores = scores_from_logits(logits)
+        if "odin" in recipe.scores:
+            scores["odin"] = odin_scores(model, x, temperature, epsilon, batch, device)
+        return {name: scores[name] for name in recipe.scores}, logits
+
+    id_scores, id_logits = all_scores(splits.test_x)
     test = diagnostics.logit_diagnostics(id_logits, splits.test_y)
-    metrics = {
-        "test_accuracy": test["accuracy"],
-        "margin_mean": test["margin_mean"],
-        "energy_mean": test["energy_mean"],
-    }
+    metrics = {"test_accuracy": test["accuracy"]}
+    metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
     for name, x in ood_x.items():
-        scores, logits = _all_scores(model, x, recipe, config, device)
+        scores, logits = all_scores(x)
         metrics[f"ood/{name}/energy_mean"] = (-torch.logsumexp(logits.double(), 1)).mean().item()
         for score in recipe.scores:
             for metric, value in ood_metrics(id_scores[score], scores[score]).items():
@@ -455,24 +249,14 @@ def _measure(model, splits, ood_x, recipe, config) -> dict:
 
 def _report_spec(losses: list[str], recipe: Recipe, sets: list[str]) -> dict:
     """Table, comparisons and the paper's direction for the report."""
-    table = [["test_accuracy", "test acc", True]]
+    first = recipe.scores[0]
+    tested = "energy" if "energy" in recipe.scores else first
+    table, claims = [["test_accuracy", "test acc", True]], []
     for name in sets:
-        for score in recipe.scores:
-            table.append([f"ood/{name}/{score}/auroc", f"{name} {score} AUROC", True])
-        table.append(
-            [f"ood/{name}/{recipe.scores[0]}/fpr95", f"{name} {recipe.scores[0]} FPR95", False]
-        )
-    claims = []
-    key_score = "energy" if "energy" in recipe.scores else recipe.scores[0]
-    for name in sets:
-        claims.append(
-            [
-                f"OOD detection better ({name})",
-                f"ood/{name}/{key_score}/auroc",
-                +1,
-                f"{key_score} AUROC against {name} is higher",
-            ]
-        )
+        table += [[f"ood/{name}/{s}/auroc", f"{name} {s} AUROC", True] for s in recipe.scores]
+        table.append([f"ood/{name}/{first}/fpr95", f"{name} {first} FPR95", False])
+        wording = f"{tested} AUROC against {name} is higher"
+        claims.append([f"OOD detection better ({name})", f"ood/{name}/{tested}/auroc", +1, wording])
     return {
         "title": f"ood: {recipe.dataset} against {', '.join(sets)}",
         "table": table,
@@ -488,9 +272,69 @@ def _report_spec(losses: list[str], recipe: Recipe, sets: list[str]) -> dict:
             "(lower is better). All metrics per set and score are in results.csv as "
             "ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}.",
             "The paper's argument: EL lowers the energy of in-distribution examples, so the "
-            f"energy score should separate them better; the direction line tests {key_score} "
+            f"energy score should separate them better; the direction line tests {tested} "
             "AUROC.",
         ],
         "plots": [["accuracy curves", "accuracy_curves.png"]],
         "curves": [],
     }
+
+
+class OodTask(Task):
+    """OOD detection of a classifier trained on MNIST, against other idx test sets."""
+
+    name = "ood"
+    summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
+    datasets = ("mnist", "fashion-mnist")
+    models = MODELS
+
+    def add_arguments(self, group) -> None:
+        group.description = "in-distribution --dataset (default mnist)"
+        sets = "comma-separated OOD test sets: dataset names under --data-root (fashion-mnist, "
+        sets += "notmnist, mnist) or folders of t10k idx files. Default fashion-mnist,notmnist"
+        scores = f"comma-separated scores from {', '.join(SCORES)}. Default msp,max_logit,energy"
+        group.add_argument("--ood-sets", metavar="SETS", help=sets)
+        group.add_argument("--ood-scores", metavar="SCORES", help=scores + " (quick) or all four")
+
+    def describe_presets(self) -> str:
+        return "\n".join(
+            f"{name}: {r.model}, {r.train.epochs} epochs, batch {r.train.batch_size}, lr "
+            f"{r.train.lr:g}, test {r.max_test or 'all'} per set; scores {','.join(r.scores)}"
+            for name, r in PRESETS.items()
+        )
+
+    def prepare(self, options: Options) -> Prepared:
+        recipe = resolve_recipe(options)
+        threads = options.apply_threads(recipe.threads)
+        dataset = lab_data.load_dataset(
+            recipe.dataset, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
+        )
+        splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
+        ood_x = dict(
+            load_ood_set(name, options.data_root, recipe.max_test, splits)
+            for name in recipe.ood_sets
+        )
+        data = {"source": str(dataset.source)}
+        data.update((f"n_{p}", len(getattr(splits, f"{p}_y"))) for p in ("train", "val", "test"))
+        data["ood_sets"] = {name: len(x) for name, x in ood_x.items()}
+        config = {"preset": options.preset, "model": recipe.model, "train": asdict(recipe.train)}
+        config.update(data=data, scores=list(recipe.scores))
+        config["odin"] = {"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon}
+        out_name = f"{self.name}-{options.preset}"
+        return Prepared(recipe.dataset, out_name, config, (recipe, splits, ood_x), threads)
+
+    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
+        recipe, splits, ood_x = prepared.state
+        config = replace(recipe.train, seed=seed)
+        set_seed(seed, config.deterministic)
+        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
+        outcome = run.train(model, build_criterion(spec), splits, config)
+        metrics = {} if outcome.diverged else _measure(model, splits, ood_x, recipe, config)
+        return RunResult(outcome, config.lr, metrics)
+
+    def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
+        recipe, _, ood_x = prepared.state
+        return _report_spec([s.name for s in specs], recipe, list(ood_x))
+
+
+TASK = OodTask()
