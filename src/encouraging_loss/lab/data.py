@@ -442,6 +442,25 @@ def make_splits(data: ImageDataset, val_fraction: float = 0.1, split_seed: int =
     )
 
 
+def load_splits(
+    name: str,
+    data_root: str | os.PathLike | None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    val_fraction: float = 0.1,
+) -> tuple[ImageDataset, Splits]:
+    """:func:`load_dataset`, then :func:`make_splits`: the data of an image-based task.
+
+    Returns:
+        ``(dataset, splits)``.
+
+    Raises:
+        ValueError: as :func:`load_dataset` and :func:`make_splits` do.
+    """
+    dataset = load_dataset(name, data_root, max_train=max_train, max_test=max_test)
+    return dataset, make_splits(dataset, val_fraction=val_fraction)
+
+
 def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
     """Download ``name`` into the data root with torchvision (explicit ``--download`` only).
 

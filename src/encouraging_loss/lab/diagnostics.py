@@ -327,3 +327,72 @@ def logit_diagnostics(logits: torch.Tensor, targets: torch.Tensor, prefix: str =
         "ece": calibration(logits, targets)[0],
     }
     return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+
+def histogram_arrays(logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Per-example ``margin``, free ``energy`` and ``energy_true`` as numpy arrays.
+
+    What a task saves (``io.save_arrays``) for the report's margin and energy histograms.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    _check_logits_targets(logits, targets)
+    energy_true, energy_free = energies(logits, targets)
+    return {
+        "margin": margins(logits, targets).numpy(),
+        "energy": energy_free.numpy(),
+        "energy_true": energy_true.numpy(),
+    }
+
+
+def classifier_diagnostics(
+    model: nn.Module,
+    train: tuple,
+    test: tuple,
+    batch_size: int,
+    device: str | torch.device,
+    seed: int,
+    retrain_classifier: bool = False,
+) -> tuple[dict, torch.Tensor]:
+    """The three claims' measurements of a trained classifier on train and test.
+
+    Args:
+        model: a lab model (``features`` and ``classifier``).
+        train: ``(inputs, labels)`` the probe (and cRT) are fit on; ``train_*`` metrics.
+        test: ``(inputs, labels)`` scored.
+        batch_size: evaluation batch size.
+        device: where to run the model.
+        seed: seed of the probe and of cRT.
+        retrain_classifier: also measure ``crt_accuracy`` (classifier re-training).
+
+    Returns:
+        ``(metrics, test_logits)``: ``test_accuracy``, ``test_nll``, the test
+        :func:`logit_diagnostics`, the ``train_`` ones, ``probe_accuracy`` [, ``crt_accuracy``].
+
+    Raises:
+        ValueError: if ``train``/``test`` are not pairs, or on mismatched shapes.
+    """
+    for name, pair in (("train", train), ("test", test)):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(
+                f"{name}: expected an (inputs, labels) pair, got {type(pair).__name__}"
+            )
+    (train_x, train_y), (test_x, test_y) = train, test
+    train_features, train_logits = extract_features(model, train_x, batch_size, device)
+    test_features, test_logits = extract_features(model, test_x, batch_size, device)
+    scored = logit_diagnostics(test_logits, test_y)
+    metrics = {
+        "test_accuracy": scored.pop("accuracy"),
+        "test_nll": scored.pop("nll"),
+        **scored,
+        **logit_diagnostics(train_logits, train_y, prefix="train_"),
+        "probe_accuracy": linear_probe_accuracy(
+            train_features, train_y, test_features, test_y, seed=seed
+        ),
+    }
+    if retrain_classifier:
+        metrics["crt_accuracy"] = classifier_retraining_accuracy(
+            train_features, train_y, test_features, test_y, seed=seed
+        )
+    return metrics, test_logits

@@ -33,6 +33,7 @@ class Task:
         loss_families: the loss grammar's families it can build (the lab's, plus its own).
         downloads: whether ``--download`` can fetch its data.
         main_job: for :data:`MAIN_JOB`, the options of ``encouraging-loss reproduce``.
+        recipes: the presets' recipes by name, for :meth:`describe_presets`.
     """
 
     name: str = ""
@@ -45,6 +46,7 @@ class Task:
     loss_families: dict[str, Family] = FAMILIES
     downloads: bool = False
     main_job: dict | None = None
+    recipes: dict = {}
 
     def default_seeds(self, preset: str) -> int:
         """Seeds per loss when ``--seeds`` is not given."""
@@ -53,9 +55,13 @@ class Task:
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Add the task's own options to its group of the ``run`` parser."""
 
-    def describe_presets(self) -> str:
-        """Lines for ``--help``: each preset's recipe and learning rate."""
+    def describe_recipe(self, recipe) -> str:
+        """One ``--help`` line of a preset's recipe (see :meth:`describe_presets`)."""
         return ""
+
+    def describe_presets(self) -> str:
+        """Lines for ``--help``: each preset's recipe (``recipes``, :meth:`describe_recipe`)."""
+        return "\n".join(f"{name}: {self.describe_recipe(r)}" for name, r in self.recipes.items())
 
     def prepare(self, options: Options) -> Prepared:
         """Resolve the preset with the options, set the threads, and load the data.

@@ -353,6 +353,7 @@ class AdversarialTask(Task):
     """Robust accuracy under FGSM, PGD and margin PGD, optionally with PGD adversarial training."""
 
     name = "adversarial"
+    recipes = PRESETS
     summary = "adversarial robustness: FGSM / PGD-L∞ robust accuracy over an ε grid"
     datasets = ("mnist", "fashion-mnist", "cifar10")
     models = MODELS
@@ -366,21 +367,19 @@ class AdversarialTask(Task):
         add("--adv-train", action="store_true", help="train on PGD examples (the preset's ε)")
         add("--adv-epsilon", metavar="EPS", help="ε of --adv-train")
 
-    def describe_presets(self) -> str:
-        return "\n".join(
-            f"{name}: {r.dataset} {r.model}, {r.train.epochs} epochs, lr {r.train.lr:g}; ε "
+    def describe_recipe(self, r) -> str:
+        return (
+            f"{r.dataset} {r.model}, {r.train.epochs} epochs, lr {r.train.lr:g}; ε "
             f"{','.join(map(eps_label, r.epsilons))}, PGD-{r.pgd_steps}; --adv-train ε "
             f"{eps_label(r.adv_train_epsilon)}, PGD-{r.adv_train_steps}"
-            for name, r in PRESETS.items()
         )
 
     def prepare(self, options: Options) -> Prepared:
         recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        dataset = lab_data.load_dataset(
-            recipe.dataset, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
-        )
-        splits = raw_pixels(lab_data.make_splits(dataset, val_fraction=recipe.val_fraction))
+        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
+        dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
+        splits = raw_pixels(splits)
         sizes = {
             f"n_{part}": len(getattr(splits, f"{part}_y")) for part in ("train", "val", "test")
         }

@@ -375,26 +375,13 @@ class GraphClassifier(nn.Module):
 def _measure(model, splits: GraphSplits, run: RunContext, config: TrainConfig) -> dict:
     """Test accuracy, margin/energy/calibration diagnostics and a linear probe."""
     device = next(model.parameters()).device
-    batch = config.eval_batch_size
-    train_features, train_logits = diagnostics.extract_features(
-        model, splits.train_x, batch, device
+    train, test = (splits.train_x, splits.train_y), (splits.test_x, splits.test_y)
+    metrics, test_logits = diagnostics.classifier_diagnostics(
+        model, train, test, config.eval_batch_size, device, seed=run.seed
     )
-    test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
-    test = diagnostics.logit_diagnostics(test_logits, splits.test_y)
-    metrics = {
-        "test_accuracy": test.pop("accuracy"),
-        "test_nll": test.pop("nll"),
-        **test,
-        **diagnostics.logit_diagnostics(train_logits, splits.train_y, prefix="train_"),
-        "probe_accuracy": diagnostics.linear_probe_accuracy(
-            train_features, splits.train_y, test_features, splits.test_y, seed=run.seed
-        ),
-    }
     metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
-    energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    margin = diagnostics.margins(test_logits, splits.test_y)
-    arrays = {"margin": margin.numpy(), "energy": energy_free.numpy()}
-    lab_io.save_arrays(run.out_dir, run.loss, run.seed, **arrays, energy_true=energy_true.numpy())
+    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
+    lab_io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
     return metrics
 
 
@@ -402,6 +389,7 @@ class GraphTask(Task):
     """Graph classification on TU datasets: GIN or GCN, one stratified split per seed."""
 
     name = "graph"
+    recipes = PRESETS
     summary = "graph classification: TU datasets (PROTEINS, MUTAG ...) with GIN or GCN"
     presets = tuple(PRESETS)
     default_losses = DEFAULT_LOSSES
@@ -413,12 +401,11 @@ class GraphTask(Task):
             raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {preset!r}")
         return PRESETS[preset].seeds
 
-    def describe_presets(self) -> str:
-        return "\n".join(
-            f"graph {name}/{DEFAULT_DATASET}: {r.model} {r.layers}x{r.hidden}, {r.seeds} seeds, "
+    def describe_recipe(self, r) -> str:
+        return (
+            f"{DEFAULT_DATASET} {r.model} {r.layers}x{r.hidden}, {r.seeds} seeds, "
             f"{r.train.epochs} epochs, batch {r.train.batch_size}, {r.train.optimizer} lr "
             f"{r.train.lr:g} ({r.train.schedule})"
-            for name, r in PRESETS.items()
         )
 
     def prepare(self, options: Options) -> Prepared:

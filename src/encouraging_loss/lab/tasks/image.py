@@ -172,34 +172,15 @@ def lr_for(spec: LossSpec, recipe: Recipe) -> float:
 def _measure(model, splits, recipe: Recipe, run: RunContext, config: TrainConfig) -> dict:
     """Diagnostics of a trained (non-diverged) model on train and test."""
     device = next(model.parameters()).device
-    batch = config.eval_batch_size
     n_diag = min(recipe.diagnostics_train, len(splits.train_y))
-    train_x, train_y = splits.train_x[:n_diag], splits.train_y[:n_diag]
-    train_features, train_logits = diagnostics.extract_features(model, train_x, batch, device)
-    test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
-    test = diagnostics.logit_diagnostics(test_logits, splits.test_y)
-    metrics = {
-        "test_accuracy": test.pop("accuracy"),
-        "test_nll": test.pop("nll"),
-        **test,
-        **diagnostics.logit_diagnostics(train_logits, train_y, prefix="train_"),
-        "probe_accuracy": diagnostics.linear_probe_accuracy(
-            train_features, train_y, test_features, splits.test_y, seed=run.seed
-        ),
-        "crt_accuracy": diagnostics.classifier_retraining_accuracy(
-            train_features, train_y, test_features, splits.test_y, seed=run.seed
-        ),
-    }
-    metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
-    energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    io.save_arrays(
-        run.out_dir,
-        run.loss,
-        run.seed,
-        margin=diagnostics.margins(test_logits, splits.test_y).numpy(),
-        energy=energy_free.numpy(),
-        energy_true=energy_true.numpy(),
+    train = splits.train_x[:n_diag], splits.train_y[:n_diag]
+    test = splits.test_x, splits.test_y
+    metrics, test_logits = diagnostics.classifier_diagnostics(
+        model, train, test, config.eval_batch_size, device, run.seed, retrain_classifier=True
     )
+    metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
+    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
+    io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
     return metrics
 
 
@@ -245,10 +226,8 @@ class ImageTask(Task):
     def prepare(self, options: Options) -> Prepared:
         dataset_name, recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        dataset = lab_data.load_dataset(
-            dataset_name, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
-        )
-        splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
+        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
+        dataset, splits = lab_data.load_splits(dataset_name, options.data_root, *limits)
         config = {
             "preset": options.preset,
             "model": recipe.model,

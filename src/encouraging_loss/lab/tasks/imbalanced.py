@@ -387,9 +387,7 @@ def _measure(model, splits, counts: list[int], recipe: Recipe, run: RunContext, 
     metrics["crt_accuracy"] = diagnostics.classifier_retraining_accuracy(
         train_features, splits.train_y[:n_diag], test_features, splits.test_y, seed=run.seed
     )
-    energy_true, energy_free = diagnostics.energies(test_logits, splits.test_y)
-    margin = diagnostics.margins(test_logits, splits.test_y).numpy()
-    arrays = {"margin": margin, "energy": energy_free.numpy(), "energy_true": energy_true.numpy()}
+    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
     io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
     return metrics
 
@@ -441,6 +439,7 @@ class ImbalancedTask(Task):
     """Long-tailed classification: re-weighting, DRW, LDAM, logit adjustment and EL variants."""
 
     name = "imbalanced"
+    recipes = PRESETS
     summary = "imbalanced classification: long-tailed Fashion-MNIST, MNIST or CIFAR-10"
     datasets = ("fashion-mnist", "mnist", "cifar10")
     models = MODELS
@@ -454,12 +453,11 @@ class ImbalancedTask(Task):
         add("--n-max", type=int, metavar="N", help="images of the largest class")
         add("--drw-start", type=float, metavar="F", help="when *-drw losses re-weight (0.8)")
 
-    def describe_presets(self) -> str:
-        return "\n".join(
-            f"{name}: {r.dataset}-LT {r.model}, n_max {r.n_max}, ratio {r.imbalance_ratio:g} "
+    def describe_recipe(self, r) -> str:
+        return (
+            f"{r.dataset}-LT {r.model}, n_max {r.n_max}, ratio {r.imbalance_ratio:g} "
             f"({r.profile}), {r.train.epochs} epochs, {r.train.optimizer} lr {r.train.lr:g} "
             f"({r.train.schedule}), DRW at {r.drw_start:g}"
-            for name, r in PRESETS.items()
         )
 
     def prepare(self, options: Options) -> Prepared:

@@ -284,6 +284,7 @@ class OodTask(Task):
     """OOD detection of a classifier trained on MNIST, against other idx test sets."""
 
     name = "ood"
+    recipes = PRESETS
     summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
     datasets = ("mnist", "fashion-mnist")
     models = MODELS
@@ -296,20 +297,17 @@ class OodTask(Task):
         group.add_argument("--ood-sets", metavar="SETS", help=sets)
         group.add_argument("--ood-scores", metavar="SCORES", help=scores + " (quick) or all four")
 
-    def describe_presets(self) -> str:
-        return "\n".join(
-            f"{name}: {r.model}, {r.train.epochs} epochs, batch {r.train.batch_size}, lr "
+    def describe_recipe(self, r) -> str:
+        return (
+            f"{r.model}, {r.train.epochs} epochs, batch {r.train.batch_size}, lr "
             f"{r.train.lr:g}, test {r.max_test or 'all'} per set; scores {','.join(r.scores)}"
-            for name, r in PRESETS.items()
         )
 
     def prepare(self, options: Options) -> Prepared:
         recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        dataset = lab_data.load_dataset(
-            recipe.dataset, options.data_root, max_train=recipe.max_train, max_test=recipe.max_test
-        )
-        splits = lab_data.make_splits(dataset, val_fraction=recipe.val_fraction)
+        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
+        dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
         ood_x = dict(
             load_ood_set(name, options.data_root, recipe.max_test, splits)
             for name in recipe.ood_sets
