@@ -1,10 +1,11 @@
 """``run translation`` end to end on a few hundred Multi30k pairs: files, metric ranges,
-determinism, resume, BPE round trip, batching, decoding, and the fused linear + EL path (same
-loss, gradients and statistics as the materialised logits). Skipped without ``tokenizers``,
-``sacrebleu`` or the data."""
+determinism, resume, BPE round trip, batching, decoding, option errors, and the fused linear +
+EL path (same loss, gradients and statistics as the materialised logits). Skipped without
+``tokenizers``, ``sacrebleu`` or the data."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import socket
@@ -17,21 +18,30 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from encouraging_loss import FocalLoss
-from encouraging_loss.lab.cli import build_parser, main
+from encouraging_loss.lab.data import DatasetNotFoundError
+from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
+from encouraging_loss.lab.io import run_slug
 from encouraging_loss.lab.losses import build_criterion, parse_loss
-from encouraging_loss.lab.report import run_slug
 
-from .helpers import SHARED_DATA, load_results, shared_dataset
+from .helpers import SHARED_DATA, load_results, shared_dataset, torch_globals_restored
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("sacrebleu")
 
-from encouraging_loss.lab.tasks import translation  # noqa: E402
+from encouraging_loss.lab.tasks.translation import (  # noqa: E402
+    TASK,
+    data,
+    decoding,
+    recipes,
+    steps,
+)
+from encouraging_loss.lab.tasks.translation.model import Seq2SeqTransformer  # noqa: E402
 
 LS_EL = "ls-el:0.1,log_end=0.5"
 
 
-def _options(out, **overrides) -> translation.TranslationOptions:
+def _run(out, extra: dict | None = None, **overrides) -> dict:
+    """``run translation`` on 256/24/24 staged pairs (``overrides``: :class:`Options` fields)."""
     shared_dataset("multi30k")
     settings = dict(
         losses=f"ls-ce:0.1,{LS_EL}",
@@ -39,21 +49,23 @@ def _options(out, **overrides) -> translation.TranslationOptions:
         data_root=str(SHARED_DATA),
         out=str(out),
         train_size=256,
-        val_size=24,
         test_size=24,
         epochs=2,
         batch_size=32,
         progress=False,
+        jobs=1,  # in this process, where the tiny preset is patched in
     )
     settings.update(overrides)
-    return translation.TranslationOptions(**settings)
+    options = Options(task="translation", extra={"val_size": 24, **(extra or {})}, **settings)
+    with torch_globals_restored():
+        return run_experiment(options)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model():
     """A 1+1-layer, 32-wide model and a 400-token vocabulary: the pipeline, in seconds."""
     with pytest.MonkeyPatch.context() as patch:
-        quick = translation.PRESETS["quick"]
+        quick = recipes.PRESETS["quick"]
         small = replace(
             quick,
             d_model=32,
@@ -64,14 +76,14 @@ def tiny_model():
             vocab_size=400,
             max_tokens=40,
         )
-        patch.setitem(translation.PRESETS, "quick", small)
+        patch.setitem(recipes.PRESETS, "quick", small)
         yield small
 
 
 @pytest.fixture(scope="module")
 def tiny_mt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mt") / "out"
-    assert translation.run(_options(out)) is not None
+    assert _run(out) is not None
     return out
 
 
@@ -81,14 +93,22 @@ def test_files_and_contract(tiny_mt_run):
     results = load_results(tiny_mt_run)
     assert results["task"] == "translation" and results["dataset"] == "multi30k"
     assert [r["loss"] for r in results["runs"]] == ["ls-ce:0.1", LS_EL]
-    data = results["config"]["data"]
-    assert (data["n_train"], data["n_val"], data["n_test"]) == (256, 24, 24)
-    assert results["config"]["bleu_signature"].startswith("nrefs:1|")
+    config = results["config"]
+    assert (config["data"]["n_train"], config["data"]["n_val"], config["data"]["n_test"]) == (
+        256,
+        24,
+        24,
+    )
+    assert config["bleu_signature"].startswith("nrefs:1|")
     for run in results["runs"]:
+        assert run["bleu_signature"] == config["bleu_signature"]
         lines = (tiny_mt_run / "translations" / f"{run_slug(run['loss'], 0)}.beam5.en").read_text()
         assert lines.count("\n") == 24
+    assert not any((tiny_mt_run / "checkpoints").glob("*.pt"))
+    assert len(list((tiny_mt_run / "arrays").glob("*.npz"))) == 2
     text = (tiny_mt_run / "report.md").read_text()
     assert "BLEU (beam)" in text and f"`{LS_EL}` − `ls-ce:0.1`" in text
+    assert "beam 5 with length penalty α=0.6" in text
 
 
 def test_metric_ranges(tiny_mt_run):
@@ -102,10 +122,11 @@ def test_metric_ranges(tiny_mt_run):
         for epoch in run["history"]:
             assert 0.0 <= epoch["grad_share_well_classified"] <= 1.0
             assert math.isfinite(epoch["train_ce"])
+            assert epoch["val_ppl"] == pytest.approx(math.exp(epoch["val_nll"]), rel=1e-6)
 
 
 def test_same_seed_same_numbers(tiny_mt_run, tmp_path):
-    again = translation.run(_options(tmp_path / "again", losses=LS_EL))["runs"][0]
+    again = _run(tmp_path / "again", losses=LS_EL)["runs"][0]
     first = load_results(tiny_mt_run)["runs"][1]
     assert first["loss"] == again["loss"] == LS_EL
     for name in ("bleu", "bleu_greedy", "token_accuracy", "ppl"):
@@ -117,9 +138,10 @@ def test_same_seed_same_numbers(tiny_mt_run, tmp_path):
 
 def test_resume_gives_the_uninterrupted_result(tiny_mt_run, tmp_path):
     out = tmp_path / "resumed"
-    assert translation.run(_options(out, losses=LS_EL, stop_after_epochs=1)) is None
-    assert any((out / "checkpoints").iterdir())
-    resumed = translation.run(_options(out, losses=LS_EL, resume=True))["runs"][0]
+    with pytest.raises(Interrupted):
+        _run(out, losses=LS_EL, stop_after_epochs=1)
+    assert not (out / "results.json").exists() and any((out / "checkpoints").iterdir())
+    resumed = _run(out, losses=LS_EL, resume=True)["runs"][0]
     first = load_results(tiny_mt_run)["runs"][1]
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
         [h["train_loss"] for h in first["history"]], rel=1e-6
@@ -130,8 +152,8 @@ def test_resume_gives_the_uninterrupted_result(tiny_mt_run, tmp_path):
 
 
 def test_bpe_round_trip_restores_raw_text(tiny_mt_run):
-    tokenizer = translation.load_tokenizer(tiny_mt_run / "tokenizer.json")
-    raw, _ = translation.load_multi30k(SHARED_DATA)
+    tokenizer = data.load_tokenizer(tiny_mt_run / "tokenizer.json")
+    raw, _ = data.load_multi30k(SHARED_DATA)
     for sentence in raw["train"][1][:50]:
         ids = tokenizer.encode(sentence).ids
         assert tokenizer.decode(ids, skip_special_tokens=True) == sentence
@@ -139,25 +161,38 @@ def test_bpe_round_trip_restores_raw_text(tiny_mt_run):
 
 def test_epoch_batches_cover_once_and_repeat():
     lengths = torch.randint(3, 30, (103,), generator=torch.Generator().manual_seed(0))
-    batches = translation.epoch_batches(lengths, 10, seed=5, pool=3)
+    batches = data.epoch_batches(lengths, 10, seed=5, pool=3)
     flat = torch.cat(batches).tolist()
     assert len(batches) == 10 and all(len(b) == 10 for b in batches)
     assert len(set(flat)) == 100
-    again = translation.epoch_batches(lengths, 10, seed=5, pool=3)
+    again = data.epoch_batches(lengths, 10, seed=5, pool=3)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_translation_batches_for_the_trainer():
+    src, tgt = _tiny_batch()
+    split = data.Encoded(src, tgt, (src != data.PAD).sum(1), (tgt != data.PAD).sum(1), [], [])
+    batches = steps.TranslationBatches(split, split)
+    assert batches.n_train == 6
+    assert [len(b) for b in batches.epoch_batches(3, seed=1)] == [3, 3]
+    validation = batches.validate(_tiny_model(fit=False), 4, torch.device("cpu"))
+    assert set(validation) == {"val_accuracy", "val_nll", "val_ppl"}
+    assert validation["val_ppl"] == pytest.approx(math.exp(validation["val_nll"]))
+    with pytest.raises(ValueError, match="train, val"):
+        steps.TranslationBatches((src, tgt), split)
+    with pytest.raises(ValueError, match="fused_linear"):
+        steps.TranslationBatches(split, split, fused_linear="on")
 
 
 def test_incremental_decoding_matches_the_full_prefix():
     torch.manual_seed(1)
-    model = translation.Seq2SeqTransformer(
-        60, d_model=16, heads=2, feedforward=32, max_positions=40
-    )
+    model = Seq2SeqTransformer(60, d_model=16, heads=2, feedforward=32, max_positions=40)
     model.eval()
     src = torch.randint(4, 60, (5, 9))
-    src[1, 6:] = translation.PAD
+    src[1, 6:] = data.PAD
     memory, mask = model.encode(src)
     prefix = torch.randint(4, 60, (5, 7))
-    prefix[:, 0] = translation.BOS
+    prefix[:, 0] = data.BOS
     full = model.decode(prefix, memory, mask)
     cache = None
     for position in range(prefix.shape[1]):
@@ -167,27 +202,40 @@ def test_incremental_decoding_matches_the_full_prefix():
 
 def test_beam_of_one_is_greedy():
     torch.manual_seed(0)
-    model = translation.Seq2SeqTransformer(
-        50, d_model=16, heads=2, feedforward=32, max_positions=40
-    )
+    model = Seq2SeqTransformer(50, d_model=16, heads=2, feedforward=32, max_positions=40)
     model.eval()
     src = torch.randint(4, 50, (6, 7))
-    src[0, 5:] = translation.PAD
-    greedy = translation.greedy_decode(model, src)
-    assert translation.beam_search(model, src, beam=1, alpha=0.0) == greedy
-    assert len(translation.beam_search(model, src, beam=4)) == 6
+    src[0, 5:] = data.PAD
+    greedy = decoding.greedy_decode(model, src)
+    assert decoding.beam_search(model, src, beam=1, alpha=0.0) == greedy
+    assert len(decoding.beam_search(model, src, beam=4)) == 6
     with pytest.raises(ValueError, match="beam"):
-        translation.beam_search(model, src, beam=0)
+        decoding.beam_search(model, src, beam=0)
 
 
-def test_cli_errors_name_the_argument(tmp_path, capsys):
-    base = ["run", "translation", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert main([*base, "--dataset", "wmt14"]) == 2
-    assert "dataset:" in capsys.readouterr().err
-    assert main([*base, "--preset", "standard"]) == 2
-    assert "preset:" in capsys.readouterr().err
-    assert main(base) == 2
-    assert "multi30k" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"dataset": "wmt14"}, "dataset:"),
+        ({"model": "lstm"}, "model:"),
+        ({"preset": "standard"}, "preset:"),
+        ({"extra": {"val_size": 5}}, "val_size:"),
+        ({"extra": {"fused_linear": "yes"}}, "fused-linear:"),
+    ],
+)
+def test_bad_options_name_the_argument(settings, message, tmp_path):
+    options = Options(
+        task="translation", data_root=str(tmp_path), out=str(tmp_path / "o"), **settings
+    )
+    with pytest.raises(ValueError, match=message):
+        run_experiment(options)
+
+
+def test_missing_data_is_one_line(tmp_path):
+    options = Options(task="translation", data_root=str(tmp_path), out=str(tmp_path / "o"))
+    with pytest.raises(DatasetNotFoundError) as error:
+        run_experiment(options)
+    assert "multi30k" in str(error.value) and "\n" not in str(error.value)
 
 
 # --- fused linear + EL ---------------------------------------------------------------------
@@ -197,20 +245,20 @@ def _tiny_batch(vocab: int = 70):
     """Random source/target ids with padding: ``<s> ... </s>`` targets of different lengths."""
     generator = torch.Generator().manual_seed(3)
     src = torch.randint(4, vocab, (6, 9), generator=generator)
-    src[2, 5:] = translation.PAD
+    src[2, 5:] = data.PAD
     tgt = torch.randint(4, vocab, (6, 8), generator=generator)
-    tgt[:, 0] = translation.BOS
+    tgt[:, 0] = data.BOS
     for row, length in enumerate((8, 5, 7, 3, 8, 6)):
-        tgt[row, length - 1] = translation.EOS
-        tgt[row, length:] = translation.PAD
+        tgt[row, length - 1] = data.EOS
+        tgt[row, length:] = data.PAD
     return src, tgt
 
 
 def _tiny_model(
     vocab: int = 70, share_embeddings: bool = True, fit: bool = True
-) -> translation.Seq2SeqTransformer:
+) -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    model = translation.Seq2SeqTransformer(
+    model = Seq2SeqTransformer(
         vocab, d_model=16, heads=2, feedforward=32, share_embeddings=share_embeddings
     )
     if not share_embeddings:  # an untied projection with a bias: the fused path's bias too
@@ -220,7 +268,7 @@ def _tiny_model(
     # Fit the batch a little, so that some tokens have p_y > 0.5 (the gradient-share statistic).
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(25):
-        loss, _ = translation.teacher_forced_loss(model, nn.CrossEntropyLoss(), *_tiny_batch(vocab))
+        loss, _ = steps.teacher_forced_loss(model, nn.CrossEntropyLoss(), *_tiny_batch(vocab))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -232,7 +280,7 @@ def _one_step(model, criterion, fused_linear, forward=None, rows=slice(None)):
     torch.manual_seed(5)
     model.zero_grad(set_to_none=True)
     src, tgt = _tiny_batch()
-    loss, statistics = translation.teacher_forced_loss(
+    loss, statistics = steps.teacher_forced_loss(
         model, criterion, src[rows], tgt[rows], fused_linear=fused_linear, forward=forward
     )
     loss.backward()
@@ -244,7 +292,7 @@ def _one_step(model, criterion, fused_linear, forward=None, rows=slice(None)):
 @pytest.mark.parametrize("loss_name", ["ls-ce:0.1", LS_EL, "el:log_end=0.75,ramp=0.5"])
 def test_fused_step_matches_materialised(loss_name, share_embeddings, monkeypatch):
     # A few rows per statistics chunk, so that the chunked statistics are tested across chunks.
-    monkeypatch.setattr(translation, "STATISTICS_CHUNK_LOGITS", 7 * 70)
+    monkeypatch.setattr(steps, "STATISTICS_CHUNK_LOGITS", 7 * 70)
     model = _tiny_model(share_embeddings=share_embeddings)
     criterion = build_criterion(parse_loss(loss_name))
     if hasattr(criterion, "bonus_scale"):
@@ -255,8 +303,10 @@ def test_fused_step_matches_materialised(loss_name, share_embeddings, monkeypatc
     assert fused[1].keys() == materialised[1].keys()
     for name, grad in materialised[1].items():
         torch.testing.assert_close(fused[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert fused[2][2:4] == materialised[2][2:4]  # correct tokens, tokens
-    assert 0 < materialised[2][4] < materialised[2][5]  # some gradient from p_y > 0.5, not all
+    for name in ("correct", "count"):  # correct tokens, tokens
+        assert fused[2][name] == materialised[2][name], name
+    # Some gradient from tokens with p_y > 0.5, not all of it.
+    assert 0 < materialised[2]["well_norm"] < materialised[2]["total_norm"]
     assert fused[2] == pytest.approx(materialised[2], rel=1e-5)
 
 
@@ -264,17 +314,17 @@ def test_fused_step_under_bfloat16_autocast():
     """``amp``: the fused loss gets bfloat16 states and weight, as autocast's projection does."""
     model = _tiny_model(share_embeddings=False)
     criterion = build_criterion(parse_loss(LS_EL))
-    steps = []
+    both = []
     for fused_linear in (False, True):
         torch.manual_seed(5)
         model.zero_grad(set_to_none=True)
-        loss, statistics = translation.teacher_forced_loss(
+        loss, statistics = steps.teacher_forced_loss(
             model, criterion, *_tiny_batch(), fused_linear=fused_linear, amp=True
         )
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        steps.append((loss.detach(), grads, statistics()))
-    (loss, grads, statistics), (fused_loss, fused_grads, fused_statistics) = steps
+        both.append((loss.detach(), grads, statistics()))
+    (loss, grads, statistics), (fused_loss, fused_grads, fused_statistics) = both
     assert fused_loss.dtype == torch.float32
     torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=0.0)  # a bfloat16 scalar
     for name, grad in grads.items():
@@ -320,13 +370,13 @@ def test_fused_gradients_reach_ddp_hooks():
 
 def test_fused_linear_on_and_off_give_the_same_run(tiny_mt_run, tmp_path):
     out = tmp_path / "fused"
-    results = translation.run(_options(out, losses=LS_EL, fused_linear="on"))
+    results = _run(out, losses=LS_EL, extra={"fused_linear": "on"})
     for name in ("results.json", "results.csv", "report.md", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert (out / "translations" / f"{run_slug(LS_EL, 0)}.beam5.en").read_text().count("\n") == 24
     assert results["config"]["fused_linear"] == {
         "mode": "on",
-        "min_vocab": translation.FUSED_LINEAR_MIN_VOCAB,
+        "min_vocab": recipes.FUSED_LINEAR_MIN_VOCAB,
         "losses": [LS_EL],
     }
     fused = results["runs"][0]
@@ -349,30 +399,37 @@ def test_fused_linear_on_and_off_give_the_same_run(tiny_mt_run, tmp_path):
 
 def test_fused_linear_auto_threshold_and_losses():
     el, focal = parse_loss(LS_EL), parse_loss("focal:gamma=2")
-    threshold = translation.FUSED_LINEAR_MIN_VOCAB
-    assert translation.use_fused_linear("auto", el, threshold)
-    assert not translation.use_fused_linear("auto", el, threshold - 1)
-    assert not translation.use_fused_linear("auto", focal, threshold)  # falls back
-    assert translation.use_fused_linear("on", parse_loss("ce"), 10)
-    assert not translation.use_fused_linear("off", el, threshold)
+    threshold = recipes.FUSED_LINEAR_MIN_VOCAB
+    assert recipes.use_fused_linear("auto", el, threshold)
+    assert not recipes.use_fused_linear("auto", el, threshold - 1)
+    assert not recipes.use_fused_linear("auto", focal, threshold)  # falls back
+    assert recipes.use_fused_linear("on", parse_loss("ce"), 10)
+    assert not recipes.use_fused_linear("off", el, threshold)
     with pytest.raises(ValueError, match="fused-linear"):
-        translation.use_fused_linear("yes", el, threshold)
+        recipes.use_fused_linear("yes", el, threshold)
 
 
-def test_fused_linear_on_with_another_loss_is_a_clear_error(tmp_path, capsys):
+def test_fused_linear_on_with_another_loss_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"fused-linear: 'on'.*'focal:gamma=2'"):
-        translation.use_fused_linear("on", parse_loss("focal:gamma=2"), 10_000)
+        recipes.use_fused_linear("on", parse_loss("focal:gamma=2"), 10_000)
     with pytest.raises(ValueError, match="criterion: .*FocalLoss"):
-        translation.fused_loss_options(FocalLoss())
-    base = ["run", "translation", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert main([*base, "--losses", "ce,poly1:epsilon=1", "--fused-linear", "on"]) == 2
-    error = capsys.readouterr().err
-    assert "fused-linear" in error and "poly1:epsilon=1" in error and error[-1] == "\n"
-    parser = build_parser()
-    assert translation.options_from_args(parser.parse_args(base)).fused_linear == "auto"
-    assert (
-        translation.options_from_args(
-            parser.parse_args([*base, "--fused-linear", "off"])
-        ).fused_linear
-        == "off"
+        steps.fused_loss_options(FocalLoss())
+    options = Options(
+        task="translation",
+        losses="ce,poly1:epsilon=1",
+        data_root=str(tmp_path),
+        out=str(tmp_path / "o"),
+        extra={"fused_linear": "on"},
     )
+    with pytest.raises(ValueError, match=r"fused-linear: 'on'.*'poly1:epsilon=1'"):
+        run_experiment(options)  # before the (missing) data is read
+
+
+def test_task_options_from_the_command_line():
+    parser = argparse.ArgumentParser()
+    TASK.add_arguments(parser.add_argument_group("translation task"))
+    assert Options.from_args(parser.parse_args([])).get("fused_linear", "auto") == "auto"
+    options = Options.from_args(parser.parse_args(["--fused-linear", "off", "--val-size", "50"]))
+    assert options.get("fused_linear") == "off" and options.get("val_size") == 50
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fused-linear", "yes"])
