@@ -320,17 +320,6 @@ def test_make_plots_rejects_bad_source(tmp_path):
         report.make_plots(_results([]), None, tmp_path)
 
 
-def test_transition_reexports_are_io():
-    for name in (
-        "run_slug",
-        "save_arrays",
-        "load_arrays",
-        "atomic_write_json",
-        "atomic_write_text",
-    ):
-        assert getattr(report, name) is getattr(io, name)
-
-
 def test_report_writes_files_only_through_io():
     folder = Path(report.__file__).parent
     assert not [

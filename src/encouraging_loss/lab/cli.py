@@ -271,6 +271,14 @@ def _run(args: argparse.Namespace) -> int:
 _JOB_KEYS = ("losses", "dataset", "out", "preset")
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (a broken or hidden install counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``encouraging-loss``.
 
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         Exit status: 0 on success, 1 if a run failed (the others are reported), 2 for a usage
         error, missing data or extra, or an unknown name; 130 when interrupted.
     """
-    missing = [m for m in LAB_MODULES if importlib.util.find_spec(m) is None]
+    missing = [m for m in LAB_MODULES if not _installed(m)]
     if missing:
         print(
             f'{PROG}: error: the lab needs pip install "encouraging-loss[lab]" '

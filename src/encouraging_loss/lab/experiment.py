@@ -29,7 +29,15 @@ import torch
 
 from . import io, report
 from .losses import LossSpec, baselines, build_criterion, parse_loss_list
-from .trainer import TrainConfig, TrainResult, finish_distributed, rank, train, world_size
+from .trainer import (
+    TrainConfig,
+    TrainResult,
+    finish_distributed,
+    rank,
+    resolve_device,
+    train,
+    world_size,
+)
 
 TRAIN_OVERRIDES = (
     "lr",
@@ -115,6 +123,8 @@ class Options:
                 raise ValueError(f"{name}: must be at least 10, got {value}")
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise ValueError(f"data_root: {self.data_root} is not a folder")
+        if self.device is not None:
+            resolve_device(self.device)  # a missing GPU is a usage error, not N failed runs
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """A preset's training configuration with the command-line overrides applied.

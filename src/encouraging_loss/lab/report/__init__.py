@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Transition: the tasks still reach these through ``report`` until they use ``io`` directly.
-from ..io import atomic_write_json, atomic_write_text, load_arrays, run_slug, save_arrays  # noqa: F401
+from ..io import atomic_write_text
 from .markdown import markdown_report, summary_table  # noqa: F401
 from .plots import make_plots, plot_curves  # noqa: F401
 from .results import (  # noqa: F401
