@@ -128,3 +128,21 @@ def grad_of(loss_fn, logits, *args, **kwargs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["small", "rows"])
+def loss_path(request, monkeypatch):
+    """Run a test on the small-problem path (where it applies) and again on the row paths."""
+    if request.param == "rows":
+        from encouraging_loss.ops import small
+
+        monkeypatch.setattr(small, "SMALL_MAX_ELEMENTS", -1)
+    return request.param
+
+
+@pytest.fixture
+def rows_path(monkeypatch):
+    """The row paths only (the small-problem path switched off)."""
+    from encouraging_loss.ops import small
+
+    monkeypatch.setattr(small, "SMALL_MAX_ELEMENTS", -1)

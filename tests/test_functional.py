@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import grad_of, make_case, reference_loss
 from encouraging_loss import encouraging_loss
+
+# Every test runs on the small-problem path (ops/small.py, where it applies) and on the row paths.
+pytestmark = pytest.mark.usefixtures("loss_path")
 
 SHAPES = [(), (7,), (5, 3), (3, 2, 2)]  # input (C), (N, C), (N, C, d1), (N, C, d1, d2)
 REDUCTIONS = ["mean", "sum", "none"]
@@ -247,7 +250,8 @@ def test_second_backward_through_retained_graph(smoothing):
     torch.testing.assert_close(second, 2 * first)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 6),
     extra=st.sampled_from([(), (2,), (1, 3)]),

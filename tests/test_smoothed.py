@@ -8,9 +8,12 @@ import torch.nn.functional as F
 
 from conftest import grad_of, reference_loss
 from encouraging_loss import encouraging_loss
-from encouraging_loss.bonus import Bonus
 from encouraging_loss.ops import rowwise, smoothed
 from encouraging_loss.ops.index_targets import IndexTargetRows
+from encouraging_loss.options import LossOptions
+
+# These test the row paths' label smoothing (ops/smoothed.py): the small-problem path is off.
+pytestmark = pytest.mark.usefixtures("rows_path")
 
 
 def _confident_rows(num_rows, num_classes, dtype, seed=3):
@@ -112,18 +115,14 @@ def test_blocks_of_any_size_give_the_same_result(monkeypatch, block_elements):
     [
         (dict(label_smoothing=0.0), "hard"),
         (dict(label_smoothing=0.1), "smoothed"),
-        (dict(label_smoothing=0.1, rho=0.0, bonus=Bonus("log", 1.0)), "smoothed"),
-        (dict(label_smoothing=0.1, bonus=Bonus("none")), "smoothed"),
-        (dict(label_smoothing=0.1, bonus=Bonus("log", 1.0)), "dense"),
-        (dict(label_smoothing=0.1, bonus=Bonus("log", 0.75, start=0.5)), "dense"),
-        (dict(label_smoothing=0.1, bonus=Bonus("power", gamma=2.0)), "dense"),
+        (dict(label_smoothing=0.1, bonus_scale=0.0, log_end=1.0), "smoothed"),
+        (dict(label_smoothing=0.1, bonus="none"), "smoothed"),
+        (dict(label_smoothing=0.1, log_end=1.0), "dense"),
+        (dict(label_smoothing=0.1, bonus_start=0.5), "dense"),
+        (dict(label_smoothing=0.1, bonus="power", bonus_gamma=2.0), "dense"),
     ],
 )
 def test_row_kind_follows_the_options(options, kind):
-    arguments = dict(
-        target=torch.tensor([0, 1]), num_classes=3, weight=None, bonus_weight=None,
-        ignore_index=-100, label_smoothing=0.0, rho=1.0, bonus=Bonus("log", 0.75),
-        compute_dtype=torch.float32,
-    )  # fmt: skip
-    arguments.update(options)
-    assert IndexTargetRows(**arguments).kind == kind
+    rows = IndexTargetRows(torch.tensor([0, 1]), 3, None, None, LossOptions(**options),
+                           torch.float32)  # fmt: skip
+    assert rows.kind == kind

@@ -24,7 +24,6 @@ if os.environ["TRITON_INTERPRET"] != "1":
 
 import encouraging_loss.functional as functional  # noqa: E402
 from encouraging_loss import EncouragingLoss, encouraging_loss  # noqa: E402
-from encouraging_loss.bonus import Bonus  # noqa: E402
 from encouraging_loss.ops import triton_el  # noqa: E402
 from encouraging_loss.ops.triton_el import triton_encouraging_loss  # noqa: E402
 
@@ -166,7 +165,7 @@ def test_backend_dispatch(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the Triton path was taken")
 
-    monkeypatch.setattr(functional, "triton_encouraging_loss", fail)
+    monkeypatch.setattr(functional, "triton_loss_with_options", fail)
     encouraging_loss(logits, target)  # auto: CPU tensors take the torch path
     encouraging_loss(logits, target, backend="torch")
     with pytest.raises(AssertionError, match="Triton path"):
@@ -183,10 +182,10 @@ def test_backend_dispatch(monkeypatch):
 
 def test_triton_function_validates_arguments():
     logits, target = case(2, ignore=())
-    with pytest.raises(TypeError, match="bonus must be a Bonus"):
-        triton_encouraging_loss(logits, target, bonus="log")
+    with pytest.raises(ValueError, match="bonus must be one of"):
+        triton_encouraging_loss(logits, target, bonus="square")
     with pytest.raises(TypeError, match="in_place must be a bool"):
-        triton_encouraging_loss(logits, target, bonus=Bonus(), in_place=1)
+        triton_encouraging_loss(logits, target, in_place=1)
     with pytest.raises(ValueError, match="reduction"):
         triton_encouraging_loss(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="weight"):

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import (
-    check_choice,
-    check_class_vector,
-    check_input_and_target,
-    check_int,
-    check_real,
-    check_reduction,
-    check_target_range,
-    value_checks_enabled,
-)
-from .bonus import Bonus
+from ._validate import check_class_vector, check_input_and_target, check_target_range
 from .ops.index_targets import IndexTargetRows
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
-from .ops.triton_el import triton_can_run, triton_encouraging_loss, triton_supports
+from .ops.small import small_encouraging_loss, small_path_supports
+from .ops.triton_el import triton_can_run, triton_loss_with_options, triton_supports
+from .options import LossOptions, takes_options
 
-__all__ = ["encouraging_loss"]
+__all__ = ["encouraging_loss", "encouraging_loss_with_options"]
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -37,15 +29,18 @@ def class_last(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.movedim(1, -1)
 
 
-BACKENDS = ("auto", "torch", "triton")
+def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
+    if weight is not None:
+        return weight
+    return torch.ones(num_classes, dtype=dtype, device=like.device)
 
 
-def use_triton_backend(backend: str, input, target, epsilon: float, shape: Bonus) -> bool:
-    """Whether to run the Triton kernels (see ``backend`` in :func:`encouraging_loss`)."""
-    if backend == "torch":
+def use_triton_backend(input, target, options: LossOptions) -> bool:
+    """Whether to run the Triton kernels (see ``backend`` in :class:`LossOptions`)."""
+    if options.backend == "torch":
         return False
-    why_not = triton_supports(input, target, epsilon, shape)
-    if backend == "auto":
+    why_not = triton_supports(input, target, options)
+    if options.backend == "auto":
         # Under torch.compile the torch path traces into the graph; a kernel launch would not.
         return why_not is None and input.is_cuda and not torch.compiler.is_compiling()
     if why_not is not None:
@@ -58,12 +53,7 @@ def use_triton_backend(backend: str, input, target, epsilon: float, shape: Bonus
     return True
 
 
-def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torch.Tensor:
-    if weight is not None:
-        return weight
-    return torch.ones(num_classes, dtype=dtype, device=like.device)
-
-
+@takes_options(LossOptions)
 def encouraging_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -72,14 +62,8 @@ def encouraging_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
-    log_end: float = 0.75,
-    bonus_scale: float = 1.0,
-    bonus: str = "log",
-    bonus_gamma: float = 1.0,
-    bonus_start: float = 0.0,
     bonus_weight: torch.Tensor | None = None,
-    validate_args: bool = True,
-    backend: str = "auto",
+    **options,
 ) -> torch.Tensor:
     r"""The encouraging loss: cross-entropy plus a bonus for confident correct predictions.
 
@@ -106,24 +90,18 @@ def encouraging_loss(
         reduction: ``"mean"`` (weighted mean over non-ignored items, as torch), ``"sum"`` or
             ``"none"``.
         label_smoothing: in [0, 1]; applied to the cross-entropy and the bonus alike.
-        log_end: where the conservative log bonus turns linear, in (0, 1]. The paper recommends
-            0.75 for tasks that reach high accuracy, 0.5 otherwise; 1 gives the plain log bonus.
-        bonus_scale: rho, the weight of the bonus (0 gives cross-entropy).
-        bonus: the bonus shape, ``"log"``, ``"power"`` (-p**bonus_gamma), ``"cosine"``
-            (cos(pi p) - 1) or ``"none"``.
-        bonus_gamma: exponent of the power bonus, > 0.
-        bonus_start: in [0, 1): no bonus for p < bonus_start (shifted to stay continuous).
         bonus_weight: optional per-class bonus weights of shape (C,), separate from ``weight``
             (e.g. the class-balanced bonus for imbalanced data).
-        validate_args: check that class indices are in range. This reads the target's values and
-            so synchronises a GPU; pass ``False`` on a hot path. Shape checks always run.
-        backend: ``"auto"`` (the Triton kernels of :mod:`encouraging_loss.ops.triton_el` for
-            CUDA tensors when ``triton`` imports and they support the options, else torch),
-            ``"torch"`` (always the torch path) or ``"triton"`` (always the kernels; an error
-            names what they do not support). Both give the same results within rounding.
+        **options: the bonus and dispatch options of :class:`~encouraging_loss.options.LossOptions`
+            (where each is described): ``log_end=0.75``, ``bonus_scale=1.0``, ``bonus="log"``,
+            ``bonus_gamma``, ``bonus_start``, ``validate_args=True``, ``backend="auto"``. Each
+            distinct set is checked once; a module checks its own when it is built.
 
     Returns:
         The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape.
+
+    Raises:
+        TypeError, ValueError: naming the argument that is wrong.
 
     Example:
         >>> import torch
@@ -135,23 +113,44 @@ def encouraging_loss(
         >>> round(loss.item(), 4)
         -1.5262
     """
+    options = LossOptions.of(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **options
+    )
+    return encouraging_loss_with_options(input, target, options, weight, bonus_weight)
+
+
+def encouraging_loss_with_options(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    options: LossOptions,
+    weight: torch.Tensor | None = None,
+    bonus_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`encouraging_loss` with its options already built (what the modules call).
+
+    Only what depends on the tensors is checked here. Small problems on CPU take the few-pass
+    path of :mod:`.ops.small`; the rest the row paths (or the Triton kernels, by ``backend``).
+
+    Args:
+        input: logits, as for :func:`encouraging_loss`.
+        target: class indices or probabilities, as for :func:`encouraging_loss`.
+        options: the loss options.
+        weight: optional (C,) class weights.
+        bonus_weight: optional (C,) bonus weights.
+
+    Returns:
+        The loss, as :func:`encouraging_loss` returns it.
+    """
     is_index = check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    check_int("ignore_index", ignore_index)
-    check_reduction(reduction)
-    epsilon = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    rho = check_real("bonus_scale", bonus_scale)
-    shape = Bonus(bonus, log_end, bonus_gamma, bonus_start)
     weight = check_class_vector("weight", weight, num_classes, input)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
-    if is_index and value_checks_enabled(validate_args):
-        check_target_range(target, num_classes, ignore_index)
-    check_choice("backend", backend, BACKENDS)
-    if use_triton_backend(backend, input, target, epsilon, shape):
-        return triton_encouraging_loss(
-            input, target, weight, ignore_index, reduction, epsilon,
-            bonus_scale=rho, bonus=shape, bonus_weight=bonus_weight,
-        )  # fmt: skip
+    if use_triton_backend(input, target, options):
+        return triton_loss_with_options(input, target, options, weight, bonus_weight)
+    if small_path_supports(input, options) is None:
+        return small_encouraging_loss(input, target, weight, bonus_weight, options)
+    if is_index and options.validate_args and not torch.compiler.is_compiling():
+        check_target_range(target, num_classes, options.ignore_index)
 
     dtype = compute_dtype_for(input.dtype)
     logits = class_last(input)
@@ -161,27 +160,25 @@ def encouraging_loss(
         bonus_weight = bonus_weight.to(dtype)
 
     if is_index:
-        rows = IndexTargetRows(
-            target, num_classes, weight, bonus_weight, ignore_index, epsilon, rho, shape, dtype
-        )
+        rows = IndexTargetRows(target, num_classes, weight, bonus_weight, options, dtype)
         row_loss = rows.function.apply(logits, *rows.args())
         denominator = rows.denominator
     else:
         # Class mass a_k = w_k ((1 - eps) q_k + eps / C).
+        alpha, beta = options.smoothing_masses(num_classes)
         num_rows = logits.numel() // num_classes
-        row_alpha = torch.full(
-            (num_rows,), epsilon / num_classes, dtype=ROW_DTYPE, device=input.device
-        )
+        row_alpha = torch.full((num_rows,), alpha, dtype=ROW_DTYPE, device=input.device)
         row_loss = DenseTargetEL.apply(
             logits, row_alpha, _weight_or_ones(weight, num_classes, input, dtype),
-            class_last(target), 1.0 - epsilon, None, None, bonus_weight, rho, shape, dtype,
+            class_last(target), beta, None, None, bonus_weight, options.bonus_scale,
+            options.bonus_shape, dtype,
         )  # fmt: skip
         denominator = num_rows
 
-    if reduction == "none":
+    if options.reduction == "none":
         index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         return row_loss.reshape(index_shape).to(input.dtype)
     total = row_loss.sum()
-    if reduction == "mean":
+    if options.reduction == "mean":
         total = total / denominator
     return total.to(input.dtype)

@@ -5,29 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import (
-    check_choice,
-    check_class_vector,
-    check_int,
-    check_real,
-    check_reduction,
-    check_target_range,
-    check_tensor,
-    value_checks_enabled,
-)
-from .bonus import Bonus
-from .functional import BACKENDS, compute_dtype_for, use_triton_backend
+from ._validate import check_class_vector, check_target_range, check_tensor
+from .functional import compute_dtype_for, use_triton_backend
 from .ops.fused_linear import (
     LinearEL,
     TritonRows,
     check_accumulation_dtype,
-    check_accumulation_dtype_type,
     chunked_linear_el,
     default_chunk_size,
 )
 from .ops.index_targets import IndexTargetRows
+from .options import LinearLossOptions, option_attributes, takes_options
 
-__all__ = ["LinearEncouragingLoss", "linear_encouraging_loss"]
+__all__ = ["LinearEncouragingLoss", "linear_encouraging_loss", "linear_loss_with_options"]
 
 
 def _check_linear_inputs(hidden, weight, target, bias) -> None:
@@ -70,6 +60,7 @@ def _check_linear_inputs(hidden, weight, target, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
+@takes_options(LinearLossOptions)
 def linear_encouraging_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -77,19 +68,8 @@ def linear_encouraging_loss(
     bias: torch.Tensor | None = None,
     *,
     class_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    log_end: float = 0.75,
-    bonus_scale: float = 1.0,
-    bonus: str = "log",
-    bonus_gamma: float = 1.0,
-    bonus_start: float = 0.0,
     bonus_weight: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    accumulation_dtype: torch.dtype | None = None,
-    validate_args: bool = True,
-    backend: str = "auto",
+    **options,
 ) -> torch.Tensor:
     """``encouraging_loss(F.linear(hidden, weight, bias), target)`` without the full logits.
 
@@ -108,34 +88,30 @@ def linear_encouraging_loss(
         bias: optional (C,) bias.
         class_weight: optional (C,) class weights (``weight`` of ``F.cross_entropy``; named
             differently here because ``weight`` is the projection).
-        ignore_index: target value that contributes nothing.
-        reduction: ``"mean"`` (weighted mean over non-ignored tokens, as torch), ``"sum"`` or
-            ``"none"`` (the loss per token, target's shape; its backward recomputes the logits
-            chunk by chunk, one extra matrix product).
-        label_smoothing: in [0, 1], as in :func:`encouraging_loss`.
-        log_end: where the conservative log bonus turns linear, in (0, 1].
-        bonus_scale: rho, the weight of the bonus (0 gives cross-entropy).
-        bonus: bonus shape, ``"log"``, ``"power"``, ``"cosine"`` or ``"none"``.
-        bonus_gamma: exponent of the power bonus.
-        bonus_start: no bonus below this probability.
         bonus_weight: optional (C,) per-class bonus weights.
-        chunk_size: rows per chunk, a positive int; ``None`` picks
-            ``next_power_of_2(ceil(N / ceil(C / H)))`` (chunk logits about the size of ``hidden``).
-        accumulation_dtype: the dtype the ``weight`` and ``bias`` gradients are summed in over
-            chunks: ``None`` (float32; float64 for float64 inputs), ``weight.dtype`` or a wider
-            float. With bfloat16/float16 weights, ``weight.dtype`` (Liger-Kernel's default)
-            needs 1x the weight's size for its gradient where float32 needs 3x at the end of the
-            loop (the accumulator and its rounded copy), and rounds once per chunk instead of
-            once in all: the choice for a vocabulary projection that barely fits.
-        validate_args: check that class indices are in range (reads the target: a GPU sync).
-        backend: how each chunk's loss and logits gradient are computed: ``"torch"`` (the
-            row-wise torch passes), ``"triton"`` (one Triton kernel launch per chunk that writes
-            the gradient over the chunk's logits) or ``"auto"`` (Triton on CUDA when it imports
-            and supports the options, as in :func:`encouraging_loss`). The projections are
-            torch matrix products either way.
+        **options: the options of :class:`~encouraging_loss.options.LinearLossOptions`, all
+            keywords: those of :func:`encouraging_loss` (``ignore_index``, ``reduction``,
+            ``label_smoothing``, ``log_end``, ..., ``validate_args``, ``backend``) and
+            ``chunk_size`` and ``accumulation_dtype``. ``reduction="none"`` gives the loss per
+            token (its backward recomputes the logits chunk by chunk, one extra matrix
+            product). ``chunk_size=None`` picks ``next_power_of_2(ceil(N / ceil(C / H)))``.
+            ``accumulation_dtype`` is the dtype the ``weight`` and ``bias`` gradients are
+            summed in over chunks: ``None`` (float32; float64 for float64 inputs),
+            ``weight.dtype`` or a wider float. With bfloat16/float16 weights, ``weight.dtype``
+            (Liger-Kernel's default) needs 1x the weight's size for its gradient where float32
+            needs 3x at the end of the loop (the accumulator and its rounded copy), and rounds
+            once per chunk instead of once in all: the choice for a vocabulary projection that
+            barely fits. ``backend``: how each chunk's loss and logits gradient are computed:
+            ``"torch"`` (the row-wise torch passes), ``"triton"`` (one Triton kernel launch per
+            chunk that writes the gradient over the chunk's logits) or ``"auto"`` (Triton on
+            CUDA when it imports and supports the options); the projections are torch matrix
+            products either way.
 
     Returns:
         The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``.
+
+    Raises:
+        TypeError, ValueError: naming the argument that is wrong.
 
     Example:
         >>> import torch
@@ -149,22 +125,41 @@ def linear_encouraging_loss(
         >>> bool(torch.allclose(loss, materialised))
         True
     """
+    options = LinearLossOptions.of(**options)
+    return linear_loss_with_options(hidden, weight, target, bias, options, class_weight,
+                                    bonus_weight)  # fmt: skip
+
+
+def linear_loss_with_options(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LinearLossOptions,
+    class_weight: torch.Tensor | None = None,
+    bonus_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`linear_encouraging_loss` with its options already built (what the module calls).
+
+    Args:
+        hidden: (..., H) hidden states.
+        weight: (C, H) projection.
+        target: (...) class indices.
+        bias: optional (C,) bias.
+        options: the loss options.
+        class_weight: optional (C,) class weights.
+        bonus_weight: optional (C,) bonus weights.
+
+    Returns:
+        The loss, as :func:`linear_encouraging_loss` returns it.
+    """
     _check_linear_inputs(hidden, weight, target, bias)
     num_classes = weight.shape[0]
-    check_int("ignore_index", ignore_index)
-    check_reduction(reduction)
-    epsilon = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    rho = check_real("bonus_scale", bonus_scale)
-    shape = Bonus(bonus, log_end, bonus_gamma, bonus_start)
     class_weight = check_class_vector("class_weight", class_weight, num_classes, hidden)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, hidden)
-    if chunk_size is not None:
-        check_int("chunk_size", chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    accumulation_dtype = check_accumulation_dtype(accumulation_dtype, weight.dtype)
-    if value_checks_enabled(validate_args):
-        check_target_range(target, num_classes, ignore_index)
+    accumulation_dtype = check_accumulation_dtype(options.accumulation_dtype, weight.dtype)
+    if options.validate_args and not torch.compiler.is_compiling():
+        check_target_range(target, num_classes, options.ignore_index)
 
     dtype = compute_dtype_for(hidden.dtype)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
@@ -172,17 +167,14 @@ def linear_encouraging_loss(
         class_weight = class_weight.to(dtype)
     if bonus_weight is not None:
         bonus_weight = bonus_weight.to(dtype)
-    rows = IndexTargetRows(
-        target, num_classes, class_weight, bonus_weight, ignore_index, epsilon, rho, shape, dtype
-    )
+    rows = IndexTargetRows(target, num_classes, class_weight, bonus_weight, options, dtype)
+    chunk_size = options.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
     triton_rows = None
-    check_choice("backend", backend, BACKENDS)
-    if use_triton_backend(backend, flat_hidden, target, epsilon, shape):
-        triton_rows = TritonRows(
-            target, class_weight, bonus_weight, ignore_index, epsilon, rho, shape
-        )
+    if use_triton_backend(flat_hidden, target, options):
+        triton_rows = TritonRows(target, class_weight, bonus_weight, options)
+    reduction = options.reduction
     inputs = (flat_hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         result = LinearEL.apply(
@@ -204,11 +196,20 @@ def linear_encouraging_loss(
     return result.to(hidden.dtype)
 
 
+@option_attributes(LinearLossOptions)
 class LinearEncouragingLoss(nn.Module):
     """Module form of :func:`linear_encouraging_loss`: ``criterion(hidden, weight, target, bias)``.
 
-    Holds the loss options (the keywords of :func:`linear_encouraging_loss`); the projection
-    stays the model's (pass ``lm_head.weight``).
+    Holds the loss options (:class:`~encouraging_loss.options.LinearLossOptions`, checked here
+    once; each is an attribute); the projection stays the model's (pass ``lm_head.weight``).
+
+    Args:
+        class_weight: optional (C,) class weights (a buffer).
+        ignore_index: class-index target value that contributes nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in [0, 1].
+        bonus_weight: optional (C,) bonus weights (a buffer).
+        **options: the other options of :class:`~encouraging_loss.options.LinearLossOptions`.
 
     Example:
         >>> import torch
@@ -221,6 +222,7 @@ class LinearEncouragingLoss(nn.Module):
         torch.Size([50, 8])
     """
 
+    @takes_options(LinearLossOptions)
     def __init__(
         self,
         class_weight: torch.Tensor | None = None,
@@ -228,36 +230,16 @@ class LinearEncouragingLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
-        log_end: float = 0.75,
-        bonus_scale: float = 1.0,
-        bonus: str = "log",
-        bonus_gamma: float = 1.0,
-        bonus_start: float = 0.0,
         bonus_weight: torch.Tensor | None = None,
-        chunk_size: int | None = None,
-        accumulation_dtype: torch.dtype | None = None,
-        validate_args: bool = True,
-        backend: str = "auto",
+        **options,
     ):
         super().__init__()
         self.register_buffer("class_weight", class_weight)
         self.register_buffer("bonus_weight", bonus_weight)
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.reduction = check_reduction(reduction)
-        self.label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        Bonus(bonus, log_end, bonus_gamma, bonus_start)
-        self.log_end = log_end
-        self.bonus_scale = check_real("bonus_scale", bonus_scale)
-        self.bonus = bonus
-        self.bonus_gamma = bonus_gamma
-        self.bonus_start = bonus_start
-        if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-        self.chunk_size = chunk_size
-        check_accumulation_dtype_type(accumulation_dtype)
-        self.accumulation_dtype = accumulation_dtype
-        self.validate_args = validate_args
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.options = LinearLossOptions(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            **options,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -266,25 +248,8 @@ class LinearEncouragingLoss(nn.Module):
         target: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return linear_encouraging_loss(
-            hidden,
-            weight,
-            target,
-            bias,
-            class_weight=self.class_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            log_end=self.log_end,
-            bonus_scale=self.bonus_scale,
-            bonus=self.bonus,
-            bonus_gamma=self.bonus_gamma,
-            bonus_start=self.bonus_start,
-            bonus_weight=self.bonus_weight,
-            chunk_size=self.chunk_size,
-            accumulation_dtype=self.accumulation_dtype,
-            validate_args=self.validate_args,
-            backend=self.backend,
+        return linear_loss_with_options(
+            hidden, weight, target, bias, self.options, self.class_weight, self.bonus_weight
         )
 
     def extra_repr(self) -> str:

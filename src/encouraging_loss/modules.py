@@ -6,10 +6,9 @@ import torch
 from torch import nn
 from torch.nn import _reduction
 
-from ._validate import check_choice, check_int, check_real, check_reduction
 from .binary import binary_encouraging_loss_with_logits
-from .bonus import Bonus
-from .functional import encouraging_loss
+from .functional import encouraging_loss_with_options
+from .options import CROSS_ENTROPY_OPTIONS, LossOptions, option_attributes, takes_options
 from .peers import focal_loss, poly1_loss
 from .schedules import BonusSchedule
 
@@ -25,13 +24,27 @@ def _scheduled(name: str, value):
     return value, None
 
 
+@option_attributes(LossOptions)
 class EncouragingLoss(nn.Module):
     """The encouraging loss as a drop-in for ``nn.CrossEntropyLoss``.
 
-    Takes ``nn.CrossEntropyLoss``'s arguments, in its order, plus the bonus options of
-    :func:`encouraging_loss` as keywords. ``bonus_scale`` and ``log_end`` may be a
-    :class:`BonusSchedule`; then :meth:`step` sets them from training progress. The paper
-    recommends ``log_end=0.75`` for tasks that reach high accuracy and ``0.5`` otherwise.
+    Takes ``nn.CrossEntropyLoss``'s arguments, in its order, plus the options of
+    :class:`~encouraging_loss.options.LossOptions` as keywords, checked here once: ``forward``
+    checks only the tensors. Each option is an attribute (``criterion.bonus_scale``; setting one
+    checks it). ``bonus_scale`` and ``log_end`` may be a :class:`BonusSchedule`; then
+    :meth:`step` sets them from training progress. The paper recommends ``log_end=0.75`` for
+    tasks that reach high accuracy and ``0.5`` otherwise.
+
+    Args:
+        weight: optional (C,) class weights (a buffer).
+        size_average: deprecated, as in ``nn.CrossEntropyLoss``.
+        ignore_index: class-index target value that contributes nothing.
+        reduce: deprecated, as in ``nn.CrossEntropyLoss``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in [0, 1].
+        bonus_weight: optional (C,) per-class bonus weights (a buffer).
+        **options: the other options of :class:`~encouraging_loss.options.LossOptions`
+            (``log_end`` and ``bonus_scale`` also as a :class:`BonusSchedule`).
 
     Example:
         >>> import torch
@@ -44,6 +57,7 @@ class EncouragingLoss(nn.Module):
         (0.0, None, 1.0)
     """
 
+    @takes_options(LossOptions)
     def __init__(
         self,
         weight: torch.Tensor | None = None,
@@ -53,43 +67,35 @@ class EncouragingLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
-        log_end: float | BonusSchedule = 0.75,
-        bonus_scale: float | BonusSchedule = 1.0,
-        bonus: str = "log",
-        bonus_gamma: float = 1.0,
-        bonus_start: float = 0.0,
         bonus_weight: torch.Tensor | None = None,
-        validate_args: bool = True,
-        backend: str = "auto",
+        **options,
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.register_buffer("bonus_weight", bonus_weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.log_end, self.log_end_schedule = _scheduled("log_end", log_end)
-        self.bonus_scale, self.bonus_schedule = _scheduled("bonus_scale", bonus_scale)
-        self.bonus = bonus
-        self.bonus_gamma = bonus_gamma
-        self.bonus_start = bonus_start
-        self.validate_args = validate_args
-        self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
-        # Fail early on bad options (the function checks them again on every call).
-        Bonus(bonus, self.log_end, bonus_gamma, bonus_start)
-        check_int("ignore_index", ignore_index)
-        check_reduction(reduction)
-        check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        check_real("bonus_scale", self.bonus_scale)
+        self.log_end_schedule = self.bonus_schedule = None
+        if "log_end" in options:
+            options["log_end"], self.log_end_schedule = _scheduled("log_end", options["log_end"])
+        if "bonus_scale" in options:
+            options["bonus_scale"], self.bonus_schedule = _scheduled(
+                "bonus_scale", options["bonus_scale"]
+            )
+        self.options = LossOptions(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            **options,
+        )  # fmt: skip
 
     def step(self, progress: float) -> None:
         """Set ``bonus_scale`` and ``log_end`` from their schedules at training progress [0, 1]."""
+        changes = {}
         if self.bonus_schedule is not None:
-            self.bonus_scale = self.bonus_schedule(progress)
+            changes["bonus_scale"] = self.bonus_schedule(progress)
         if self.log_end_schedule is not None:
-            self.log_end = self.log_end_schedule(progress)
+            changes["log_end"] = self.log_end_schedule(progress)
+        if changes:
+            self.options = self.options.replace(**changes)
 
     def keyword_options(self) -> dict:
         """The keyword-only options of :func:`encouraging_loss` as set now (after ``step``).
@@ -97,26 +103,15 @@ class EncouragingLoss(nn.Module):
         For callers that pass this criterion's settings to another form of the loss, such as
         :func:`encouraging_loss.linear_encouraging_loss`.
         """
+        names = LossOptions.option_names()[len(CROSS_ENTROPY_OPTIONS) :]
         return {
-            "log_end": self.log_end,
-            "bonus_scale": self.bonus_scale,
-            "bonus": self.bonus,
-            "bonus_gamma": self.bonus_gamma,
-            "bonus_start": self.bonus_start,
+            **{name: getattr(self.options, name) for name in names},
             "bonus_weight": self.bonus_weight,
-            "validate_args": self.validate_args,
-            "backend": self.backend,
         }
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return encouraging_loss(
-            input,
-            target,
-            self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
-            **self.keyword_options(),
+        return encouraging_loss_with_options(
+            input, target, self.options, self.weight, self.bonus_weight
         )
 
     def extra_repr(self) -> str:

@@ -58,22 +58,13 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_accumulation_dtype_type(accumulation_dtype) -> None:
-    """``accumulation_dtype`` must be None or a torch.dtype (its value is checked against the
-    weight's dtype by :func:`check_accumulation_dtype`)."""
-    if accumulation_dtype is not None and not isinstance(accumulation_dtype, torch.dtype):
-        raise TypeError(
-            f"accumulation_dtype must be None or a torch.dtype, got {accumulation_dtype!r}"
-        )
-
-
 def check_accumulation_dtype(accumulation_dtype, weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype the weight and bias gradients are summed in over chunks.
 
     ``None`` means float32 (float64 for float64 weights); otherwise the weight's dtype or a wider
-    float (float32, float64), never a narrower one.
+    float (float32, float64), never a narrower one. (That it is None or a dtype was checked when
+    the :class:`~encouraging_loss.options.LinearLossOptions` were built.)
     """
-    check_accumulation_dtype_type(accumulation_dtype)
     default = _accumulator_dtype(weight_dtype)
     if accumulation_dtype is None:
         return default
@@ -121,24 +112,23 @@ class TritonRows:
     torch row-wise passes.
     """
 
-    def __init__(self, target, weight, bonus_weight, ignore_index, label_smoothing, rho, bonus):
+    def __init__(self, target, weight, bonus_weight, options):
         self.target = target.reshape(-1).long().contiguous()
         self.weight = None if weight is None else weight.float().contiguous()
         self.bonus_weight = None if bonus_weight is None else bonus_weight.float().contiguous()
-        self.options = (ignore_index, float(label_smoothing), float(rho), bonus)
+        self.options = options
 
     def loss_and_grad_(self, logits, chunk, grad_rows):
         """Row losses (float64) of the chunk; ``logits`` becomes the gradient, in place."""
-        from .triton_el import _launch
+        from .triton_el import launch_rows
 
         if grad_rows is None:
             row_scale = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         else:
             row_scale = grad_rows[chunk].to(torch.float32).contiguous()
-        ignore_index, label_smoothing, rho, bonus = self.options
-        row_loss = _launch(
-            logits, self.target[chunk], self.weight, self.bonus_weight, ignore_index,
-            label_smoothing, rho, bonus, row_scale, logits,
+        row_loss = launch_rows(
+            logits, self.target[chunk], logits, row_scale, self.options, self.weight,
+            self.bonus_weight,
         )  # fmt: skip
         return row_loss.to(ROW_DTYPE), logits
 

@@ -21,6 +21,26 @@ from .smoothed import (
 )
 
 
+def target_weights(target: torch.Tensor, ignore_index: int, weight, dtype):
+    """(valid, safe target, target weight) of class-index targets, in the target's shape.
+
+    ``valid`` marks the items that count; the safe target is the target with ``ignore_index``
+    replaced by class 0; the target weight is w_y (1 without class weights), 0 where ignored.
+    Summed, the target weights are the "mean" reduction's denominator (as torch's).
+
+    Args:
+        target: int64 class indices or ``ignore_index``.
+        ignore_index: the target value that contributes nothing.
+        weight: optional (C,) class weights.
+        dtype: the dtype of the target weights.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    if weight is None:
+        return valid, safe_target, valid.to(dtype)
+    return valid, safe_target, torch.where(valid, weight[safe_target].to(dtype), 0.0)
+
+
 class IndexTargetRows:
     """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
 
@@ -37,36 +57,19 @@ class IndexTargetRows:
         num_classes: C.
         weight: optional (C,) class weights in the compute dtype.
         bonus_weight: optional (C,) bonus weights in the compute dtype.
-        ignore_index: the target value that contributes nothing.
-        label_smoothing: epsilon in [0, 1].
-        rho: the bonus scale.
-        bonus: the :class:`Bonus` shape.
+        options: the loss options (ignore_index, label smoothing, the bonus).
         compute_dtype: float32 or float64, the dtype of the (M, C) passes.
     """
 
-    def __init__(
-        self,
-        target,
-        num_classes,
-        weight,
-        bonus_weight,
-        ignore_index,
-        label_smoothing,
-        rho,
-        bonus,
-        compute_dtype,
-    ):
-        flat_target = target.reshape(-1).long()
-        valid = flat_target != ignore_index
-        safe_target = torch.where(valid, flat_target, 0)
-        if weight is None:
-            target_weight = valid.to(ROW_DTYPE)
-        else:
-            target_weight = torch.where(valid, weight[safe_target].to(ROW_DTYPE), 0.0)
+    def __init__(self, target, num_classes, weight, bonus_weight, options, compute_dtype):
+        valid, safe_target, target_weight = target_weights(
+            target.reshape(-1).long(), options.ignore_index, weight, ROW_DTYPE
+        )
         #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
         self.denominator = target_weight.sum()
-        self.num_rows = flat_target.numel()
-        if label_smoothing == 0.0:
+        self.num_rows = safe_target.numel()
+        rho, bonus = options.bonus_scale, options.bonus_shape
+        if options.label_smoothing == 0.0:
             self.kind = "hard"
         elif smoothed_path_supports(bonus, rho):
             self.kind = "smoothed"
@@ -78,12 +81,13 @@ class IndexTargetRows:
             row_bonus_weight = None if bonus_weight is None else bonus_weight[safe_target]
             self.row_vectors = (target_weight, row_bonus_weight)
         else:
-            # Class mass a_k = w_k eps / C + (1 - eps) w_y [k = y], zero for ignored rows.
+            # Class mass a_k = w_k alpha + beta w_y [k = y], zero for ignored rows.
             if weight is None and self.kind == "dense":
                 weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
-            row_alpha = valid.to(ROW_DTYPE) * (label_smoothing / num_classes)
+            alpha, beta = options.smoothing_masses(num_classes)
+            row_alpha = valid.to(ROW_DTYPE) * alpha
             self.class_vectors = (weight, bonus_weight)
-            self.row_vectors = (row_alpha, (1.0 - label_smoothing) * target_weight)
+            self.row_vectors = (row_alpha, beta * target_weight)
 
     def args(self, rows: slice = slice(None)) -> tuple:
         """The positional arguments after the logits of the terms function, for ``rows``."""

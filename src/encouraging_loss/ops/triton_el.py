@@ -34,30 +34,33 @@ import os
 
 import torch
 
-from .._validate import (
-    check_class_vector,
-    check_input_and_target,
-    check_int,
-    check_real,
-    check_reduction,
-)
-from ..bonus import Bonus
+from .._validate import check_class_vector, check_input_and_target
+from ..options import LossOptions, takes_options
+from .index_targets import target_weights
 
-__all__ = ["TRITON_AVAILABLE", "triton_encouraging_loss", "triton_supports", "triton_can_run"]
+__all__ = [
+    "TRITON_AVAILABLE",
+    "launch_rows",
+    "triton_can_run",
+    "triton_encouraging_loss",
+    "triton_loss_with_options",
+    "triton_supports",
+]
 
 # triton is an optional dependency (the "gpu" extra); the kernels import it on first launch.
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+#: The bonus shapes the kernels compute, by their code in ``triton_kernels._bonus``.
 BONUS_CODES = {"none": 0, "log": 1, "power": 2, "cosine": 3}
 MAX_BLOCK = 4096
 
 
-def triton_supports(
-    input: torch.Tensor, target: torch.Tensor, label_smoothing: float, bonus: Bonus
-) -> str | None:
+def triton_supports(input: torch.Tensor, target: torch.Tensor, options: LossOptions) -> str | None:
     """Why the Triton kernels cannot compute this loss, or None when they can.
 
-    Supported: (N, C) or (C) logits of float32/bfloat16/float16, class-index targets, any bonus
-    shape without label smoothing, the log bonus (or none) without ``bonus_start`` with it.
+    Supported: (N, C) or (C) logits of float32/bfloat16/float16, class-index targets, the bonus
+    shapes of :data:`BONUS_CODES` without label smoothing, the log bonus (or none) without
+    ``bonus_start`` with it. A shape added to :data:`encouraging_loss.bonus.SHAPES` without
+    kernel code is refused here by name, and the torch paths compute it.
     """
     if not TRITON_AVAILABLE:
         return "triton is not installed"
@@ -67,7 +70,10 @@ def triton_supports(
         return "inputs with more than 2 dimensions are not supported by the Triton kernels"
     if input.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {input.dtype} is not supported by the Triton kernels"
-    if label_smoothing > 0.0 and (bonus.kind not in ("log", "none") or bonus.start > 0.0):
+    bonus = options.bonus_shape
+    if bonus.kind not in BONUS_CODES:
+        return f"the bonus shape {bonus.kind!r} has no Triton kernel"
+    if options.label_smoothing > 0.0 and (bonus.kind not in ("log", "none") or bonus.start > 0.0):
         return "label smoothing with a bonus other than plain 'log' is not supported by Triton"
     return None
 
@@ -77,52 +83,65 @@ def triton_can_run(input: torch.Tensor) -> bool:
     return TRITON_AVAILABLE and (input.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _launch(logits, target, weight, bonus_weight, ignore_index, label_smoothing, rho, bonus,
-            row_scale, grad):
-    """Run the kernel: (row losses float32 (N,), gradient written into ``grad``)."""
+def launch_rows(logits, target, grad, row_scale, options: LossOptions, weight=None,
+                bonus_weight=None) -> torch.Tensor:  # fmt: skip
+    """Run the kernel over (N, C) rows: the row losses (float32), the gradient into ``grad``.
+
+    Args:
+        logits: (N, C) logits with a contiguous class dimension.
+        target: (N,) int64 class indices or ``options.ignore_index``.
+        grad: (N, C) tensor the gradient is written into (may be ``logits`` itself).
+        row_scale: (N,) float32 incoming gradient of each row loss.
+        options: the loss options (:func:`triton_supports` accepted them).
+        weight: optional (C,) float32 class weights.
+        bonus_weight: optional (C,) float32 bonus weights.
+    """
     from . import triton_kernels
 
     num_rows, num_classes = logits.shape
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
         return row_loss
-    block = min(MAX_BLOCK, 1 << (num_classes - 1).bit_length())
+    bonus = options.bonus_shape
     e = bonus.log_end
-    log_end_args = (e, math.log1p(-e) if e < 1.0 else 0.0, 1.0 / (1.0 - e) if e < 1.0 else 0.0)
-    common = (logits, logits.stride(0), grad, grad.stride(0), target,
-              weight if weight is not None else logits, bonus_weight if bonus_weight is not None
-              else logits, row_loss, row_scale, num_classes, ignore_index, float(rho))  # fmt: skip
-    bonus_code = 0 if bonus.is_zero or rho == 0.0 else BONUS_CODES[bonus.kind]
-    if label_smoothing == 0.0:
-        start_value = bonus._raw_value_float(bonus.start) if bonus.start > 0.0 else 0.0
-        triton_kernels._hard_target_kernel[(num_rows,)](
-            *common, *log_end_args, float(bonus.gamma), float(bonus.start), start_value,
-            HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
-            BONUS=bonus_code, HAS_START=bonus.start > 0.0, BLOCK=block,
+    common = dict(
+        logits_ptr=logits, logits_stride=logits.stride(0), grad_ptr=grad,
+        grad_stride=grad.stride(0), target_ptr=target,
+        weight_ptr=logits if weight is None else weight,
+        bonus_weight_ptr=logits if bonus_weight is None else bonus_weight,
+        loss_ptr=row_loss, scale_ptr=row_scale, n_cols=num_classes,
+        ignore_index=options.ignore_index, rho=float(options.bonus_scale), log_end=e,
+        log1m_end=math.log1p(-e) if e < 1.0 else 0.0,
+        inv_1m_end=1.0 / (1.0 - e) if e < 1.0 else 0.0,
+        HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
+        BONUS=BONUS_CODES[bonus.kind] if options.with_bonus else 0,
+        BLOCK=min(MAX_BLOCK, 1 << (num_classes - 1).bit_length()),
+    )  # fmt: skip
+    if options.label_smoothing == 0.0:
+        triton_kernels.hard_target_kernel[(num_rows,)](
+            **common, gamma=float(bonus.gamma), start=float(bonus.start),
+            start_value=bonus.start_value, HAS_START=bonus.start > 0.0,
         )  # fmt: skip
     else:
-        triton_kernels._smoothed_kernel[(num_rows,)](
-            *common, float(label_smoothing), *log_end_args,
-            HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
-            BONUS=bonus_code, BLOCK=block,
-        )  # fmt: skip
+        triton_kernels.smoothed_kernel[(num_rows,)](
+            **common, smoothing=float(options.label_smoothing)
+        )
     return row_loss
 
 
 class TritonEL(torch.autograd.Function):
-    """Loss and gradient from one kernel launch; backward scales the stored gradient."""
+    """Loss and gradient from one kernel launch; backward scales the stored gradient.
+
+    Inputs: logits (N, C), target (N,) int64, weight and bonus_weight (float32 or None), the
+    :class:`LossOptions`, in_place.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, bonus_weight, ignore_index, label_smoothing, rho,
-                bonus, reduction, in_place):  # fmt: skip
-        flat_target = target.reshape(-1)
-        valid = flat_target != ignore_index
+    def forward(ctx, logits, target, weight, bonus_weight, options, in_place):
+        reduction = options.reduction
         if reduction == "mean":
-            if weight is None:
-                denominator = valid.sum().to(torch.float32)
-            else:
-                safe = torch.where(valid, flat_target, 0)
-                denominator = torch.where(valid, weight[safe].float(), 0.0).sum()
+            *_, target_weight = target_weights(target, options.ignore_index, weight, torch.float32)
+            denominator = target_weight.sum()
             row_scale = (1.0 / denominator).expand(logits.shape[0])
         else:
             row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
@@ -132,8 +151,7 @@ class TritonEL(torch.autograd.Function):
         # In place, the kernel writes through the raw pointer: autograd is not told (as in
         # Liger-Kernel), and the gradient is held on ctx rather than saved.
         grad = logits if in_place else torch.empty_like(logits)
-        row_loss = _launch(logits, flat_target, weight, bonus_weight, ignore_index,
-                           label_smoothing, rho, bonus, row_scale, grad)  # fmt: skip
+        row_loss = launch_rows(logits, target, grad, row_scale, options, weight, bonus_weight)
         ctx.reduction = reduction
         ctx.grad = grad
         if reduction == "none":
@@ -154,9 +172,10 @@ class TritonEL(torch.autograd.Function):
             grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
         else:
             grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
+@takes_options(LossOptions)
 def triton_encouraging_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -165,17 +184,16 @@ def triton_encouraging_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
-    bonus_scale: float = 1.0,
-    bonus: Bonus | None = None,
     bonus_weight: torch.Tensor | None = None,
     in_place: bool = False,
+    **options,
 ) -> torch.Tensor:
-    """The encouraging loss of (N, C) or (C) logits by the Triton kernels (validated inputs).
+    """The encouraging loss of (N, C) or (C) logits by the Triton kernels.
 
-    :func:`encouraging_loss` calls this with ``backend="triton"`` (or ``"auto"`` on CUDA); call it
-    directly for ``in_place=True``: the gradient is then written over ``logits``, which must be a
-    contiguous leaf-free tensor the caller does not read again (it holds the gradient after the
-    forward call), saving one (N, C) buffer.
+    :func:`encouraging_loss` calls these kernels with ``backend="triton"`` (or ``"auto"`` on
+    CUDA); call this directly for ``in_place=True``: the gradient is then written over
+    ``logits``, which must be a contiguous leaf-free tensor the caller does not read again (it
+    holds the gradient after the forward call), saving one (N, C) buffer.
 
     Args:
         logits: (N, C) or (C) float32/bfloat16/float16 logits, CUDA (or CPU under
@@ -185,10 +203,9 @@ def triton_encouraging_loss(
         ignore_index: target value that contributes nothing.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in [0, 1].
-        bonus_scale: rho.
-        bonus: the :class:`Bonus` shape (default: log with ``log_end=0.75``).
         bonus_weight: optional (C,) bonus weights.
         in_place: write the gradient over ``logits`` (see above).
+        **options: the other options of :class:`~encouraging_loss.options.LossOptions`.
 
     Returns:
         The loss in the logits' dtype, as :func:`encouraging_loss` returns it.
@@ -200,20 +217,28 @@ def triton_encouraging_loss(
         >>> if triton_can_run(logits):  # CUDA, or TRITON_INTERPRET=1
         ...     triton_encouraging_loss(logits, torch.tensor([1, 2, 3, -100])).backward()
     """
+    options = LossOptions.of(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **options
+    )
     check_input_and_target(logits, target)
-    check_int("ignore_index", ignore_index)
-    check_reduction(reduction)
-    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    bonus_scale = check_real("bonus_scale", bonus_scale)
     num_classes = logits.shape[-1]
     weight = check_class_vector("weight", weight, num_classes, logits)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, logits)
-    bonus = Bonus() if bonus is None else bonus
-    if not isinstance(bonus, Bonus):
-        raise TypeError(f"bonus must be a Bonus, got {type(bonus).__name__}")
+    return triton_loss_with_options(logits, target, options, weight, bonus_weight, in_place)
+
+
+def triton_loss_with_options(
+    logits, target, options: LossOptions, weight=None, bonus_weight=None, in_place: bool = False
+) -> torch.Tensor:
+    """:func:`triton_encouraging_loss` for checked tensors and built options.
+
+    Raises:
+        ValueError: when the kernels cannot compute this loss (the reason) or run here.
+        TypeError: for a non-bool ``in_place``.
+    """
     if not isinstance(in_place, bool):
         raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
-    why_not = triton_supports(logits, target, label_smoothing, bonus)
+    why_not = triton_supports(logits, target, options)
     if why_not is not None:
         raise ValueError(why_not)
     if not triton_can_run(logits):
@@ -232,9 +257,7 @@ def triton_encouraging_loss(
         weight = weight.float().contiguous()
     if bonus_weight is not None:
         bonus_weight = bonus_weight.float().contiguous()
-    loss = TritonEL.apply(rows, target, weight, bonus_weight, ignore_index,
-                          float(label_smoothing), float(bonus_scale), bonus, reduction,
-                          in_place)  # fmt: skip
-    if reduction == "none" and squeeze:
+    loss = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place)
+    if options.reduction == "none" and squeeze:
         loss = loss.reshape(())
     return loss.to(logits.dtype)

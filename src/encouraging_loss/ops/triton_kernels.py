@@ -1,7 +1,7 @@
 """The Triton kernels of :mod:`.triton_el` (imported on first launch: importing triton is slow).
 
-See :mod:`.triton_el` for the maths; ``_hard_target_kernel`` handles rows with one target class,
-``_smoothed_kernel`` label-smoothed rows. One program per row, ``BLOCK`` classes at a time.
+See :mod:`.triton_el` for the maths; ``hard_target_kernel`` handles rows with one target class,
+``smoothed_kernel`` label-smoothed rows. One program per row, ``BLOCK`` classes at a time.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _bonus(p, one_minus_p, log_p, log_one_minus_p, log_end, log1m_end, inv_1m_en
     return value, slope
 
 @triton.jit
-def _hard_target_kernel(
+def hard_target_kernel(
     logits_ptr, logits_stride, grad_ptr, grad_stride, target_ptr, weight_ptr,
     bonus_weight_ptr, loss_ptr, scale_ptr, n_cols, ignore_index, rho, log_end, log1m_end,
     inv_1m_end, gamma, start, start_value,
@@ -115,7 +115,7 @@ def _hard_target_kernel(
         tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 @triton.jit
-def _smoothed_kernel(
+def smoothed_kernel(
     logits_ptr, logits_stride, grad_ptr, grad_stride, target_ptr, weight_ptr,
     bonus_weight_ptr, loss_ptr, scale_ptr, n_cols, ignore_index, rho, smoothing,
     log_end, log1m_end, inv_1m_end,
