@@ -130,12 +130,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["small", "rows"])
+@pytest.fixture(params=["small", "small-general", "rows"])
 def loss_path(request, monkeypatch):
-    """Run a test on the small-problem path (where it applies) and again on the row paths."""
-    if request.param == "rows":
-        from encouraging_loss.ops import small
+    """Run a test on the small-problem path (where it applies: its few-operation case first),
+    on that path without its few-operation case, and on the row paths."""
+    from encouraging_loss.ops import small
 
+    if request.param == "small-general":
+        monkeypatch.setattr(small, "HARD_LOG_BONUS_FAST", False)
+    if request.param == "rows":
         monkeypatch.setattr(small, "SMALL_MAX_ELEMENTS", -1)
     return request.param
 

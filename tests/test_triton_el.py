@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import reference_loss  # noqa: E402
+from conftest import grad_of, reference_loss  # noqa: E402
 
 pytest.importorskip("triton")
 if os.environ["TRITON_INTERPRET"] != "1":
@@ -255,3 +255,34 @@ def test_fused_linear_with_triton_chunks_accumulating_in_bf16():
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_new_bonus_shape_is_refused_by_the_kernels_and_runs_on_torch(monkeypatch):
+    """A shape added to bonus.SHAPES without kernel code: triton_supports names it, "auto" and
+    "torch" compute it (small-problem and row paths alike), "triton" refuses it."""
+    from encouraging_loss import bonus as bonus_module
+    from encouraging_loss.ops import small
+    from encouraging_loss.options import LossOptions
+
+    # b(p) = -p^2: g = p (1 - p) b'(p) = -2 p^2 (1 - p), r = p b'(p) = -2 p^2.
+    square = bonus_module.Shape(
+        terms=lambda bonus, p, one_minus_p, log_one_minus_p: (-p * p, -2 * p * p * one_minus_p),
+        ratio=lambda bonus, p, one_minus_p: (-p * p, -2 * p * p),
+    )
+    monkeypatch.setitem(bonus_module.SHAPES, "square", square)
+    logits, target = case(ignore=())
+    reason = triton_el.triton_supports(logits, target, LossOptions(bonus="square"))
+    assert reason is not None and "'square'" in reason
+    with pytest.raises(ValueError, match="square"):
+        encouraging_loss(logits, target, bonus="square", backend="triton")
+
+    x = logits.double().requires_grad_()
+    p = torch.softmax(x, 1).gather(1, target[:, None]).squeeze(1)
+    expected = (-torch.log(p) - p * p).mean()
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    for max_elements in (small.SMALL_MAX_ELEMENTS, -1):  # the small-problem path, the row paths
+        monkeypatch.setattr(small, "SMALL_MAX_ELEMENTS", max_elements)
+        for backend in ("auto", "torch"):
+            value, grad = grad_of(encouraging_loss, x, target, bonus="square", backend=backend)
+            torch.testing.assert_close(value, expected)
+            torch.testing.assert_close(grad, expected_grad)

@@ -7,7 +7,7 @@ import torch
 from ._validate import check_class_vector, check_input_and_target, check_target_range
 from .ops.index_targets import IndexTargetRows
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
-from .ops.small import small_encouraging_loss, small_path_supports
+from .ops.small import hard_log_bonus_loss, small_encouraging_loss, small_path_supports
 from .ops.triton_el import triton_can_run, triton_loss_with_options, triton_supports
 from .options import LossOptions, takes_options
 
@@ -37,7 +37,7 @@ def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torc
 
 def use_triton_backend(input, target, options: LossOptions) -> bool:
     """Whether to run the Triton kernels (see ``backend`` in :class:`LossOptions`)."""
-    if options.backend == "torch":
+    if options.backend == "torch" or (options.backend == "auto" and not input.is_cuda):
         return False
     why_not = triton_supports(input, target, options)
     if options.backend == "auto":
@@ -141,6 +141,10 @@ def encouraging_loss_with_options(
     Returns:
         The loss, as :func:`encouraging_loss` returns it.
     """
+    if weight is None and bonus_weight is None:
+        fast = hard_log_bonus_loss(input, target, options)
+        if fast is not None:
+            return fast
     is_index = check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     weight = check_class_vector("weight", weight, num_classes, input)

@@ -35,6 +35,7 @@ runs). :func:`small_path_supports` says which calls this path takes; the rest go
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -524,3 +525,132 @@ def small_encouraging_loss(input, target, weight, bonus_weight, options: LossOpt
         return SmallEL.apply(input, problem)
     loss, _ = problem.loss_and_grad(input)
     return loss
+
+
+# --- The common case in the fewest operations -----------------------------------------------
+#: Whether :func:`hard_log_bonus_loss` takes the calls it supports (tests switch it off to
+#: run the same calls through :class:`SmallProblem`).
+HARD_LOG_BONUS_FAST = True
+
+
+def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float):
+    """(the loss as a float, the gradient buffer for a unit incoming gradient, whether the buffer
+    is class-major) of a :func:`hard_log_bonus_loss` call.
+
+    The terms of :meth:`SmallProblem._conservative_log` with nothing else around them (the
+    module docstring gives the exactness argument): at the shapes this path serves each torch
+    operation costs microseconds whatever its size, so the count of operations is the cost.
+    """
+    rows_count, num_classes = input.shape
+    class_major = num_classes < CLASS_MAJOR_BELOW
+    if class_major:
+        rows, dim, index = input.t(), 0, target.view(1, rows_count)
+    else:
+        rows, dim, index = input, 1, target.view(rows_count, 1)
+    # The float64 log-softmax where it is cheap (classes on the leading dimension, or a float64
+    # input); else float32 and log p_y corrected in float64 (see _Logits).
+    exact = class_major or input.dtype == torch.float64
+    log_probs = torch.log_softmax(rows, dim, dtype=torch.float64 if exact else None)
+    # Rows of the value's terms: log p_y, p_y - 1, u = max(1 - p_y, floor), log u.
+    terms = torch.empty((4, *index.shape), dtype=torch.float64)
+    if exact:
+        log_p = torch.gather(log_probs, dim, index, out=terms[0])
+        buffer = log_probs.exp_()
+    else:
+        stats = torch.empty((3, *index.shape), dtype=input.dtype)
+        torch.gather(rows, dim, index, out=stats[0])
+        torch.amax(rows, dim, keepdim=True, out=stats[1])
+        torch.amax(log_probs, dim, keepdim=True, out=stats[2])
+        buffer = log_probs.exp_()
+        log_norm = buffer.sum(dim, keepdim=True, dtype=torch.float64).log_()
+        stats = stats.double()
+        log_p = torch.sub(stats[0], stats[1], out=terms[0]).add_(stats[2]).sub_(log_norm)
+    lost = torch.expm1(log_p, out=terms[1])
+    buffer.scatter_(dim, index, lost if exact else lost.to(buffer.dtype))  # p - onehot_y
+    bound = torch.neg(lost, out=terms[2]).clamp_min_(floor)
+    torch.log(bound, out=terms[3])
+    sum_log_p, sum_lost, sum_bound, sum_log_bound = terms.view(4, -1).sum(1).tolist()
+    # sum_rows -log p + rho (log u - (u - (1 - p)) / floor), and the gradient factor
+    # (1 + rho p / u) times the mean's.
+    total = -sum_log_p + rho * (sum_log_bound - (sum_bound + sum_lost) / floor)
+    factor = torch.addcdiv(_scalar(scale), lost.add_(1.0), bound, value=rho * scale)
+    buffer.mul_(factor if exact else factor.to(buffer.dtype))
+    return total * scale, buffer, class_major
+
+
+class _HardLogBonusEL(torch.autograd.Function):
+    """The loss of :func:`hard_log_bonus_loss`, its gradient built in forward.
+
+    Inputs: logits (N, C), targets (N,) int64, rho, floor = 1 - log_end, the mean's factor.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, rho: float, floor: float, scale: float):
+        value, buffer, ctx.class_major = _hard_log_bonus_terms(input, target, rho, floor, scale)
+        # The arguments, not saved tensors: a second backward through a retained graph (the
+        # first one consumes the buffer) recomputes from them.
+        ctx.buffer, ctx.arguments = buffer, (input.detach(), target, rho, floor, scale)
+        return torch.full((), value, dtype=input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        buffer, ctx.buffer = ctx.buffer, None
+        if buffer is None:
+            _, buffer, _ = _hard_log_bonus_terms(*ctx.arguments)
+        dtype = ctx.arguments[0].dtype
+        if ctx.class_major:
+            # One pass that transposes, scales and rounds to the input's dtype.
+            grad = torch.empty(buffer.shape[::-1], dtype=dtype)
+            return torch.mul(buffer.t(), grad_output, out=grad), None, None, None, None
+        return buffer.mul_(grad_output).to(dtype), None, None, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float) -> torch.Tensor:
+    """A float64 0-dim tensor of ``value``, built once (the factor's addend)."""
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | None:
+    """The loss of the most common call in the fewest operations, or None where it does not apply.
+
+    It applies to eager CPU calls with (N, C) float32/float64 logits of at most
+    :data:`SMALL_MAX_ELEMENTS` and at least two classes, (N,) int64 class indices none of which
+    is ignored, the conservative log bonus (log_end < 1) from p = 0, no label smoothing, no
+    class or bonus weights and the "mean" or "sum" reduction. The shapes are checked here (they
+    are the conditions), the index range by the gather, which fails outside [0, C): a target
+    equal to ``ignore_index`` or out of range returns None, and the general route handles it.
+
+    Args:
+        input: the logits.
+        target: the targets.
+        options: the loss options.
+    """
+    if not (
+        HARD_LOG_BONUS_FAST
+        and isinstance(input, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and input.dim() == 2
+        and target.dim() == 1
+        and target.dtype == torch.int64
+        and input.dtype in (torch.float32, torch.float64)
+        and input.is_cpu
+        and target.is_cpu
+        and input.shape[1] >= 2
+        and input.shape[0] == target.shape[0] > 0
+        and input.numel() <= SMALL_MAX_ELEMENTS
+        and options.label_smoothing == 0.0
+        and options.reduction != "none"
+        and options.bonus == "log"
+        and options.log_end < 1.0
+        and options.bonus_start == 0.0
+        and options.bonus_scale != 0.0
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    scale = 1.0 / input.shape[0] if options.reduction == "mean" else 1.0
+    try:
+        return _HardLogBonusEL.apply(input, target, options.bonus_scale, 1.0 - options.log_end,
+                                     scale)  # fmt: skip
+    except (RuntimeError, IndexError):
+        return None  # an ignored or out-of-range target: the general route
