@@ -26,63 +26,57 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind: type, text: str, positive: bool):
-    """``text`` as a ``kind`` (> 0 if ``positive``); an argparse error names what was wanted."""
-    wanted = f"a positive {'integer' if kind is int else 'number'}" if positive else "a number"
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-    if positive and not value > 0:
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
-    return value
+def _number(kind: type, positive: bool, wanted: str):
+    """An argparse type: the text as a ``kind`` (> 0 if ``positive``); errors name ``wanted``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if positive and not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
-    return _number(int, text, positive=True)
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    return _number(float, text, positive=True)
-
-
-def real(text: str) -> float:
-    """argparse type: any number."""
-    return _number(float, text, positive=False)
+positive_int = _number(int, True, "a positive integer")
+positive_float = _number(float, True, "a positive number")
+real = _number(float, False, "a number")
 
 
 def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -> None:
     """The options of every job: preset, data, output, resume, device, threads, workers."""
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--preset",
         default=default_preset,
         choices=presets,
         help="recipe size: quick (minutes on 2 CPU cores), standard (≤10 min for reproduce), "
         f"full (GPU recipes). Default: {default_preset}",
     )
-    parser.add_argument(
+    add(
         "--data-root",
         metavar="DIR",
         help="folder holding datasets by name (DIR/fashion-mnist, DIR/mnist, DIR/cifar10...); "
         "default $ENCOURAGING_LOSS_DATA or ~/.cache/encouraging-loss/data; Fashion-MNIST is also "
         "found at /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist)",
     )
-    parser.add_argument(
+    add(
         "--download",
         action="store_true",
         help="download a missing dataset into the data root with torchvision (needs internet "
         "and torchvision; never done implicitly; image datasets only)",
     )
-    parser.add_argument("--out", metavar="DIR", help="output folder for results and report")
-    parser.add_argument(
+    add("--out", metavar="DIR", help="output folder for results and report")
+    add(
         "--resume",
         action="store_true",
         help="continue an interrupted run in --out: finished (loss, seed) runs are reused and an "
         "unfinished one restarts from its last epoch checkpoint, ending with identical metrics",
     )
-    parser.add_argument(
+    add(
         "--jobs",
         type=positive_int,
         metavar="N",
@@ -90,21 +84,19 @@ def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -
         "threads; the result of each run is the same as with --jobs 1 (in-process). Default: "
         "the machine's cores for the 1-thread CPU presets, else 1",
     )
-    parser.add_argument(
+    add(
         "--device",
         help="cpu, cuda, cuda:N or auto (default: the preset's; cpu for quick and "
         "standard, auto for full)",
     )
-    parser.add_argument(
+    add(
         "--no-amp",
         dest="amp",
         action="store_false",
         help="disable bfloat16 autocast on CUDA (never used on CPU)",
     )
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide progress output"
-    )
-    parser.add_argument(
+    add("--no-progress", dest="progress", action="store_false", help="hide progress output")
+    add(
         "--threads",
         type=int,
         metavar="N",
@@ -115,7 +107,10 @@ def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -
 
 def _add_training(parser: argparse.ArgumentParser, task) -> None:
     """The options that override a preset's recipe, worded for ``task``."""
-    parser.add_argument(
+    from .trainer import OPTIMIZERS, SCHEDULES
+
+    add = parser.add_argument
+    add(
         "--losses",
         help="comma-separated loss names with parameters, e.g. ce,el,el:log_end=1,ls-ce:0.1,"
         "ls-el:0.1,el:bonus=power,bonus_gamma=2,focal:gamma=2,poly1:epsilon=1; "
@@ -124,44 +119,34 @@ def _add_training(parser: argparse.ArgumentParser, task) -> None:
         f"Families: {', '.join(task.loss_families)}. Default: {task.default_losses}",
     )
     seeds = ", ".join(f"{p} {task.default_seeds(p)}" for p in task.presets)
-    parser.add_argument(
-        "--seeds", type=positive_int, help=f"seeds (0..N-1) per loss; default by preset: {seeds}"
-    )
+    add("--seeds", type=positive_int, help=f"seeds (0..N-1) per loss; default by preset: {seeds}")
     if task.datasets:
-        parser.add_argument(
-            "--dataset", help=f"dataset: {', '.join(task.datasets)} (default: the preset's)"
-        )
+        add("--dataset", help=f"dataset: {', '.join(task.datasets)} (default: the preset's)")
     if task.models:
-        parser.add_argument(
-            "--model", help=f"architecture: {', '.join(task.models)} (default: the preset's)"
-        )
-    parser.add_argument(
+        add("--model", help=f"architecture: {', '.join(task.models)} (default: the preset's)")
+    add(
         "--lr",
         type=positive_float,
         help="learning rate for every loss (overrides the preset's per-loss rates)",
     )
-    parser.add_argument(
+    add(
         "--clip-grad-norm",
         type=positive_float,
         metavar="MAX",
         help="clip the global gradient norm to MAX (default: no clipping)",
     )
-    parser.add_argument("--epochs", type=positive_int, help="epochs (default: the preset's)")
-    parser.add_argument("--batch-size", type=positive_int, help="global batch size")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), help="optimizer")
-    parser.add_argument(
-        "--schedule", choices=("cosine", "multistep", "constant"), help="learning-rate schedule"
-    )
-    parser.add_argument("--weight-decay", type=real, help="weight decay")
-    parser.add_argument(
+    add("--epochs", type=positive_int, help="epochs (default: the preset's)")
+    add("--batch-size", type=positive_int, help="global batch size")
+    add("--optimizer", choices=OPTIMIZERS, help="optimizer")
+    add("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    add("--weight-decay", type=real, help="weight decay")
+    add(
         "--train-size",
         type=positive_int,
         help="use a fixed random subset of this many train examples (val included)",
     )
-    parser.add_argument(
-        "--test-size", type=positive_int, help="score on a fixed random subset of this many"
-    )
-    parser.add_argument(
+    add("--test-size", type=positive_int, help="score on a fixed random subset of this many")
+    add(
         "--stop-after-epochs",
         type=positive_int,
         metavar="K",
@@ -170,11 +155,7 @@ def _add_training(parser: argparse.ArgumentParser, task) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser: one ``run`` sub-command per registered task.
-
-    Returns:
-        The parser.
-    """
+    """The argument parser: one ``run`` sub-command per registered task."""
     from .tasks import MAIN_JOB, TASKS, load_task
 
     parser = _OneLineParser(
@@ -260,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(results))
     config = results["config"]
     print(f"report: {Path(config['out']) / 'report.md'} ({config['wall_seconds']:.1f} s)")
-    failed = results["config"].get("failed_runs", [])
+    failed = config.get("failed_runs", [])
     for run in failed:
         print(
             f"{PROG}: run {run['loss']} seed {run['seed']} failed: {run['error']}", file=sys.stderr

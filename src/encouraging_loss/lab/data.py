@@ -90,24 +90,16 @@ class ImageDataset:
 
 
 def default_data_root() -> Path:
-    """Return the data root used when ``--data-root`` is not given.
-
-    Returns:
-        ``$ENCOURAGING_LOSS_DATA`` if set and non-empty, else ``~/.cache/encouraging-loss/data``.
-    """
+    """The data root without ``--data-root``: ``$ENCOURAGING_LOSS_DATA`` if set, else the cache."""
     env = os.environ.get(ENV_VAR, "").strip()
     return Path(env).expanduser() if env else DEFAULT_CACHE_ROOT.expanduser()
 
 
 def candidate_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[Path]:
-    """List the folders searched for dataset ``name``, in order.
+    """The folders searched for dataset ``name`` (one of :data:`DATASETS`), first match wins.
 
     Args:
-        name: one of :data:`DATASETS`.
         data_root: explicit root holding datasets by name; ``None`` uses :func:`default_data_root`.
-
-    Returns:
-        Folders to try, first match wins.
 
     Raises:
         ValueError: if ``name`` is not a known dataset.
@@ -127,14 +119,7 @@ def _has_files(name: str, folder: Path) -> bool:
 
 
 def find_dataset(name: str, data_root: str | os.PathLike | None = None) -> Path:
-    """Return the folder holding dataset ``name``.
-
-    Args:
-        name: one of :data:`DATASETS`.
-        data_root: explicit data root, or ``None`` for the default search.
-
-    Returns:
-        The first candidate folder that holds the dataset's files.
+    """The first of :func:`candidate_dirs` that holds dataset ``name``'s files.
 
     Raises:
         DatasetNotFoundError: with a one-line message listing every folder searched.
@@ -213,16 +198,8 @@ def load_idx_dataset(name: str, folder: str | os.PathLike) -> ImageDataset:
         splits[split] = (x, y)
     if splits["t10k"] is None:
         raise FileNotFoundError(f"folder: no t10k idx files in {folder}")
-    train = splits["train"]
-    return ImageDataset(
-        name=name,
-        train_images=None if train is None else train[0],
-        train_labels=None if train is None else train[1],
-        test_images=splits["t10k"][0],
-        test_labels=splits["t10k"][1],
-        classes=_CLASS_NAMES.get(name, tuple(str(i) for i in range(10))),
-        source=folder,
-    )
+    classes = _CLASS_NAMES.get(name, tuple(str(i) for i in range(10)))
+    return ImageDataset(name, *(splits["train"] or (None, None)), *splits["t10k"], classes, folder)
 
 
 def _cifar_pickle_dir(folder: Path) -> Path | None:
@@ -256,6 +233,25 @@ def _subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
     return order if limit is None else np.sort(order[:limit])
 
 
+def _check_limits(max_train: int | None, max_test: int | None) -> None:
+    for arg, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{arg}: must be positive or None, got {value}")
+
+
+def _cifar_split(pickles: Path | None, pack: dict, split: str, limit: int | None, seed: int):
+    """``(images, labels)`` of one CIFAR-10 split: a seeded random subset (all, shuffled, if
+    ``limit`` is ``None``), from the pickles in ``pickles`` or else the JPEG ``pack``."""
+    if pickles is not None:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        images, labels = zip(*(_read_cifar_batch(pickles / name) for name in files), strict=True)
+        keep = _subset_indices(sum(map(len, labels)), limit, seed)
+        return np.concatenate(images)[keep], np.concatenate(labels)[keep]
+    keep = _subset_indices(len(pack[f"{split}_labels"]), limit, seed)
+    images = _decode_jpegs(pack[f"{split}_jpeg"], pack[f"{split}_offsets"], keep)
+    return images, pack[f"{split}_labels"][keep].astype(np.int64)
+
+
 def load_cifar10(
     folder: str | os.PathLike,
     max_train: int | None = None,
@@ -277,40 +273,17 @@ def load_cifar10(
         FileNotFoundError: if neither layout is present.
         ValueError: if a limit is not positive.
     """
-    for arg, value in (("max_train", max_train), ("max_test", max_test)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{arg}: must be positive or None, got {value}")
+    _check_limits(max_train, max_test)
     folder = Path(folder)
-    pickles = _cifar_pickle_dir(folder)
-    if pickles is not None:
-        parts = [_read_cifar_batch(pickles / f"data_batch_{i}") for i in range(1, 6)]
-        train_x = np.concatenate([p[0] for p in parts])
-        train_y = np.concatenate([p[1] for p in parts])
-        test_x, test_y = _read_cifar_batch(pickles / "test_batch")
-        train_idx = _subset_indices(len(train_y), max_train, subset_seed)
-        test_idx = _subset_indices(len(test_y), max_test, subset_seed + 1)
-        train_x, train_y = train_x[train_idx], train_y[train_idx]
-        test_x, test_y = test_x[test_idx], test_y[test_idx]
-    elif (folder / CIFAR10_NPZ).is_file():
-        with np.load(folder / CIFAR10_NPZ) as pack:
-            arrays = {key: pack[key] for key in pack.files}
-        train_idx = _subset_indices(len(arrays["train_labels"]), max_train, subset_seed)
-        test_idx = _subset_indices(len(arrays["test_labels"]), max_test, subset_seed + 1)
-        train_x = _decode_jpegs(arrays["train_jpeg"], arrays["train_offsets"], train_idx)
-        test_x = _decode_jpegs(arrays["test_jpeg"], arrays["test_offsets"], test_idx)
-        train_y = arrays["train_labels"][train_idx].astype(np.int64)
-        test_y = arrays["test_labels"][test_idx].astype(np.int64)
-    else:
-        raise FileNotFoundError(f"folder: no CIFAR-10 pickles or {CIFAR10_NPZ} in {folder}")
-    return ImageDataset(
-        name="cifar10",
-        train_images=train_x,
-        train_labels=train_y,
-        test_images=test_x,
-        test_labels=test_y,
-        classes=_CLASS_NAMES["cifar10"],
-        source=folder,
-    )
+    pickles, pack = _cifar_pickle_dir(folder), {}
+    if pickles is None:
+        if not (folder / CIFAR10_NPZ).is_file():
+            raise FileNotFoundError(f"folder: no CIFAR-10 pickles or {CIFAR10_NPZ} in {folder}")
+        with np.load(folder / CIFAR10_NPZ) as npz:
+            pack = {key: npz[key] for key in npz.files}
+    train = _cifar_split(pickles, pack, "train", max_train, subset_seed)
+    test = _cifar_split(pickles, pack, "test", max_test, subset_seed + 1)
+    return ImageDataset("cifar10", *train, *test, _CLASS_NAMES["cifar10"], folder)
 
 
 def load_dataset(
@@ -329,18 +302,14 @@ def load_dataset(
         max_test: keep at most this many test examples (seeded random subset).
         subset_seed: seed of the subset choice; fixed across runs so losses see the same data.
 
-    Returns:
-        The loaded dataset.
-
     Raises:
         DatasetNotFoundError: if the dataset is in none of the searched folders.
+        ValueError: if a limit is not positive.
     """
     folder = find_dataset(name, data_root)
     if name == "cifar10":
         return load_cifar10(folder, max_train, max_test, subset_seed)
-    for arg, value in (("max_train", max_train), ("max_test", max_test)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{arg}: must be positive or None, got {value}")
+    _check_limits(max_train, max_test)
     data = load_idx_dataset(name, folder)
     if data.train_images is not None and max_train is not None:
         keep = _subset_indices(len(data.train_labels), max_train, subset_seed)
@@ -352,13 +321,7 @@ def load_dataset(
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """Convert uint8 images to float ``(N, C, H, W)`` in ``[0, 1]``.
-
-    Args:
-        images: ``(N, H, W)`` or ``(N, H, W, C)`` uint8 array.
-
-    Returns:
-        A float32 tensor with a channel axis.
+    """``(N, H, W)`` or ``(N, H, W, C)`` uint8 images as a float32 ``(N, C, H, W)`` in ``[0, 1]``.
 
     Raises:
         ValueError: if ``images`` is not 3- or 4-dimensional.
@@ -499,18 +462,14 @@ def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
 def find_data_folder(
     relative: str, required: tuple[str, ...], data_root: str | os.PathLike | None = None
 ) -> Path:
-    """Return ``ROOT/relative`` when it holds every ``required`` file (for non-image tasks).
+    """``ROOT/relative`` (e.g. ``"tu/PROTEINS"``) when it holds every ``required`` file.
 
-    The root is looked up as for the image datasets (``--data-root``, ``$ENCOURAGING_LOSS_DATA``,
-    then ``~/.cache/encouraging-loss/data``), e.g. ``relative="tu/PROTEINS"`` or ``"multi30k"``.
+    For non-image tasks; the root is found as for the image datasets.
 
     Args:
         relative: folder under the data root.
         required: file names (relative to that folder) that must all exist.
         data_root: explicit data root or ``None`` for the default.
-
-    Returns:
-        The folder.
 
     Raises:
         ValueError: if ``relative`` is empty or absolute.

@@ -30,11 +30,7 @@ def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example margin ``z_y - max_{j != y} z_j``.
-
-    Args:
-        logits: ``(N, C)`` logits.
-        targets: ``(N,)`` class indices.
+    """Per-example margins ``z_y - max_{j != y} z_j`` of ``(N, C)`` logits and ``(N,)`` targets.
 
     Returns:
         ``(N,)`` margins (positive = correctly classified).
@@ -50,11 +46,7 @@ def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def energies(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example energies ``-z_y`` and ``-logsumexp(z)``.
-
-    Args:
-        logits: ``(N, C)`` logits.
-        targets: ``(N,)`` class indices.
+    """Per-example energies ``-z_y`` and ``-logsumexp(z)`` of ``(N, C)`` logits, ``(N,)`` targets.
 
     Returns:
         ``(energy_true, energy_free)``, each ``(N,)``.
@@ -70,20 +62,11 @@ def energies(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 def summarize(values: torch.Tensor, prefix: str) -> dict[str, float]:
     """Mean, std and quantiles of a 1-D tensor as ``{prefix_mean, prefix_q05, ...}``.
 
-    Args:
-        values: 1-D tensor, non-empty.
-        prefix: metric-name prefix.
-
-    Returns:
-        The summary dict.
-
     Raises:
         ValueError: if ``values`` is empty or not 1-D.
     """
     if values.ndim != 1 or values.numel() == 0:
-        raise ValueError(
-            f"values: expected a non-empty 1-D tensor, got shape {tuple(values.shape)}"
-        )
+        raise ValueError(f"values: expected non-empty 1-D, got shape {tuple(values.shape)}")
     values = values.double()
     out = {f"{prefix}_mean": values.mean().item(), f"{prefix}_std": values.std().item()}
     qs = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64))
@@ -119,24 +102,17 @@ def calibration(
     # Bin i holds confidences in (edges[i], edges[i+1]]; confidence is >= 1/C > 0.
     which = torch.bucketize(confidence.double(), edges[1:-1], right=False)
     ece = 0.0
-    bins: dict[str, list[float]] = {
-        "edges": edges.tolist(),
-        "confidence": [],
-        "accuracy": [],
-        "count": [],
-    }
+    bins = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
     for i in range(n_bins):
         mask = which == i
         count = int(mask.sum())
-        bins["count"].append(count)
-        if count == 0:
-            bins["confidence"].append(float("nan"))
-            bins["accuracy"].append(float("nan"))
-            continue
+        # The mean of an empty bin is NaN.
         conf, acc = confidence[mask].double().mean().item(), correct[mask].mean().item()
+        bins["count"].append(count)
         bins["confidence"].append(conf)
         bins["accuracy"].append(acc)
-        ece += count / len(targets) * abs(conf - acc)
+        if count:
+            ece += count / len(targets) * abs(conf - acc)
     return ece, bins
 
 
@@ -144,14 +120,7 @@ def calibration(
 def extract_features(
     model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of ``model`` (which must have ``features`` and
-    ``classifier``), in eval mode.
-
-    Args:
-        model: a lab model.
-        x: inputs.
-        batch_size: evaluation batch size.
-        device: where to run.
+    """Penultimate features and logits of a lab model on ``x``, in eval mode.
 
     Returns:
         ``(features, logits)`` on the CPU, float32.
@@ -200,10 +169,8 @@ def linear_probe_accuracy(
     scikit-learn needed) and scored on test features.
 
     Args:
-        train_features: ``(N, D)`` features of the training split.
-        train_labels: ``(N,)`` labels.
-        test_features: ``(M, D)`` features of the test split.
-        test_labels: ``(M,)`` labels.
+        train_features: ``(N, D)`` features of the training split (labels ``train_labels``).
+        test_features: ``(M, D)`` features of the test split (labels ``test_labels``).
         weight_decay: L2 penalty on the probe's weights.
         max_iter: L-BFGS iterations.
         seed: seed of the probe's initialisation.
@@ -259,10 +226,9 @@ def classifier_retraining_accuracy(
     result is scored on the test split.
 
     Args:
-        train_features: ``(N, D)`` frozen penultimate features of the training split.
-        train_labels: ``(N,)`` labels.
-        test_features: ``(M, D)`` features of the test split.
-        test_labels: ``(M,)`` labels.
+        train_features: ``(N, D)`` frozen penultimate features of the training split (labels
+            ``train_labels``).
+        test_features: ``(M, D)`` features of the test split (labels ``test_labels``).
         epochs: passes over the training features.
         lr: SGD learning rate (momentum 0.9, cosine decay).
         batch_size: mini-batch size.
@@ -304,8 +270,6 @@ def logit_diagnostics(logits: torch.Tensor, targets: torch.Tensor, prefix: str =
     """Accuracy, NLL, margin and energy summaries and ECE of one split's logits.
 
     Args:
-        logits: ``(N, C)`` logits.
-        targets: ``(N,)`` labels.
         prefix: prepended to every metric name (e.g. ``"train_"``); test metrics use ``""``.
 
     Returns:
@@ -375,9 +339,7 @@ def classifier_diagnostics(
     """
     for name, pair in (("train", train), ("test", test)):
         if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise ValueError(
-                f"{name}: expected an (inputs, labels) pair, got {type(pair).__name__}"
-            )
+            raise ValueError(f"{name}: expected (inputs, labels), got {type(pair).__name__}")
     (train_x, train_y), (test_x, test_y) = train, test
     train_features, train_logits = extract_features(model, train_x, batch_size, device)
     test_features, test_logits = extract_features(model, test_x, batch_size, device)

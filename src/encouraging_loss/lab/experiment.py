@@ -20,7 +20,7 @@ import platform
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -37,17 +37,6 @@ from .trainer import (
     resolve_device,
     train,
     world_size,
-)
-
-TRAIN_OVERRIDES = (
-    "lr",
-    "clip_grad_norm",
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "schedule",
-    "weight_decay",
-    "device",
 )
 
 
@@ -111,16 +100,15 @@ class Options:
         """
         if self.preset not in presets:
             raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(presets)}")
-        for name in ("seeds", "jobs", "stop_after_epochs"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be at least 1, got {value}")
-        if self.threads is not None and self.threads < 0:
-            raise ValueError(f"threads: must be >= 0 (0 = torch default), got {self.threads}")
-        for name in ("train_size", "test_size"):
-            value = getattr(self, name)
-            if value is not None and value < 10:
-                raise ValueError(f"{name}: must be at least 10, got {value}")
+        for low, names in (
+            (1, ("seeds", "jobs", "stop_after_epochs")),
+            (0, ("threads",)),
+            (10, ("train_size", "test_size")),
+        ):
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value < low:
+                    raise ValueError(f"{name}: must be at least {low}, got {value}")
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise ValueError(f"data_root: {self.data_root} is not a folder")
         if self.device is not None:
@@ -143,6 +131,12 @@ class Options:
         if threads is not None:
             torch.set_num_threads(threads)
         return threads
+
+
+# The options that override the preset's TrainConfig field of the same name (``amp`` combines).
+TRAIN_OVERRIDES = tuple(
+    f.name for f in fields(Options) if f.name in {t.name for t in fields(TrainConfig)} - {"amp"}
+)
 
 
 @dataclass
@@ -263,14 +257,13 @@ def run_experiment(options: Options) -> dict | None:
     if rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    records = {}
-    if options.resume:
-        for spec in specs:
-            for seed in seeds:
-                record = io.load_record(out_dir, spec.name, seed)
-                if record is not None:
-                    records[spec.name, seed] = record
-    pending = [(s, seed) for s in specs for seed in seeds if (s.name, seed) not in records]
+    runs = [(spec, seed) for spec in specs for seed in seeds]
+    records = {  # --resume: the runs already recorded
+        (s.name, seed): record
+        for s, seed in runs
+        if options.resume and (record := io.load_record(out_dir, s.name, seed)) is not None
+    }
+    pending = [(s, seed) for s, seed in runs if (s.name, seed) not in records]
     jobs = _jobs(options, prepared, len(pending))
     run = _run_parallel if jobs > 1 else _run_here
     failed = run(task, prepared, options, out_dir, pending, records, jobs)
@@ -299,11 +292,7 @@ def run_experiment(options: Options) -> dict | None:
         "task": task.name,
         "dataset": prepared.dataset,
         "config": config,
-        "runs": [
-            records[key]
-            for key in ((s.name, seed) for s in specs for seed in seeds)
-            if key in records
-        ],
+        "runs": [records[s.name, seed] for s, seed in runs if (s.name, seed) in records],
     }
     spec = task.report_spec(prepared, specs)
     if spec is not None:
@@ -388,20 +377,16 @@ def _run_parallel(task, prepared, options, out_dir, pending, records, jobs) -> l
         futures = {pool.submit(_worker_run, s, seed, out_dir): (s, seed) for s, seed in pending}
         if options.progress:
             print(f"{len(futures)} runs in {jobs} worker processes", file=sys.stderr)
-        remaining = set(futures)
-        while remaining:
-            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for future in done:
-                spec, seed = futures[future]
-                try:
-                    record = future.result()
-                except Exception as error:  # noqa: BLE001 - reported; the other runs go on
-                    failed.append(_failure(spec, seed, error))
-                    continue
-                records[spec.name, seed] = record
-                if options.progress:
-                    finished = len(futures) - len(remaining)
-                    print(f"[{finished}/{len(futures)}] {_summary(record)}", file=sys.stderr)
+        for finished, future in enumerate(as_completed(futures), 1):
+            spec, seed = futures[future]
+            try:
+                record = future.result()
+            except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+                failed.append(_failure(spec, seed, error))
+                continue
+            records[spec.name, seed] = record
+            if options.progress:
+                print(f"[{finished}/{len(futures)}] {_summary(record)}", file=sys.stderr)
     return failed
 
 

@@ -28,11 +28,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place.
 
     Args:
-        path: destination; its folder is created.
+        path: destination (returned as a :class:`~pathlib.Path`); its folder is created.
         write: writes the whole content to the path it is given.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
         TypeError: if ``write`` is not callable.

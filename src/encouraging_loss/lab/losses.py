@@ -27,7 +27,7 @@ core's own constructors when the spec is parsed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class Family:
 
     def with_name(self, name: str, **defaults) -> Family:
         """A copy under another name (``ls-el`` is ``el`` with label smoothing 0.1)."""
-        return Family(name, self.main, dict(self.params), {**self.defaults, **defaults}, self.build)
+        return replace(self, name=name, defaults={**self.defaults, **defaults})
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,6 @@ class LossSpec:
     name: str
     family: str
     params: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def is_encouraging(self) -> bool:
-        """Whether this is an encouraging-loss variant."""
-        return self.family.removesuffix("-drw") in ("el", "ls-el")
 
     @property
     def baseline_name(self) -> str:
@@ -194,9 +189,7 @@ FAMILIES: dict[str, Family] = {
     "ce": _CE,
     "ls-ce": _CE.with_name("ls-ce", label_smoothing=0.1),
     "el": _EL,
-    "ls-el": Family(
-        "ls-el", "label_smoothing", _EL_PARAMS, {"label_smoothing": 0.1}, build=_build_el
-    ),
+    "ls-el": replace(_EL, name="ls-el", main="label_smoothing", defaults={"label_smoothing": 0.1}),
     "focal": Family(
         "focal", "gamma", {"gamma": float}, {"gamma": 2.0}, lambda s, _: FocalLoss(**s.params)
     ),
@@ -293,14 +286,11 @@ def _spec(head: str, items: list[str], families: dict[str, Family], probe: list[
 
 
 def parse_loss(name: str, families: dict[str, Family] | None = None) -> LossSpec:
-    """Parse one loss name (see the module docstring for the grammar).
+    """Parse one loss name (see the module docstring for the grammar) into a :class:`LossSpec`.
 
     Args:
         name: e.g. ``"el:log_end=1"``.
         families: the families known (default :data:`FAMILIES`).
-
-    Returns:
-        The parsed :class:`LossSpec`.
 
     Raises:
         UnknownLossError: for an unknown family, parameter, or an invalid value.

@@ -15,7 +15,38 @@ from torch import nn
 MODELS = ("mlp", "cnn", "resnet18")
 
 
-class MLP(nn.Module):
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """A size-preserving 3x3 convolution (no bias), batch norm and ReLU."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    return [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class _Classifier(nn.Module):
+    """A ``body`` giving the penultimate representation, then a linear ``classifier``.
+
+    Args:
+        num_classes: number of classes (at least 2).
+        sizes: sizes by argument name, each of which must be positive.
+    """
+
+    def __init__(self, num_classes: int, **sizes: int):
+        super().__init__()
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f"{name}: must be positive, got {value}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation ``(N, classifier.in_features)``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.classifier(self.features(x))
+
+
+class MLP(_Classifier):
     """Fully connected network: flatten, hidden ReLU layers, linear classifier.
 
     Args:
@@ -25,11 +56,7 @@ class MLP(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)):
-        super().__init__()
-        if in_features <= 0:
-            raise ValueError(f"in_features: must be positive, got {in_features}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+        super().__init__(num_classes, in_features=in_features)
         if not hidden or any(h <= 0 for h in hidden):
             raise ValueError(f"hidden: needs at least one positive size, got {hidden}")
         layers: list[nn.Module] = [nn.Flatten()]
@@ -40,16 +67,8 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate representation ``(N, hidden[-1])``."""
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.classifier(self.features(x))
-
-
-class SmallCNN(nn.Module):
+class SmallCNN(_Classifier):
     """Two conv blocks (32, 64 channels, each conv-BN-ReLU-maxpool), a 128-unit layer, classifier.
 
     Args:
@@ -59,35 +78,19 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
-        super().__init__()
-        if in_channels <= 0:
-            raise ValueError(f"in_channels: must be positive, got {in_channels}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
+        super().__init__(num_classes, in_channels=in_channels)
         if image_size <= 0 or image_size % 4:
             raise ValueError(f"image_size: must be a positive multiple of 4, got {image_size}")
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(inplace=True),
+            *_conv_bn_relu(in_channels, 32),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True),
+            *_conv_bn_relu(32, 64),
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(64 * (image_size // 4) ** 2, 128),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(128, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate representation ``(N, 128)``."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.classifier(self.features(x))
 
 
 class BasicBlock(nn.Module):
@@ -112,7 +115,7 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(_Classifier):
     """ResNet-18 with the CIFAR stem (3x3 stride-1 first conv, no max-pool).
 
     Args:
@@ -122,18 +125,8 @@ class ResNet18(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
-        super().__init__()
-        if in_channels <= 0:
-            raise ValueError(f"in_channels: must be positive, got {in_channels}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes: must be at least 2, got {num_classes}")
-        if width <= 0:
-            raise ValueError(f"width: must be positive, got {width}")
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        )
+        super().__init__(num_classes, in_channels=in_channels, width=width)
+        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, width))
         stages = []
         in_planes = width
         for index, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
@@ -148,21 +141,14 @@ class ResNet18(nn.Module):
         """Penultimate representation ``(N, 8 * width)`` after global average pooling."""
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.classifier(self.features(x))
-
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a model by name for inputs of shape ``(C, H, W)``.
+    """Build a freshly initialised model (following the global torch seed) by name.
 
     Args:
         name: ``"mlp"``, ``"cnn"`` or ``"resnet18"``.
         input_shape: shape of one example, ``(C, H, W)``.
         num_classes: number of classes.
-
-    Returns:
-        The freshly initialised model (initialisation follows the global torch seed).
 
     Raises:
         ValueError: for an unknown name or a malformed ``input_shape``.

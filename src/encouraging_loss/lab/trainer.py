@@ -81,18 +81,16 @@ class TrainConfig:
         Raises:
             ValueError: naming the first invalid field.
         """
-        if self.epochs < 1:
-            raise ValueError(f"epochs: must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name}: expected one of {known}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: must be a positive number, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("momentum, weight_decay: must be non-negative")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones: fractions in (0, 1) expected, got {self.milestones}")
         if not 0 < self.gamma <= 1:
@@ -101,8 +99,6 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs: must be non-negative, got {self.warmup_epochs}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: must be positive or None, got {self.clip_grad_norm}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size: must be at least 1, got {self.eval_batch_size}")
 
 
 @dataclass
@@ -277,14 +273,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def all_reduce_sum(values: list[float], distributed: bool) -> list[float]:
-    if not distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 class ClassificationBatches:
     """The default training data of :func:`train`: tensors of examples and class labels.
 
@@ -391,6 +379,9 @@ def _epoch_record(sums: dict, validation: dict, epoch: int, step: int, lr: float
     return record
 
 
+_RESUMED = ("history", "best_epoch", "best_val_accuracy")  # TrainResult fields in checkpoints
+
+
 def train(
     model: nn.Module,
     criterion: nn.Module,
@@ -480,12 +471,9 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
-        result.history = state["history"]
-        result.best_epoch, result.best_val_accuracy = (
-            state["best_epoch"],
-            state["best_val_accuracy"],
-        )
         best_state = state["best_state"]
+        for key in _RESUMED:
+            setattr(result, key, state[key])
 
     bar = _progress_bar(progress and my_rank == 0, config.epochs, start_epoch, description)
     for epoch in range(start_epoch, config.epochs):
@@ -532,7 +520,10 @@ def train(
             result.diverged, result.diverged_step = True, global_step
             result.diverged_epoch = epoch + 1
             break
-        sums = dict(zip(sums, all_reduce_sum(list(sums.values()), distributed), strict=True))
+        if distributed:
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
+            dist.all_reduce(totals)
+            sums = dict(zip(sums, totals.tolist(), strict=True))
         validation = data.validate(model, config.eval_batch_size, device)
         record = _epoch_record(sums, validation, epoch + 1, global_step, lr, criterion)
         result.history.append(record)
@@ -549,10 +540,8 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
-                    "history": result.history,
-                    "best_epoch": result.best_epoch,
-                    "best_val_accuracy": result.best_val_accuracy,
                     "best_state": best_state,
+                    **{key: getattr(result, key) for key in _RESUMED},
                 },
                 checkpoint_path,
             )
