@@ -534,8 +534,8 @@ HARD_LOG_BONUS_FAST = True
 
 
 def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float):
-    """(the loss as a float, the gradient buffer for a unit incoming gradient, whether the buffer
-    is class-major) of a :func:`hard_log_bonus_loss` call.
+    """(the loss as a float, its gradient for a unit incoming gradient, in the input's shape and
+    dtype) of a :func:`hard_log_bonus_loss` call.
 
     The terms of :meth:`SmallProblem._conservative_log` with nothing else around them (the
     module docstring gives the exactness argument): at the shapes this path serves each torch
@@ -553,7 +553,13 @@ def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float)
     log_probs = torch.log_softmax(rows, dim, dtype=torch.float64 if exact else None)
     # Rows of the value's terms: log p_y, p_y - 1, u = max(1 - p_y, floor), log u.
     terms = torch.empty((4, *index.shape), dtype=torch.float64)
-    if exact:
+    if class_major:
+        log_p = torch.gather(log_probs, dim, index, out=terms[0])
+        # The gradient in the input's own layout and dtype, written through its transpose: the
+        # probabilities are rounded once here, and backward has nothing left to copy.
+        gradient = torch.empty_like(input, memory_format=torch.contiguous_format)
+        buffer = torch.exp(log_probs, out=gradient.t())
+    elif exact:
         log_p = torch.gather(log_probs, dim, index, out=terms[0])
         buffer = log_probs.exp_()
     else:
@@ -566,7 +572,8 @@ def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float)
         stats = stats.double()
         log_p = torch.sub(stats[0], stats[1], out=terms[0]).add_(stats[2]).sub_(log_norm)
     lost = torch.expm1(log_p, out=terms[1])
-    buffer.scatter_(dim, index, lost if exact else lost.to(buffer.dtype))  # p - onehot_y
+    # p - onehot_y, with p_y - 1 exact.
+    buffer.scatter_(dim, index, lost if lost.dtype == buffer.dtype else lost.to(buffer.dtype))
     bound = torch.neg(lost, out=terms[2]).clamp_min_(floor)
     torch.log(bound, out=terms[3])
     sum_log_p, sum_lost, sum_bound, sum_log_bound = terms.view(4, -1).sum(1).tolist()
@@ -574,8 +581,8 @@ def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float)
     # (1 + rho p / u) times the mean's.
     total = -sum_log_p + rho * (sum_log_bound - (sum_bound + sum_lost) / floor)
     factor = torch.addcdiv(_scalar(scale), lost.add_(1.0), bound, value=rho * scale)
-    buffer.mul_(factor if exact else factor.to(buffer.dtype))
-    return total * scale, buffer, class_major
+    buffer.mul_(factor if factor.dtype == buffer.dtype else factor.to(buffer.dtype))
+    return total * scale, gradient if class_major else buffer
 
 
 class _HardLogBonusEL(torch.autograd.Function):
@@ -586,23 +593,18 @@ class _HardLogBonusEL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, rho: float, floor: float, scale: float):
-        value, buffer, ctx.class_major = _hard_log_bonus_terms(input, target, rho, floor, scale)
+        value, ctx.gradient = _hard_log_bonus_terms(input, target, rho, floor, scale)
         # The arguments, not saved tensors: a second backward through a retained graph (the
-        # first one consumes the buffer) recomputes from them.
-        ctx.buffer, ctx.arguments = buffer, (input.detach(), target, rho, floor, scale)
+        # first one scales the gradient in place) recomputes from them.
+        ctx.arguments = (input.detach(), target, rho, floor, scale)
         return torch.full((), value, dtype=input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        buffer, ctx.buffer = ctx.buffer, None
-        if buffer is None:
-            _, buffer, _ = _hard_log_bonus_terms(*ctx.arguments)
-        dtype = ctx.arguments[0].dtype
-        if ctx.class_major:
-            # One pass that transposes, scales and rounds to the input's dtype.
-            grad = torch.empty(buffer.shape[::-1], dtype=dtype)
-            return torch.mul(buffer.t(), grad_output, out=grad), None, None, None, None
-        return buffer.mul_(grad_output).to(dtype), None, None, None, None
+        gradient, ctx.gradient = ctx.gradient, None
+        if gradient is None:
+            _, gradient = _hard_log_bonus_terms(*ctx.arguments)
+        return gradient.mul_(grad_output), None, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
