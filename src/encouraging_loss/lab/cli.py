@@ -283,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .data import DatasetNotFoundError
     from .experiment import Interrupted
 
     try:
@@ -298,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stopped:
         print(f"stopped {stopped}; rerun with --resume to continue")
         return 0
-    except (DatasetNotFoundError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # with DatasetNotFoundError
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

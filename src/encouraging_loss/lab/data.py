@@ -264,7 +264,6 @@ def load_cifar10(
         folder: folder with ``cifar-10-batches-py/`` (or its contents) or ``cifar10-jpeg-q75.npz``.
         max_train: decode at most this many train images (a seeded random subset), ``None`` = all.
         max_test: the same for the test split.
-        subset_seed: seed of the subset choice.
 
     Returns:
         The dataset with ``(N, 32, 32, 3)`` uint8 images.
@@ -429,7 +428,6 @@ def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
 
     Args:
         name: ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
-        data_root: target root; ``None`` uses :func:`default_data_root`.
 
     Returns:
         The dataset folder.

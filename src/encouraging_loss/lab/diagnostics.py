@@ -78,12 +78,10 @@ def summarize(values: torch.Tensor, prefix: str) -> dict[str, float]:
 def calibration(
     logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15
 ) -> tuple[float, dict[str, list[float]]]:
-    """Expected calibration error over equal-width confidence bins, and the bins themselves.
+    """Expected calibration error over ``n_bins`` equal-width confidence bins on ``[0, 1]``.
 
     Args:
-        logits: ``(N, C)`` logits.
-        targets: ``(N,)`` class indices.
-        n_bins: number of bins on ``[0, 1]``.
+        logits: ``(N, C)`` logits of ``(N,)`` class indices ``targets``.
 
     Returns:
         ``(ece, bins)`` where ``bins`` has ``edges``, ``confidence``, ``accuracy``, ``count``
@@ -279,9 +277,8 @@ def logit_diagnostics(logits: torch.Tensor, targets: torch.Tensor, prefix: str =
     Raises:
         ValueError: on mismatched shapes.
     """
-    _check_logits_targets(logits, targets)
+    energy_true, energy_free = energies(logits, targets)  # checks the shapes
     logits = logits.float()
-    energy_true, energy_free = energies(logits, targets)
     metrics = {
         "accuracy": (logits.argmax(1) == targets).float().mean().item(),
         "nll": nn.functional.cross_entropy(logits, targets).item(),
@@ -301,8 +298,7 @@ def histogram_arrays(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     Raises:
         ValueError: on mismatched shapes.
     """
-    _check_logits_targets(logits, targets)
-    energy_true, energy_free = energies(logits, targets)
+    energy_true, energy_free = energies(logits, targets)  # checks the shapes
     return {
         "margin": margins(logits, targets).numpy(),
         "energy": energy_free.numpy(),
@@ -325,8 +321,6 @@ def classifier_diagnostics(
         model: a lab model (``features`` and ``classifier``).
         train: ``(inputs, labels)`` the probe (and cRT) are fit on; ``train_*`` metrics.
         test: ``(inputs, labels)`` scored.
-        batch_size: evaluation batch size.
-        device: where to run the model.
         seed: seed of the probe and of cRT.
         retrain_classifier: also measure ``crt_accuracy`` (classifier re-training).
 

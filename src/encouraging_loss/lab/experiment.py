@@ -225,9 +225,6 @@ class Interrupted(Exception):
 def run_experiment(options: Options) -> dict | None:
     """Run every (loss, seed) of a task and write the report.
 
-    Args:
-        options: the invocation's options.
-
     Returns:
         The results (``None`` on ranks other than 0).
 

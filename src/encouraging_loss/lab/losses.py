@@ -81,17 +81,11 @@ class LossSpec:
     def baseline_name(self) -> str:
         """The CE counterpart this loss is compared with (label smoothing matched)."""
         smoothing = self.params.get("label_smoothing", 0.0)
-        return f"ls-ce:{_format_value(smoothing)}" if smoothing else "ce"
+        return f"ls-ce:{smoothing:g}" if smoothing else "ce"
 
     def to_dict(self) -> dict:
         """The spec as JSON (stored in ``results.json``)."""
         return {"family": self.family, "params": dict(self.params)}
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value)) if abs(value) >= 1 else f"{value:g}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # --- criteria --------------------------------------------------------------------------------

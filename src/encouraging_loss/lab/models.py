@@ -51,7 +51,6 @@ class MLP(_Classifier):
 
     Args:
         in_features: flattened input size, e.g. 784.
-        num_classes: number of classes.
         hidden: sizes of the hidden layers.
     """
 
@@ -73,7 +72,6 @@ class SmallCNN(_Classifier):
 
     Args:
         in_channels: input channels (1 for MNIST-like, 3 for CIFAR).
-        num_classes: number of classes.
         image_size: input height (= width); must be divisible by 4.
     """
 
@@ -120,7 +118,6 @@ class ResNet18(_Classifier):
 
     Args:
         in_channels: input channels.
-        num_classes: number of classes.
         width: channels of the first stage (64 in the standard network).
     """
 
@@ -148,7 +145,6 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     Args:
         name: ``"mlp"``, ``"cnn"`` or ``"resnet18"``.
         input_shape: shape of one example, ``(C, H, W)``.
-        num_classes: number of classes.
 
     Raises:
         ValueError: for an unknown name or a malformed ``input_shape``.

@@ -406,7 +406,6 @@ def train(
         data: the training data: an object with ``train_x, train_y, val_x, val_y`` tensors
             (see ``data.Splits``; trained through :class:`ClassificationBatches`), or a task's
             own batches with the members of :class:`ClassificationBatches`.
-        config: hyper-parameters.
         progress_hook: called before every step with training progress in ``[0, 1]`` (e.g.
             deferred re-weighting swaps the criterion's class weights at a fixed progress);
             it must be a pure function of progress so that resumed runs stay identical.
@@ -457,13 +456,14 @@ def train(
         )
     optimizer = make_optimizer(model, config)
     use_amp = config.amp and device.type == "cuda"
-    schedule_step = getattr(criterion, "step", None)
+    # Called before every step with training progress in [0, 1].
+    hooks = [hook for hook in (getattr(criterion, "step", None), progress_hook) if hook is not None]
 
     result = TrainResult(model=model)
     best_state: dict | None = None
     start_epoch, global_step = 0, 0
     setup = {"config": asdict(config), "n_train": n_train, "world_batch": batch}
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+    if resume and Path(checkpoint_path).is_file():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["setup"]["config"] != setup["config"] or state["setup"]["n_train"] != n_train:
             raise ValueError(f"checkpoint_path: {checkpoint_path} was written for another setup")
@@ -485,11 +485,8 @@ def train(
             lr = learning_rate(config, global_step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            progress_now = global_step / max(1, total_steps)
-            if schedule_step is not None:
-                schedule_step(progress_now)
-            if progress_hook is not None:
-                progress_hook(progress_now)
+            for hook in hooks:
+                hook(global_step / max(1, total_steps))
             step = BatchStep(
                 index=batches[step_in_epoch][my_rank::world],
                 model=model,
