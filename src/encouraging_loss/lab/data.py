@@ -144,13 +144,10 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (optionally gzip-compressed) as a numpy array.
+    """Read an idx file (optionally gzip-compressed) as an array of the header's shape.
 
     Args:
         path: file in the MNIST idx format (magic ``0x000008DD``: uint8 data, DD dimensions).
-
-    Returns:
-        The array with the shape stored in the header.
 
     Raises:
         ValueError: if the header is not a uint8 idx header or the size does not match.
@@ -172,14 +169,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_idx_dataset(name: str, folder: str | os.PathLike) -> ImageDataset:
-    """Load an MNIST-format dataset (train split optional, as for notMNIST).
+    """Load an MNIST-format dataset; without train files (notMNIST) ``train_images`` is ``None``.
 
     Args:
         name: dataset name, used for class names.
         folder: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
-
-    Returns:
-        The dataset; ``train_images`` is ``None`` when the folder has no train files.
 
     Raises:
         FileNotFoundError: if the test files are missing.
@@ -258,15 +252,12 @@ def load_cifar10(
     max_test: int | None = None,
     subset_seed: int = 0,
 ) -> ImageDataset:
-    """Load CIFAR-10 from the official python pickles or the JPEG ``.npz`` pack.
+    """Load CIFAR-10 (``(N, 32, 32, 3)`` uint8) from the python pickles or the JPEG ``.npz`` pack.
 
     Args:
         folder: folder with ``cifar-10-batches-py/`` (or its contents) or ``cifar10-jpeg-q75.npz``.
         max_train: decode at most this many train images (a seeded random subset), ``None`` = all.
         max_test: the same for the test split.
-
-    Returns:
-        The dataset with ``(N, 32, 32, 3)`` uint8 images.
 
     Raises:
         FileNotFoundError: if neither layout is present.
@@ -370,9 +361,6 @@ def make_splits(data: ImageDataset, val_fraction: float = 0.1, split_seed: int =
         val_fraction: share of train examples held out for validation, in ``(0, 1)``.
         split_seed: seed of the split, fixed so that all losses and seeds share the same split.
 
-    Returns:
-        Per-channel standardised tensors (mean and std of the remaining train part).
-
     Raises:
         ValueError: if the dataset has no train split or ``val_fraction`` is out of range.
     """
@@ -424,13 +412,10 @@ def load_splits(
 
 
 def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
-    """Download ``name`` into the data root with torchvision (explicit ``--download`` only).
+    """Download ``name`` into its data-root folder, returned, with torchvision (``--download``).
 
     Args:
         name: ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
-
-    Returns:
-        The dataset folder.
 
     Raises:
         RuntimeError: if torchvision is not installed.
@@ -462,8 +447,6 @@ def find_data_folder(
 ) -> Path:
     """``ROOT/relative`` (e.g. ``"tu/PROTEINS"``) when it holds every ``required`` file.
 
-    For non-image tasks; the root is found as for the image datasets.
-
     Args:
         relative: folder under the data root.
         required: file names (relative to that folder) that must all exist.
@@ -489,15 +472,12 @@ def find_data_folder(
 def random_crop_flip(
     images: torch.Tensor, generator: torch.Generator, pad: int = 4
 ) -> torch.Tensor:
-    """Random crops of zero-padded images and random horizontal flips.
+    """Random crops of zero-padded images and random horizontal flips, on the input's device.
 
     Args:
         images: ``(N, C, H, W)`` batch.
         generator: CPU generator deciding crops and flips (seeded per step for exact resume).
         pad: padding on each side; crops shift by up to ``pad`` pixels.
-
-    Returns:
-        The augmented batch on the input's device.
 
     Raises:
         ValueError: if ``images`` is not 4-dimensional or ``pad`` is negative.

@@ -33,7 +33,7 @@ def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-example margins ``z_y - max_{j != y} z_j`` of ``(N, C)`` logits and ``(N,)`` targets.
 
     Returns:
-        ``(N,)`` margins (positive = correctly classified).
+        ``(N,)`` margins, positive where correctly classified.
 
     Raises:
         ValueError: on mismatched shapes.
@@ -118,10 +118,8 @@ def calibration(
 def extract_features(
     model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of a lab model on ``x``, in eval mode.
-
-    Returns:
-        ``(features, logits)`` on the CPU, float32.
+    """Penultimate features and logits ``(features, logits)`` of a lab model on ``x``, in eval
+    mode, as float32 on the CPU.
 
     Raises:
         ValueError: if the model lacks ``features``/``classifier``.
@@ -161,7 +159,7 @@ def linear_probe_accuracy(
     max_iter: int = 100,
     seed: int = 0,
 ) -> float:
-    """Accuracy of a multinomial logistic regression on frozen, standardised features.
+    """Test accuracy of a multinomial logistic regression on frozen, standardised features.
 
     The probe is fit on train features with full-batch L-BFGS (deterministic, no
     scikit-learn needed) and scored on test features.
@@ -172,9 +170,6 @@ def linear_probe_accuracy(
         weight_decay: L2 penalty on the probe's weights.
         max_iter: L-BFGS iterations.
         seed: seed of the probe's initialisation.
-
-    Returns:
-        Test accuracy in ``[0, 1]``.
 
     Raises:
         ValueError: on mismatched shapes or a negative ``weight_decay``.
@@ -221,7 +216,7 @@ def classifier_retraining_accuracy(
 
     As in the decoupling experiments, the representation is frozen, the linear classifier is
     re-initialised and trained with plain cross-entropy under class-balanced sampling, and the
-    result is scored on the test split.
+    test accuracy is returned.
 
     Args:
         train_features: ``(N, D)`` frozen penultimate features of the training split (labels
@@ -231,9 +226,6 @@ def classifier_retraining_accuracy(
         lr: SGD learning rate (momentum 0.9, cosine decay).
         batch_size: mini-batch size.
         seed: seed of initialisation and sampling.
-
-    Returns:
-        Test accuracy in ``[0, 1]``.
 
     Raises:
         ValueError: on mismatched shapes or non-positive ``epochs``/``lr``/``batch_size``.

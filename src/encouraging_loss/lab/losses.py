@@ -99,14 +99,12 @@ BONUS_WEIGHTS = ("none", "balanced")
 
 
 def class_balanced_weights(counts: list[int], beta: float = 0.9999) -> torch.Tensor:
-    """Class-balanced weights (Cui et al. 2019): ``(1 - beta) / (1 - beta^n_c)``, mean 1.
+    """Class-balanced ``(C,)`` float32 weights (Cui et al. 2019): ``(1 - beta) / (1 - beta^n_c)``,
+    scaled to mean 1.
 
     Args:
         counts: per-class training counts (all positive).
         beta: in ``[0, 1)``; 0 gives equal weights.
-
-    Returns:
-        ``(C,)`` float32 weights averaging 1.
 
     Raises:
         ValueError: for an empty or non-positive count, or ``beta`` outside ``[0, 1)``.
