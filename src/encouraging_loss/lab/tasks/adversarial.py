@@ -6,11 +6,12 @@ attacks → one (loss, seed) run: train (``--adv-train``: on PGD examples, throu
 
 FGSM and PGD (uniform random start, ``--pgd-steps`` steps of ``2.5 ε / steps``, Madry et al.'s
 rule) come from ``torchattacks`` if installed (``pip install --no-deps torchattacks``: they never
-import the torchvision it declares), else from :func:`fgsm` and :func:`pgd`, the same algorithms
-(``config.attack_backend`` says which ran). ``pgd-margin`` is PGD on the CW margin, which, unlike
-CE, does not saturate on the confident examples EL trains, so it tells a real robustness gain
-from gradient masking. ε is in pixel units of [0, 1] images. Metrics: ``clean_accuracy``,
-``margin_mean``, ``energy_mean``, ``robust_accuracy/<attack>/<ε>`` (ε as ``%.4g``).
+import the torchvision it declares), else from :func:`pgd`, the same algorithms (FGSM is its one
+step of size ε from the clean image; ``config.attack_backend`` says which ran). ``pgd-margin``
+is PGD on the CW margin, which, unlike CE, does not saturate on the confident examples EL
+trains, so it tells a real robustness gain from gradient masking. ε is in pixel units of [0, 1]
+images. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
+``robust_accuracy/<attack>/<ε>`` (ε as ``%.4g``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .. import diagnostics
 from ..experiment import Options, Prepared, RunContext, RunResult
 from ..losses import LossSpec, build_criterion
 from ..models import MODELS, build_model
-from ..trainer import TrainConfig, set_seed
+from ..trainer import TrainConfig, predict_logits, set_seed
 from . import Task
 
 ATTACKS = ("fgsm", "pgd", "pgd-margin")
@@ -41,12 +42,11 @@ class Recipe:
     Attributes:
         model, train, dataset: the architecture, how it trains, on what.
         max_train, max_test: training images (validation included), test images; None = all.
-        epsilons, key_epsilon: the ε grid, and the ε the paper's direction is checked at.
-        pgd_steps: PGD iterations (step size ``2.5 ε / steps``).
-        adv_train_epsilon, adv_train_steps: the PGD of ``--adv-train``.
-        val_fraction: share of the training images held out for model selection.
-        threads: CPU threads (``None`` = torch's default).
-        attacks, adv_train: ``--attacks`` and ``--adv-train``.
+        epsilons, key_epsilon, pgd_steps: the ε grid, the ε the paper's direction is checked
+            at, PGD iterations (step size ``2.5 ε / steps``).
+        attacks, adv_train, adv_train_epsilon, adv_train_steps: ``--attacks``, ``--adv-train``
+            and the PGD it trains on.
+        val_fraction, threads: training images held out for model selection; CPU threads.
     """
 
     model: str
@@ -65,22 +65,17 @@ class Recipe:
     adv_train: bool = False
 
 
-def _sgd(epochs: int, batch_size: int, lr: float = 0.05, **kwargs) -> TrainConfig:
-    """SGD, weight decay 5e-4 and a cosine schedule: how every preset trains."""
-    sgd = {"optimizer": "sgd", "weight_decay": 5e-4, "schedule": "cosine"}
-    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, **sgd, **kwargs)
-
-
+# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 PRESETS: dict[str, Recipe] = {
     # The MLP keeps 2 losses x 3 seeds (training + 8 attacks on 1,000 images) near 3 minutes on
     # one busy CPU core; the small CNN of the standard preset is the issue's default model.
-    "quick": Recipe("mlp", _sgd(5, 64), adv_train_epsilon=0.1, adv_train_steps=5),
+    "quick": Recipe("mlp", TrainConfig(5, 64), adv_train_epsilon=0.1, adv_train_steps=5),
     # The small CNN: ~3 minutes per (loss, seed) on one busy CPU core (docs/lab-robustness.md).
-    "standard": Recipe("cnn", _sgd(5, 128)),
+    "standard": Recipe("cnn", TrainConfig(5)),
     # CIFAR-10 ResNet-18 at ε = 8/255 (PGD-10 with α = 2/255), the standard CIFAR recipe.
     "full": Recipe(
         "resnet18",
-        _sgd(200, 128, lr=0.1, augment=True, device="auto"),
+        TrainConfig(200, lr=0.1, augment=True, device="auto"),
         dataset="cifar10",
         max_test=None,
         epsilons=CIFAR_EPSILONS,
@@ -117,30 +112,26 @@ def resolve_recipe(options: Options) -> Recipe:
         ValueError: naming a bad option.
     """
     recipe = PRESETS[options.preset]
-    dataset = options.dataset or recipe.dataset
-    if dataset != recipe.dataset:
-        recipe = replace(recipe, dataset=dataset)
-        if dataset == "cifar10":
+    if options.dataset not in (None, recipe.dataset):
+        recipe = replace(recipe, dataset=options.dataset)
+        if options.dataset == "cifar10":
             recipe = replace(recipe, epsilons=CIFAR_EPSILONS, key_epsilon=8 / 255)
-    epsilons = recipe.epsilons
-    if options.get("epsilons"):
-        epsilons = tuple(parse_float_list("epsilons", options.get("epsilons")))
-        if any(not 0 <= e <= 1 for e in epsilons):
-            raise ValueError(f"epsilons: each must be in [0, 1] (pixel units), got {epsilons}")
-    attacks = ATTACKS
-    if options.get("attacks"):
-        attacks = tuple(a.strip() for a in options.get("attacks").split(",") if a.strip())
-        unknown = [a for a in attacks if a not in ATTACKS]
-        if unknown or not attacks:
-            raise ValueError(f"attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
+    epsilons = tuple(parse_float_list("epsilons", options.get("epsilons") or recipe.epsilons))
+    if any(not 0 <= e <= 1 for e in epsilons):
+        raise ValueError(f"epsilons: each must be in [0, 1] (pixel units), got {epsilons}")
+    listed = (options.get("attacks") or ",".join(recipe.attacks)).split(",")
+    attacks = tuple(a.strip() for a in listed if a.strip())
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise ValueError(f"attacks: unknown {unknown}; known: {', '.join(ATTACKS)}")
     steps = options.get("pgd_steps", recipe.pgd_steps)
     if steps < 1:
         raise ValueError(f"pgd_steps: must be at least 1, got {steps}")
-    adv_eps = [recipe.adv_train_epsilon]
-    if options.get("adv_epsilon"):
-        adv_eps = parse_float_list("adv_epsilon", options.get("adv_epsilon"))
-        if len(adv_eps) != 1 or not 0 < adv_eps[0] <= 1:
-            raise ValueError(f"adv_epsilon: expected one number in (0, 1], got {adv_eps}")
+    adv_eps = parse_float_list(
+        "adv_epsilon", options.get("adv_epsilon") or [recipe.adv_train_epsilon]
+    )
+    if len(adv_eps) != 1 or not 0 < adv_eps[0] <= 1:
+        raise ValueError(f"adv_epsilon: expected one number in (0, 1], got {adv_eps}")
     return replace(
         recipe,
         epsilons=epsilons,
@@ -182,13 +173,6 @@ class Standardized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """FGSM (Goodfellow et al. 2015): one ε step along the CE gradient's sign (= torchattacks')."""
-    x = x.clone().detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), x)
-    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
-
-
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed CW margin ``max_{j≠y} z_j − z_y`` (positive once an example is misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -196,14 +180,15 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (others.max(1).values - true).sum()
 
 
-def pgd(model: nn.Module, x, y, eps: float, alpha: float, steps: int, loss: str = "ce"):
-    """PGD-L∞ (Madry et al. 2018) from a uniform random start in the ε-ball, on CE (matching
-    ``torchattacks.PGD``) or, with ``loss="margin"``, on :func:`margin_loss`."""
+def pgd(model: nn.Module, x, y, eps: float, alpha: float, steps: int, loss="ce", start=True):
+    """PGD-L∞ (Madry et al. 2018) from a uniform random start in the ε-ball (``start=False``:
+    from ``x``), on CE (matching ``torchattacks.PGD``) or, with ``loss="margin"``, on
+    :func:`margin_loss`. One step of ``alpha = eps`` from ``x`` is FGSM (Goodfellow et al. 2015)."""
     objective = {"ce": nn.functional.cross_entropy, "margin": margin_loss}.get(loss)
     if objective is None:
         raise ValueError(f"loss: expected ce or margin, got {loss!r}")
     x = x.clone().detach()
-    adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
+    adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0) if start else x
     for _ in range(steps):
         adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(model(adv), y), adv)
@@ -243,20 +228,20 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, backend: st
     backend = backend or attack_backend()
     if backend not in ("torchattacks", "builtin"):
         raise ValueError(f"backend: expected torchattacks or builtin, got {backend!r}")
-    alpha, loss = 2.5 * eps / steps, "margin" if name == "pgd-margin" else "ce"
+    fgsm = name == "fgsm"
+    alpha, steps = (eps, 1) if fgsm else (2.5 * eps / steps, steps)
     if backend == "torchattacks" and name != "pgd-margin":
         import torchattacks
 
-        if name == "fgsm":
+        if fgsm:
             return torchattacks.FGSM(model, eps=eps)
         return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    loss = "margin" if name == "pgd-margin" else "ce"
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        adv = (
-            fgsm(model, x, y, eps) if name == "fgsm" else pgd(model, x, y, eps, alpha, steps, loss)
-        )
+        adv = pgd(model, x, y, eps, alpha, steps, loss, start=not fgsm)
         model.train(was_training)
         return adv
 
@@ -288,13 +273,11 @@ def robust_key(attack: str, eps: float) -> str:
 # --- one run: train → measure → report spec --------------------------------------------------
 def _measure(model: nn.Module, splits, recipe: Recipe, config: TrainConfig, seed: int) -> dict:
     """Clean accuracy, margins and robust accuracy for every attack and ε."""
-    device = next(model.parameters()).device
+    device, batch = next(model.parameters()).device, min(config.eval_batch_size, 500)
     model.eval()
-    batch = min(config.eval_batch_size, 500)
-    with torch.no_grad():
-        chunks = [splits.test_x[i : i + batch] for i in range(0, len(splits.test_y), batch)]
-        logits = torch.cat([model(x.to(device)).float().cpu() for x in chunks])
-    test = diagnostics.logit_diagnostics(logits, splits.test_y)
+    test = diagnostics.logit_diagnostics(
+        predict_logits(model, splits.test_x, batch, device), splits.test_y
+    )
     metrics = {"clean_accuracy": test["accuracy"]}
     metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
     # A fixed seed per run: PGD's random start does not depend on what ran before.
@@ -306,47 +289,6 @@ def _measure(model: nn.Module, splits, recipe: Recipe, config: TrainConfig, seed
                 attack, model, splits.test_x, splits.test_y, batch, device
             )
     return metrics
-
-
-def _report_spec(losses: list[str], recipe: Recipe) -> dict:
-    """Table, comparisons, the paper's direction and the robust-accuracy plot."""
-    key, attacks, grid = eps_label(recipe.key_epsilon), recipe.attacks, recipe.epsilons
-    robust = [[robust_key(a, e), f"{a} ε={eps_label(e)}", True] for a in attacks for e in grid if e]
-    claims = [
-        [f"more robust ({a})", robust_key(a, recipe.key_epsilon), +1]
-        + [f"{a.upper()} robust accuracy at ε={key} is higher"]
-        for a in attacks
-    ]
-    training = "PGD adversarial training" if recipe.adv_train else "standard training"
-    return {
-        "title": f"adversarial: {recipe.dataset} {recipe.model}, {training}",
-        "table": [["clean_accuracy", "clean acc", True], *robust, ["margin_mean", "margin", True]],
-        "claims": claims,
-        "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
-        "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
-        "notes": [
-            "Mean ± std over seeds of test accuracy under attack (ε in pixel units of [0, 1] "
-            f"images). FGSM: one step of size ε. PGD-L∞: {recipe.pgd_steps} steps of size "
-            "2.5 ε / steps from a uniform random start in the ε-ball. FGSM and PGD ascend the "
-            "CE loss of the evaluated model whatever loss trained it; pgd-margin is the same "
-            "PGD on the margin max_{j≠y} z_j − z_y, which does not saturate, so a gain that "
-            "holds under FGSM/PGD but not under pgd-margin is gradient masking, not robustness.",
-            "The paper's argument: EL enlarges margins, so it should be harder to push an "
-            f"example across the decision boundary; the direction line tests ε={key}.",
-        ],
-        "plots": [["accuracy curves", "accuracy_curves.png"]],
-        "curves": [
-            {
-                "file": "robust_accuracy.png",
-                "title": "robust accuracy vs ε",
-                "xlabel": "ε (L∞, pixel units)",
-                "ylabel": "test accuracy under attack",
-                "series": [
-                    {"label": a, "points": [[e, robust_key(a, e)] for e in grid]} for a in attacks
-                ],
-            }
-        ],
-    }
 
 
 class AdversarialTask(Task):
@@ -380,9 +322,7 @@ class AdversarialTask(Task):
         limits = recipe.max_train, recipe.max_test, recipe.val_fraction
         dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
         splits = raw_pixels(splits)
-        sizes = {
-            f"n_{part}": len(getattr(splits, f"{part}_y")) for part in ("train", "val", "test")
-        }
+        sizes = {f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")}
         config = {
             "preset": options.preset,
             "model": recipe.model,
@@ -417,13 +357,51 @@ class AdversarialTask(Task):
 
         hook = perturb if recipe.adv_train else None
         outcome = run.train(model, build_criterion(spec), splits, config, perturb=hook)
-        result = RunResult(outcome, config.lr)
-        if not outcome.diverged:
-            result.metrics = _measure(model, splits, recipe, config, seed)
-        return result
+        metrics = {} if outcome.diverged else _measure(model, splits, recipe, config, seed)
+        return RunResult(outcome, config.lr, metrics)
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
-        return _report_spec([s.name for s in specs], prepared.state[0])
+        recipe, losses = prepared.state[0], [s.name for s in specs]
+        key, attacks, grid = eps_label(recipe.key_epsilon), recipe.attacks, recipe.epsilons
+        robust = [
+            [robust_key(a, e), f"{a} ε={eps_label(e)}", True] for a in attacks for e in grid if e
+        ]
+        table = [["clean_accuracy", "clean acc", True], *robust, ["margin_mean", "margin", True]]
+        claims = [
+            [f"more robust ({a})", robust_key(a, recipe.key_epsilon), +1]
+            + [f"{a.upper()} robust accuracy at ε={key} is higher"]
+            for a in attacks
+        ]
+        series = [{"label": a, "points": [[e, robust_key(a, e)] for e in grid]} for a in attacks]
+        training = "PGD adversarial training" if recipe.adv_train else "standard training"
+        return {
+            "title": f"adversarial: {recipe.dataset} {recipe.model}, {training}",
+            "table": table,
+            "claims": claims,
+            "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
+            "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
+            "notes": [
+                "Mean ± std over seeds of test accuracy under attack (ε in pixel units of [0, 1] "
+                f"images). FGSM: one step of size ε. PGD-L∞: {recipe.pgd_steps} steps of size "
+                "2.5 ε / steps from a uniform random start in the ε-ball. FGSM and PGD ascend "
+                "the CE loss of the evaluated model whatever loss trained it; pgd-margin is the "
+                "same PGD on the margin max_{j≠y} z_j − z_y, which does not saturate, so a gain "
+                "that holds under FGSM/PGD but not under pgd-margin is gradient masking, not "
+                "robustness.",
+                "The paper's argument: EL enlarges margins, so it should be harder to push an "
+                f"example across the decision boundary; the direction line tests ε={key}.",
+            ],
+            "plots": [["accuracy curves", "accuracy_curves.png"]],
+            "curves": [
+                {
+                    "file": "robust_accuracy.png",
+                    "title": "robust accuracy vs ε",
+                    "xlabel": "ε (L∞, pixel units)",
+                    "ylabel": "test accuracy under attack",
+                    "series": series,
+                }
+            ],
+        }
 
 
 TASK = AdversarialTask()

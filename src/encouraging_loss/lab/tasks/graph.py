@@ -5,10 +5,9 @@ seed) → model (PyG GIN/GCN + global pooling) → one (loss, seed) run: train (
 on :class:`GraphBatches`) → diagnostics → report spec.
 
 The protocol follows the paper's graph experiments: a random stratified split per seed, model
-selection on validation accuracy, test accuracy reported, encouraging loss with ``log_end=0.5``
-and its bonus switched on late in training by the loss spec's schedule keys
-(``el:log_end=0.5,start=0.5,ramp=0.2`` = bonus scale 0 for the first half, then a linear ramp
-to 1 over the next 20% of training).
+selection on validation accuracy, test accuracy reported, and EL with ``log_end=0.5`` whose
+bonus the loss spec's schedule keys switch on late (``el:log_end=0.5,start=0.5,ramp=0.2``:
+bonus scale 0 for the first half of training, then a linear ramp to 1 over the next 20%).
 
 Needs ``torch_geometric`` (pure Python; ``torch-scatter``/``torch-sparse`` are not used).
 """
@@ -20,6 +19,7 @@ import io
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,10 +66,8 @@ class GraphRecipe:
     Attributes:
         model, hidden, layers, dropout: ``gin`` or ``gcn``; width of every graph layer and of
             the head; message-passing layers; dropout before the classifier.
-        seeds: default number of seeds.
-        train: optimiser and schedule (seed filled in per run).
+        seeds, train, threads: default number of seeds; optimiser and schedule; CPU threads.
         max_graphs: use a fixed random subset of this many graphs (``None`` = all).
-        threads: torch CPU threads (``None`` = torch's default).
     """
 
     model: str
@@ -82,12 +80,8 @@ class GraphRecipe:
     threads: int | None = 1
 
 
-def _adamw(epochs: int, batch_size: int, **kwargs) -> TrainConfig:
-    """AdamW lr 0.01, weight decay 1e-4, cosine: how every preset trains."""
-    adamw = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
-    return TrainConfig(epochs=epochs, batch_size=batch_size, eval_batch_size=512, **adamw, **kwargs)
-
-
+# AdamW lr 0.01, weight decay 1e-4 and TrainConfig's cosine schedule: how every preset trains.
+_adamw = partial(TrainConfig, optimizer="adamw", lr=0.01, weight_decay=1e-4, eval_batch_size=512)
 PRESETS: dict[str, GraphRecipe] = {
     # ≤ 3 minutes on 2 CPU cores for the default 2 losses × 3 seeds on PROTEINS.
     "quick": GraphRecipe("gin", 32, layers=3, dropout=0.5, seeds=3, train=_adamw(60, 64)),
@@ -101,16 +95,10 @@ LR_NOTE = (
 
 
 def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
-    """Pick the preset's recipe and apply the command-line overrides.
+    """``(dataset, recipe)``: the preset's recipe with the invocation's options applied.
 
     ``train_size`` caps the number of graphs used (a fixed random subset, before splitting);
     ``test_size`` has no meaning here and is refused.
-
-    Args:
-        options: the invocation's options (``preset`` set).
-
-    Returns:
-        ``(dataset, recipe)``.
 
     Raises:
         ValueError: naming the first bad option.
@@ -119,6 +107,7 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
         raise ValueError(f"options: expected Options, got {type(options).__name__}")
     if options.preset not in PRESETS:
         raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {options.preset!r}")
+    recipe = PRESETS[options.preset]
     if options.test_size is not None:
         raise ValueError("test_size: the graph task splits 80/10/10; use train_size to cap graphs")
     dataset = options.dataset or DEFAULT_DATASET
@@ -130,7 +119,6 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
         )
     if options.train_size is not None and options.train_size < MIN_GRAPHS:
         raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
-    recipe = PRESETS[options.preset]
     return dataset, replace(
         recipe,
         model=options.model or recipe.model,
@@ -141,18 +129,13 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
 
 # --- data --------------------------------------------------------------------------------
 def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | None = None):
-    """Load a TU dataset from ``DATA_ROOT/tu/NAME/raw`` into memory as a list of graphs.
+    """Load the TU dataset ``name`` from ``DATA_ROOT/tu/NAME/raw`` into memory as a list of graphs.
 
     PyG's ``TUDataset`` writes ``processed/`` next to ``raw/``; the shared data folder is
-    read-only, so ``raw/`` is copied into a private temporary folder, processed there, and the
-    folder removed once the graphs are in memory (each process does its own: no races under
-    ``torchrun``). Node features are PyG's defaults (one-hot node labels); a dataset without
-    node features gets a constant feature.
-
-    Args:
-        name: one of :data:`DATASETS`.
-        data_root: data root holding ``tu/NAME/raw`` (``None`` = the lab's default root).
-        max_graphs: keep a fixed random subset (seed 0) of this many graphs; ``None`` = all.
+    read-only, so each process copies ``raw/`` into a private temporary folder, processes it
+    there and removes the folder once the graphs are in memory (no races under ``torchrun``).
+    Node features are PyG's defaults (one-hot node labels), or a constant one where there are none.
+    ``max_graphs`` keeps a fixed random subset (seed 0) of that many graphs (``None`` = all).
 
     Returns:
         ``(graphs, num_features, num_classes, source_folder)``.
@@ -166,11 +149,8 @@ def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | N
         raise ValueError(f"name: unknown TU dataset {name!r}; known: {', '.join(DATASETS)}")
     if max_graphs is not None and max_graphs < 1:
         raise ValueError(f"max_graphs: must be positive or None, got {max_graphs}")
-    folder = lab_data.find_data_folder(
-        f"tu/{name}",
-        (f"raw/{name}_A.txt", f"raw/{name}_graph_indicator.txt", f"raw/{name}_graph_labels.txt"),
-        data_root,
-    )
+    raw = tuple(f"raw/{name}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels"))
+    folder = lab_data.find_data_folder(f"tu/{name}", raw, data_root)
     try:
         from torch_geometric.datasets import TUDataset
     except ImportError as error:
@@ -198,15 +178,9 @@ def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | N
 def stratified_split(
     labels: torch.Tensor, seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random stratified train/val/test indices (each class split by ``fractions``).
+    """Random stratified, sorted ``(train_idx, val_idx, test_idx)`` of ``(N,)`` class labels.
 
-    Args:
-        labels: ``(N,)`` class labels.
-        seed: seed of the split.
-        fractions: train, validation and test shares, summing to 1.
-
-    Returns:
-        ``(train_idx, val_idx, test_idx)``, each sorted.
+    Each class is split by ``fractions`` (train, validation and test shares summing to 1).
 
     Raises:
         ValueError: if ``fractions`` do not sum to 1 or a split would be empty.
@@ -218,8 +192,7 @@ def stratified_split(
     for cls in torch.unique(labels).tolist():
         members = torch.nonzero(labels == cls).view(-1)
         members = members[torch.randperm(len(members), generator=generator)].tolist()
-        n_val = int(round(len(members) * fractions[1]))
-        n_test = int(round(len(members) * fractions[2]))
+        n_val, n_test = (int(round(len(members) * share)) for share in fractions[1:])
         parts[1] += members[:n_val]
         parts[2] += members[n_val : n_val + n_test]
         parts[0] += members[n_val + n_test :]
@@ -230,14 +203,11 @@ def stratified_split(
 
 
 class GraphList:
-    """Graphs indexed like a tensor of examples: ``graphs[index]`` is one PyG ``Batch``.
+    """PyG ``Data`` graphs indexed like a tensor of examples: ``graphs[index]`` is one ``Batch``.
 
     A tensor of positions (a training batch) or a slice (an evaluation chunk) collates those
     graphs, so the trainer's batches and the diagnostics' ``x[i:j]`` passes take graphs as
     they take image tensors.
-
-    Args:
-        graphs: PyG ``Data`` objects.
     """
 
     def __init__(self, graphs: list):
@@ -255,28 +225,9 @@ class GraphList:
         return Batch.from_data_list([self.graphs[int(i)] for i in positions])
 
 
-@dataclass
-class GraphSplits:
-    """One seed's split: graphs (``*_x``, :class:`GraphList`) and their labels (``*_y``)."""
-
-    train_x: GraphList
-    train_y: torch.Tensor
-    val_x: GraphList
-    val_y: torch.Tensor
-    test_x: GraphList
-    test_y: torch.Tensor
-    num_classes: int
-
-
-def make_graph_splits(graphs: list, num_classes: int, seed: int) -> GraphSplits:
-    """Split graphs 80/10/10 (stratified, seeded) into :class:`GraphSplits`.
-
-    Args:
-        graphs, num_classes: the dataset's graphs and number of classes.
-        seed: split seed (the run's seed: every loss of one seed sees the same split).
-
-    Returns:
-        The splits.
+def make_graph_splits(graphs: list, num_classes: int, seed: int) -> lab_data.Splits:
+    """Split graphs 80/10/10 (stratified by ``seed``, the run's: every loss of one seed sees the
+    same split) into ``data.Splits`` of :class:`GraphList` graphs and label tensors.
 
     Raises:
         ValueError: for no graphs, or a split that would be empty.
@@ -286,25 +237,20 @@ def make_graph_splits(graphs: list, num_classes: int, seed: int) -> GraphSplits:
     labels = torch.cat([g.y for g in graphs])
     parts = stratified_split(labels, seed)
     pairs = [(GraphList([graphs[i] for i in part.tolist()]), labels[part]) for part in parts]
-    return GraphSplits(*(item for pair in pairs for item in pair), num_classes=num_classes)
+    return lab_data.Splits(*(item for pair in pairs for item in pair), num_classes=num_classes)
 
 
 class GraphBatches(ClassificationBatches):
-    """One seed's graphs as the trainer's batches (``n_train``, ``epoch_batches``, ``loss``,
-    ``validate``): each step collates its graphs into one PyG ``Batch`` (:class:`GraphList`)
-    and trains on it as on a tensor batch, with the same shuffling, loss, gradient statistics
-    and validation as the other classification tasks.
-
-    Args:
-        splits: the seed's :class:`GraphSplits`.
+    """One seed's :func:`make_graph_splits` as the trainer's batches: each step collates its
+    graphs into one PyG ``Batch`` and trains on it as the other classification tasks do.
 
     Raises:
-        ValueError: if ``splits`` is not a :class:`GraphSplits`.
+        ValueError: if ``splits`` are not ``data.Splits`` of :class:`GraphList` graphs.
     """
 
-    def __init__(self, splits: GraphSplits):
-        if not isinstance(splits, GraphSplits):
-            raise ValueError(f"splits: expected GraphSplits, got {type(splits).__name__}")
+    def __init__(self, splits: lab_data.Splits):
+        if not (isinstance(splits, lab_data.Splits) and isinstance(splits.train_x, GraphList)):
+            raise ValueError(f"splits: expected Splits of GraphLists, got {type(splits).__name__}")
         super().__init__(splits)
 
 
@@ -317,8 +263,7 @@ class GraphClassifier(nn.Module):
 
     Args:
         kind: ``"gin"`` or ``"gcn"``.
-        in_features, num_classes: node feature size, number of classes.
-        hidden, layers: layer width, message-passing layers.
+        in_features, hidden, layers: node feature size, layer width, message-passing layers.
         dropout: dropout before the classifier.
 
     Raises:
@@ -372,17 +317,16 @@ class GraphClassifier(nn.Module):
 
 
 # --- one run: train → diagnostics → report spec ------------------------------------------
-def _measure(model, splits: GraphSplits, run: RunContext, config: TrainConfig) -> dict:
-    """Test accuracy, margin/energy/calibration diagnostics and a linear probe."""
+def _measure(model, splits: lab_data.Splits, run: RunContext, config: TrainConfig):
+    """Test accuracy, margin/energy/calibration diagnostics, a linear probe; reliability bins."""
     device = next(model.parameters()).device
     train, test = (splits.train_x, splits.train_y), (splits.test_x, splits.test_y)
     metrics, test_logits = diagnostics.classifier_diagnostics(
         model, train, test, config.eval_batch_size, device, seed=run.seed
     )
-    metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
     arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
     lab_io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
-    return metrics
+    return metrics, diagnostics.calibration(test_logits, splits.test_y)[1]
 
 
 class GraphTask(Task):
@@ -444,8 +388,7 @@ class GraphTask(Task):
         outcome = run.train(model, build_criterion(spec), GraphBatches(splits), config)
         result = RunResult(outcome, config.lr, extra={"reliability": None})
         if not outcome.diverged:
-            result.metrics = _measure(model, splits, run, config)
-            result.extra["reliability"] = result.metrics.pop("_reliability")
+            result.metrics, result.extra["reliability"] = _measure(model, splits, run, config)
             last = outcome.history[-1]["grad_share_well_classified"]
             result.metrics["grad_share_well_classified_last"] = last
         return result

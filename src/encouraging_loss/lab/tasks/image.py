@@ -16,6 +16,15 @@ from ..trainer import TrainConfig, set_seed
 from . import Task
 
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
+_SGD_NOTE = (
+    "SGD momentum 0.9 with lr {lr:g} for every loss: one learning rate keeps the comparison "
+    "paired (same seed = same initialisation and batches). EL's conservative bonus "
+    "(log_end < 1) is bounded below and, like CE's, its gradient vanishes as p_y -> 1, so "
+    "CE's rate suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
+    "unbounded below (the loss falls linearly in the logit gap and its gradient never vanishes), "
+    "so at CE's rate it is expected to diverge, and the divergence is the result reported. "
+    "Compare it at other settings with --lr or --clip-grad-norm."
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class Recipe:
         max_test: test examples scored; None = all.
         train: optimiser/schedule settings (seed is filled in per run).
         lr_by_loss: learning-rate overrides by loss name or family (``"el:log_end=1"``, ``"el"``).
-        lr_note: why these learning rates.
+        lr_note: why these learning rates (default: the note of one SGD rate for every loss).
         diagnostics_train: training examples used for probe/cRT features and train diagnostics.
         val_fraction: share of the training subset held out for model selection.
         threads: CPU threads for torch (``None`` = torch's default). The CPU presets use 1:
@@ -46,59 +55,35 @@ class Recipe:
     val_fraction: float = 0.1
     threads: int | None = 1
 
-
-_SGD_NOTE = (
-    "SGD momentum 0.9 with lr {lr:g} for every loss: one learning rate keeps the comparison "
-    "paired (same seed = same initialisation and batches). EL's conservative bonus "
-    "(log_end < 1) is bounded below and, like CE's, its gradient vanishes as p_y -> 1, so "
-    "CE's rate suits it. el:log_end=1 is kept at the same rate on purpose: its plain log bonus is "
-    "unbounded below (the loss falls linearly in the logit gap and its gradient never vanishes), "
-    "so at CE's rate it is expected to diverge, and the divergence is the result reported. "
-    "Compare it at other settings with --lr or --clip-grad-norm."
-)
+    def __post_init__(self):
+        if not self.lr_note:  # a frozen dataclass: set once, at construction
+            object.__setattr__(self, "lr_note", _SGD_NOTE.format(lr=self.train.lr))
 
 
-def _sgd(epochs: int, lr: float = 0.05, **kwargs) -> TrainConfig:
-    """The SGD recipe the image presets share (momentum 0.9, wd 5e-4, cosine)."""
-    return TrainConfig(
-        epochs=epochs, batch_size=128, optimizer="sgd", lr=lr, weight_decay=5e-4, **kwargs
-    )
-
-
-def _recipe(model: str, max_train, max_test, diagnostics_train: int, train, **kwargs) -> Recipe:
-    return Recipe(
-        model=model,
-        max_train=max_train,
-        max_test=max_test,
-        diagnostics_train=diagnostics_train,
-        train=train,
-        lr_note=kwargs.pop("lr_note", _SGD_NOTE.format(lr=train.lr)),
-        **kwargs,
-    )
-
-
-_GPU = {"threads": None}
+# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
+_GPU = {"diagnostics_train": 50000, "threads": None}
 PRESETS: dict[str, dict[str, Recipe]] = {
     # ≤ 3 minutes for `reproduce --preset quick` on 2 CPU cores (5 losses × 3 seeds).
     "quick": {
-        "fashion-mnist": _recipe("mlp", 10000, 5000, 5000, _sgd(5)),
-        "mnist": _recipe("mlp", 10000, 5000, 5000, _sgd(5)),
-        "cifar10": _recipe("cnn", 5000, 5000, 5000, _sgd(5)),
+        "fashion-mnist": Recipe("mlp", 10000, 5000, TrainConfig(5)),
+        "mnist": Recipe("mlp", 10000, 5000, TrainConfig(5)),
+        "cifar10": Recipe("cnn", 5000, 5000, TrainConfig(5)),
     },
     # ≤ 10 minutes for `reproduce` on 2 CPU cores.
     "standard": {
-        "fashion-mnist": _recipe("mlp", None, None, 10000, _sgd(8)),
-        "mnist": _recipe("mlp", None, None, 20000, _sgd(10)),
-        "cifar10": _recipe("cnn", 20000, None, 20000, _sgd(10, augment=True)),
+        "fashion-mnist": Recipe("mlp", None, None, TrainConfig(8), diagnostics_train=10000),
+        "mnist": Recipe("mlp", None, None, TrainConfig(10), diagnostics_train=20000),
+        "cifar10": Recipe(
+            "cnn", 20000, None, TrainConfig(10, augment=True), diagnostics_train=20000
+        ),
     },
     # GPU recipes (not timed on this machine).
     "full": {
-        "cifar10": _recipe(
+        "cifar10": Recipe(
             "resnet18",
             None,
             None,
-            50000,
-            _sgd(200, lr=0.1, momentum=0.9, augment=True, device="auto"),
+            TrainConfig(200, lr=0.1, augment=True, device="auto"),
             lr_note=(
                 "The standard CIFAR ResNet-18 recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine, "
                 "200 epochs, crop+flip) for every loss, as in the paper's setting adapted; "
@@ -107,21 +92,20 @@ PRESETS: dict[str, dict[str, Recipe]] = {
             ),
             **_GPU,
         ),
-        "mnist": _recipe("cnn", None, None, 50000, _sgd(30, device="auto"), **_GPU),
-        "fashion-mnist": _recipe("cnn", None, None, 50000, _sgd(30, device="auto"), **_GPU),
+        "mnist": Recipe("cnn", None, None, TrainConfig(30, device="auto"), **_GPU),
+        "fashion-mnist": Recipe("cnn", None, None, TrainConfig(30, device="auto"), **_GPU),
     },
 }
 DEFAULT_DATASET = {"quick": "fashion-mnist", "standard": "fashion-mnist", "full": "cifar10"}
+LR_HELP = (
+    "Every loss uses its recipe's lr unless listed: one rate keeps the comparison paired; "
+    "el:log_end=1 (unbounded bonus) may diverge at it, which is reported as a result. "
+    "--lr and --clip-grad-norm change it for all losses."
+)
 
 
 def resolve_recipe(options: Options) -> tuple[str, Recipe]:
-    """Pick the preset's recipe for the dataset and apply command-line overrides.
-
-    Args:
-        options: parsed options (``preset`` set).
-
-    Returns:
-        ``(dataset, recipe)``.
+    """``(dataset, recipe)``: the preset's recipe for the dataset with the options applied.
 
     Raises:
         ValueError: for a dataset the preset has no recipe for, an unknown model or a bad
@@ -139,75 +123,39 @@ def resolve_recipe(options: Options) -> tuple[str, Recipe]:
             f"model: unknown image model {options.model!r}; known: {', '.join(MODELS)}"
         )
     recipe = recipes[dataset]
-    recipe = replace(
+    if options.lr is not None:  # an explicit --lr applies to every loss
+        note = "--lr given on the command line, used for every loss"
+        recipe = replace(recipe, lr_by_loss={}, lr_note=note)
+    return dataset, replace(
         recipe,
         model=options.model or recipe.model,
         max_train=options.train_size if options.train_size is not None else recipe.max_train,
         max_test=options.test_size if options.test_size is not None else recipe.max_test,
         train=options.train_config(recipe.train),
-        threads=recipe.threads if options.threads is None else (options.threads or None),
-        # An explicit --lr applies to every loss.
-        lr_by_loss={} if options.lr is not None else dict(recipe.lr_by_loss),
-        lr_note="--lr given on the command line, used for every loss"
-        if options.lr is not None
-        else recipe.lr_note,
     )
-    return dataset, recipe
 
 
-def lr_for(spec: LossSpec, recipe: Recipe) -> float:
-    """The learning rate a recipe uses for one loss (by exact name, then family, else base).
-
-    Raises:
-        ValueError: if ``spec`` is not a :class:`LossSpec`.
-    """
-    if not isinstance(spec, LossSpec):
-        raise ValueError(f"spec: expected a LossSpec, got {type(spec).__name__}")
-    for key in (spec.name, spec.family):
-        if key in recipe.lr_by_loss:
-            return recipe.lr_by_loss[key]
-    return recipe.train.lr
-
-
-def _measure(model, splits, recipe: Recipe, run: RunContext, config: TrainConfig) -> dict:
-    """Diagnostics of a trained (non-diverged) model on train and test."""
-    device = next(model.parameters()).device
+def _measure(model, splits, recipe: Recipe, run: RunContext):
+    """Diagnostics of a trained (non-diverged) model on train and test; reliability bins."""
+    device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
     n_diag = min(recipe.diagnostics_train, len(splits.train_y))
     train = splits.train_x[:n_diag], splits.train_y[:n_diag]
     test = splits.test_x, splits.test_y
     metrics, test_logits = diagnostics.classifier_diagnostics(
-        model, train, test, config.eval_batch_size, device, run.seed, retrain_classifier=True
+        model, train, test, batch, device, run.seed, retrain_classifier=True
     )
-    metrics["_reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
     arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
     io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
-    return metrics
-
-
-def _describe_presets() -> str:
-    """Human-readable summary of every preset's recipes and learning rates (for ``--help``)."""
-    lines = []
-    for name, recipes in PRESETS.items():
-        for dataset, r in recipes.items():
-            t = r.train
-            lines.append(
-                f"{name}/{dataset}: {r.model}, train {r.max_train or 'all'}, test "
-                f"{r.max_test or 'all'}, {t.epochs} epochs, batch {t.batch_size}, {t.optimizer} "
-                f"lr {t.lr:g} ({t.schedule})"
-                + "".join(f", {loss} lr {lr:g}" for loss, lr in r.lr_by_loss.items())
-            )
-    lines.append(
-        "Every loss uses its recipe's lr unless listed: one rate keeps the comparison paired; "
-        "el:log_end=1 (unbounded bonus) may diverge at it, which is reported as a result. "
-        "--lr and --clip-grad-norm change it for all losses."
-    )
-    return "\n".join(lines)
+    return metrics, diagnostics.calibration(test_logits, splits.test_y)[1]
 
 
 class ImageTask(Task):
     """Image classification (the project's main job: ``encouraging-loss reproduce``)."""
 
     name = "image"
+    recipes = {
+        f"{p}/{dataset}": r for p, by_data in PRESETS.items() for dataset, r in by_data.items()
+    }
     summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
     datasets = lab_data.DATASETS[:2] + ("cifar10",)
     models = MODELS
@@ -235,40 +183,51 @@ class ImageTask(Task):
             "lr_note": recipe.lr_note,
             "data": {
                 "source": str(dataset.source),
-                "n_train": len(splits.train_y),
-                "n_val": len(splits.val_y),
-                "n_test": len(splits.test_y),
+                **{f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")},
                 "val_fraction": recipe.val_fraction,
                 "diagnostics_train": recipe.diagnostics_train,
             },
         }
-        return Prepared(
-            dataset=dataset_name,
-            out_name=f"{self.name}-{options.preset}-{dataset_name}",
-            config=config,
-            state=(recipe, splits),
-            threads=threads,
-        )
+        out_name = f"{self.name}-{options.preset}-{dataset_name}"
+        return Prepared(dataset_name, out_name, config, (recipe, splits), threads)
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
         recipe, splits = prepared.state
-        config = replace(recipe.train, seed=seed, lr=lr_for(spec, recipe))
+        config = replace(recipe.train, seed=seed, lr=self.lr_for(prepared, spec))
         set_seed(seed, config.deterministic)
         model = build_model(recipe.model, splits.input_shape, splits.num_classes)
         outcome = run.train(model, build_criterion(spec), splits, config)
         result = RunResult(outcome, config.lr, extra={"reliability": None})
         if not outcome.diverged:
-            result.metrics = _measure(model, splits, recipe, run, config)
-            result.extra["reliability"] = result.metrics.pop("_reliability")
+            result.metrics, result.extra["reliability"] = _measure(model, splits, recipe, run)
             last = outcome.history[-1]["grad_share_well_classified"]
             result.metrics["grad_share_well_classified_last"] = last
         return result
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
-        return lr_for(spec, prepared.state[0])
+        """The recipe's learning rate for ``spec`` (by exact name, then family, else base).
+
+        Raises:
+            ValueError: if ``spec`` is not a :class:`LossSpec`.
+        """
+        if not isinstance(spec, LossSpec):
+            raise ValueError(f"spec: expected a LossSpec, got {type(spec).__name__}")
+        recipe = prepared.state[0]
+        for key in (spec.name, spec.family):
+            if key in recipe.lr_by_loss:
+                return recipe.lr_by_loss[key]
+        return recipe.train.lr
+
+    def describe_recipe(self, r) -> str:
+        t = r.train
+        return (
+            f"{r.model}, train {r.max_train or 'all'}, test {r.max_test or 'all'}, {t.epochs} "
+            f"epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} ({t.schedule})"
+            + "".join(f", {loss} lr {lr:g}" for loss, lr in r.lr_by_loss.items())
+        )
 
     def describe_presets(self) -> str:
-        return _describe_presets()
+        return f"{super().describe_presets()}\n{LR_HELP}"
 
 
 TASK = ImageTask()

@@ -128,17 +128,13 @@ def resolve_recipe(options: Options) -> Recipe:
 def long_tail_counts(
     num_classes: int, n_max: int, imbalance_ratio: float, profile: str = "exp"
 ) -> list[int]:
-    """Per-class training counts of a long-tailed view.
+    """Per-class training counts of a long-tailed view, largest first (each at least 1).
 
     Args:
-        num_classes: number of classes, at least 2.
-        n_max: images of class 0 (the largest), at least 1.
+        num_classes, n_max: number of classes (≥ 2); images of class 0, the largest (≥ 1).
         imbalance_ratio: ``n_max / n_min``, at least 1.
         profile: ``"exp"``: ``n_c = n_max · ratio^(−c/(C−1))``; ``"step"``: the first
             ``C // 2`` classes get ``n_max``, the rest ``n_max / ratio``.
-
-    Returns:
-        Counts (each at least 1), largest first.
 
     Raises:
         ValueError: naming an invalid argument.
@@ -160,17 +156,11 @@ def long_tail_counts(
 
 
 def class_groups(counts: list[int]) -> dict[str, list[int]]:
-    """Many / medium / few classes: ``n_c > n_max/5``, ``n_c < n_max/25``, the rest medium.
+    """Class indices of ``many`` (``n_c > n_max/5``), ``few`` (``n_c < n_max/25``), ``medium``.
 
     The CIFAR-100-LT / ImageNet-LT convention (many > 100, few < 20 training images with 500 in
-    the largest class) scaled to the largest class ``n_max``; for exponential profiles with
-    ratio 100 it puts 4 / 3 / 3 of 10 classes in many / medium / few.
-
-    Args:
-        counts: per-class training counts (positive).
-
-    Returns:
-        ``{"many": [...], "medium": [...], "few": [...]}`` class indices.
+    the largest class) scaled to the largest of the per-class training ``counts``; for
+    exponential profiles with ratio 100 it puts 4 / 3 / 3 of 10 classes in many / medium / few.
 
     Raises:
         ValueError: for no counts.
@@ -196,10 +186,7 @@ def _balanced_take(labels: np.ndarray, per_class: int | None, rng) -> np.ndarray
 def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 0):
     """Long-tailed training view, balanced validation (left-out train images), balanced test.
 
-    Args:
-        data: the full dataset.
-        recipe: the resolved recipe (``n_max``, ``imbalance_ratio``, ``profile``...).
-        seed: seed of which images are drawn (fixed so every loss and seed sees the same data).
+    ``seed`` draws the images (fixed, so every loss and seed sees the same data).
 
     Returns:
         ``(splits, counts)``: standardised :class:`lab_data.Splits` and per-class train counts.
@@ -230,25 +217,19 @@ def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 
         per_class = max(1, len(test_idx) // (10 * num_classes))
         val_idx_test = _balanced_take(data.test_labels[test_idx], per_class, rng)
         held_out = test_idx[val_idx_test]
-        val_x_images, val_y = data.test_images[held_out], data.test_labels[held_out]
+        val_images, val_y = data.test_images[held_out], data.test_labels[held_out]
         test_idx = np.delete(test_idx, val_idx_test)
     else:
-        val_x_images, val_y = data.train_images[val_idx], labels[val_idx]
-    train_x = lab_data.to_tensor(data.train_images[train_idx])
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    splits = lab_data.Splits(
-        train_x=(train_x - mean) / std,
-        train_y=torch.from_numpy(labels[train_idx].astype(np.int64)),
-        val_x=(lab_data.to_tensor(val_x_images) - mean) / std,
-        val_y=torch.from_numpy(val_y.astype(np.int64)),
-        test_x=(lab_data.to_tensor(data.test_images[test_idx]) - mean) / std,
-        test_y=torch.from_numpy(data.test_labels[test_idx].astype(np.int64)),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-    )
-    return splits, counts
+        val_images, val_y = data.train_images[val_idx], labels[val_idx]
+    images = (data.train_images[train_idx], val_images, data.test_images[test_idx])
+    targets = (labels[train_idx], val_y, data.test_labels[test_idx])
+    xs = [lab_data.to_tensor(part) for part in images]
+    mean = xs[0].mean(dim=(0, 2, 3), keepdim=True)
+    std = xs[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    tensors = []
+    for x, y in zip(xs, targets, strict=True):
+        tensors += [(x - mean) / std, torch.from_numpy(y.astype(np.int64))]
+    return lab_data.Splits(*tensors, num_classes=num_classes, mean=mean, std=std), counts
 
 
 # --- losses ----------------------------------------------------------------------------------
@@ -347,14 +328,8 @@ def drw_hook(criterion: nn.Module, counts: list[int], start: float, device: torc
 
 
 def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: dict) -> dict:
-    """Accuracy over all test images and over the classes of each group.
-
-    Args:
-        predictions, labels: ``(N,)`` predicted and true classes.
-        groups: output of :func:`class_groups`.
-
-    Returns:
-        ``test_accuracy`` and ``{many,medium,few}_accuracy`` (``None`` for an empty group).
+    """``test_accuracy`` of ``(N,)`` predicted classes, and ``{group}_accuracy`` over the
+    classes of each of :func:`class_groups`' ``groups`` (``None`` for an empty group).
 
     Raises:
         ValueError: if ``predictions`` and ``labels`` differ in shape.
@@ -369,15 +344,15 @@ def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: di
     return out
 
 
-def _measure(model, splits, counts: list[int], recipe: Recipe, run: RunContext, config) -> dict:
+def _measure(model, splits, groups: dict, recipe: Recipe, run: RunContext) -> dict:
     """Balanced test accuracy, per-group accuracy, per-class accuracy, cRT, margins."""
-    device, batch = next(model.parameters()).device, config.eval_batch_size
+    device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
     n_diag = min(recipe.diagnostics_train, len(splits.train_y))
     train_x = splits.train_x[:n_diag]
     train_features, _ = diagnostics.extract_features(model, train_x, batch, device)
     test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
     predictions = test_logits.argmax(1)
-    metrics = group_accuracies(predictions, splits.test_y, class_groups(counts))
+    metrics = group_accuracies(predictions, splits.test_y, groups)
     for c in range(splits.num_classes):
         mask = splits.test_y == c
         metrics[f"class_accuracy/{c}"] = (predictions[mask] == c).float().mean().item()
@@ -390,48 +365,6 @@ def _measure(model, splits, counts: list[int], recipe: Recipe, run: RunContext, 
     arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
     io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
     return metrics
-
-
-def _report_spec(names: list[str], recipe: Recipe, groups: dict) -> dict:
-    """Table, comparisons and the paper's direction for the report."""
-    comparisons = [[name, "ce"] for name in names if name != "ce"]
-    el_names = [name for name in names if name.startswith("el")]
-    claim_pairs = [[name, "ce"] for name in el_names]
-    if "ce-drw" in names:  # EL with DRW is also compared with CE with DRW
-        drw_pairs = [[name, "ce-drw"] for name in el_names if name.startswith("el-drw")]
-        claim_pairs, comparisons = claim_pairs + drw_pairs, comparisons + drw_pairs
-    sizes = {name: len(classes) for name, classes in groups.items()}
-    return {
-        "title": f"imbalanced: long-tailed {recipe.dataset} ({recipe.profile}, ratio "
-        f"{recipe.imbalance_ratio:g}, largest class {recipe.n_max})",
-        "table": [
-            ["test_accuracy", "test acc", True],
-            *([f"{group}_accuracy", group, True] for group in groups),
-            ["crt_accuracy", "cRT acc", True],
-            ["margin_mean", "margin", True],
-            ["ece", "ECE", False],
-        ],
-        "claims": [
-            ["accuracy higher", "test_accuracy", +1, "balanced test accuracy is higher"],
-            ["tail accuracy higher", "few_accuracy", +1, "few-class test accuracy is higher"],
-        ],
-        "comparisons": comparisons,
-        "claim_pairs": claim_pairs,
-        "notes": [
-            "Mean ± std over seeds (balanced test set; model selected on a balanced validation "
-            "set cut from training images outside the long-tailed view). Groups by training "
-            f"images: many n_c > n_max/5 ({sizes['many']} classes), few n_c < n_max/25 "
-            f"({sizes['few']} classes), medium the rest ({sizes['medium']} classes). cRT = "
-            "last layer re-trained with class-balanced sampling on frozen features. "
-            "*-drw losses switch on class-balanced weights (β = 0.9999) at "
-            f"{recipe.drw_start:g} of training."
-        ],
-        "plots": [
-            ["accuracy curves", "accuracy_curves.png"],
-            ["margin histogram", "margin_hist.png"],
-        ],
-        "curves": [],
-    }
 
 
 # --- task ------------------------------------------------------------------------------------
@@ -477,13 +410,9 @@ class ImbalancedTask(Task):
             "train": asdict(recipe.train),
             "data": {
                 "source": str(dataset.source),
-                "profile": recipe.profile,
-                "imbalance_ratio": recipe.imbalance_ratio,
-                "n_max": recipe.n_max,
+                **{key: getattr(recipe, key) for key in ("profile", "imbalance_ratio", "n_max")},
                 "train_counts": counts,
-                "n_train": len(splits.train_y),
-                "n_val": len(splits.val_y),
-                "n_test": len(splits.test_y),
+                **{f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")},
                 "groups": groups,
                 "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
             },
@@ -493,8 +422,7 @@ class ImbalancedTask(Task):
         return Prepared(f"{recipe.dataset}-lt", out_name, config, state, threads, counts)
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        recipe, splits, _ = prepared.state
-        counts = prepared.class_counts
+        (recipe, splits, groups), counts = prepared.state, prepared.class_counts
         config = replace(recipe.train, seed=seed)
         set_seed(seed, config.deterministic)
         model = build_model(recipe.model, splits.input_shape, splits.num_classes)
@@ -504,14 +432,49 @@ class ImbalancedTask(Task):
         drw = spec.family.endswith("-drw")
         hook = drw_hook(criterion, counts, recipe.drw_start, device) if drw else None
         outcome = run.train(model, criterion, splits, config, progress_hook=hook)
-        result = RunResult(outcome, config.lr)
-        if not outcome.diverged:
-            result.metrics = _measure(model, splits, counts, recipe, run, config)
-        return result
+        metrics = {} if outcome.diverged else _measure(model, splits, groups, recipe, run)
+        return RunResult(outcome, config.lr, metrics)
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe, _, groups = prepared.state
-        return _report_spec([s.name for s in specs], recipe, groups)
+        names = [s.name for s in specs]
+        comparisons = [[name, "ce"] for name in names if name != "ce"]
+        el_names = [name for name in names if name.startswith("el")]
+        claim_pairs = [[name, "ce"] for name in el_names]
+        if "ce-drw" in names:  # EL with DRW is also compared with CE with DRW
+            drw_pairs = [[name, "ce-drw"] for name in el_names if name.startswith("el-drw")]
+            claim_pairs, comparisons = claim_pairs + drw_pairs, comparisons + drw_pairs
+        sizes = {name: len(classes) for name, classes in groups.items()}
+        return {
+            "title": f"imbalanced: long-tailed {recipe.dataset} ({recipe.profile}, ratio "
+            f"{recipe.imbalance_ratio:g}, largest class {recipe.n_max})",
+            "table": [
+                ["test_accuracy", "test acc", True],
+                *([f"{group}_accuracy", group, True] for group in groups),
+                ["crt_accuracy", "cRT acc", True],
+                ["margin_mean", "margin", True],
+                ["ece", "ECE", False],
+            ],
+            "claims": [
+                ["accuracy higher", "test_accuracy", +1, "balanced test accuracy is higher"],
+                ["tail accuracy higher", "few_accuracy", +1, "few-class test accuracy is higher"],
+            ],
+            "comparisons": comparisons,
+            "claim_pairs": claim_pairs,
+            "notes": [
+                "Mean ± std over seeds (balanced test set; model selected on a balanced validation "
+                "set cut from training images outside the long-tailed view). Groups by training "
+                f"images: many n_c > n_max/5 ({sizes['many']} classes), few n_c < n_max/25 "
+                f"({sizes['few']} classes), medium the rest ({sizes['medium']} classes). cRT = "
+                "last layer re-trained with class-balanced sampling on frozen features. "
+                "*-drw losses switch on class-balanced weights (β = 0.9999) at "
+                f"{recipe.drw_start:g} of training."
+            ],
+            "plots": [
+                ["accuracy curves", "accuracy_curves.png"],
+                ["margin histogram", "margin_hist.png"],
+            ],
+        }
 
 
 TASK = ImbalancedTask()

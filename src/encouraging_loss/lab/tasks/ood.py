@@ -12,7 +12,6 @@ Metrics are named ``ood/<set>/<score>/<metric>``, e.g. ``ood/fashion-mnist/energ
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +35,12 @@ class Recipe:
     """How one preset trains the in-distribution classifier and scores OOD sets.
 
     Attributes:
-        train, model: how it trains (optimiser, schedule), and the architecture.
-        dataset, ood_sets: the in-distribution dataset; OOD sets (dataset names or idx folders).
-        scores: scores to evaluate, from :data:`SCORES`.
-        max_train: in-distribution training images (validation included); ``None`` = all.
-        max_test: in-distribution test images and images per OOD set; ``None`` = all.
+        train, model, dataset: how it trains, the architecture, the in-distribution dataset.
+        ood_sets, scores: OOD sets (dataset names or idx folders); scores from :data:`SCORES`.
+        max_train, max_test: training images (validation included); in-distribution test images
+            and images per OOD set (``None`` = all).
         odin_temperature, odin_epsilon: ODIN's temperature and input step (standardised units).
-        val_fraction: share of the training images held out for model selection.
-        threads: CPU threads (``None`` = torch's default).
+        val_fraction, threads: training images held out for model selection; CPU threads.
     """
 
     train: TrainConfig
@@ -59,11 +56,11 @@ class Recipe:
     threads: int | None = 1  # None for the GPU preset (full)
 
 
-_sgd = partial(TrainConfig, optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine")
+# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 PRESETS: dict[str, Recipe] = {
-    "quick": Recipe(_sgd(epochs=5, batch_size=64), scores=SCORES[:3], max_test=2000),
-    "standard": Recipe(_sgd(epochs=10, batch_size=128)),
-    "full": Recipe(_sgd(epochs=30, batch_size=128, device="auto"), model="cnn", threads=None),
+    "quick": Recipe(TrainConfig(5, 64), scores=SCORES[:3], max_test=2000),
+    "standard": Recipe(TrainConfig(10)),
+    "full": Recipe(TrainConfig(30, device="auto"), model="cnn", threads=None),
 }
 
 
@@ -103,9 +100,7 @@ def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Sp
     Args:
         name, data_root: an idx dataset name under the data root, or a folder holding
             ``t10k-images-idx3-ubyte[.gz]``.
-        max_test: keep a seeded random subset of this many images (``None`` = all).
-        splits: the in-distribution splits (their input shape, mean and std).
-        seed: seed of the subset.
+        max_test, seed: keep a random subset (seeded) of this many images (``None`` = all).
 
     Returns:
         ``(label, x)``: the name used in metric names and ``(N, C, H, W)`` float inputs.
@@ -135,13 +130,8 @@ def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Sp
 
 # --- scores and metrics ----------------------------------------------------------------------
 def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """MSP, maximum logit and negative energy (logsumexp) of each row; higher = more ID.
-
-    Args:
-        logits: ``(N, C)`` logits.
-
-    Returns:
-        ``{"msp", "max_logit", "energy"}`` float64 arrays.
+    """``{"msp", "max_logit", "energy"}`` float64 arrays: MSP, maximum logit and negative
+    energy (logsumexp) of each row of ``(N, C)`` logits; higher = more in-distribution.
 
     Raises:
         ValueError: if ``logits`` is not a 2-D tensor.
@@ -161,13 +151,8 @@ def odin_scores(
 ) -> np.ndarray:
     """ODIN (Liang et al. 2018): MSP at temperature T after a small input step towards it.
 
-    Args:
-        model, x: the classifier, and its inputs (standardised as it expects).
-        temperature, epsilon: softmax temperature (> 0), size of the input step (≥ 0).
-        batch_size, device: batch size (≥ 1), and where to run (``torch.device`` or its name).
-
-    Returns:
-        ``(N,)`` scores, higher = more in-distribution.
+    ``(N,)`` scores of inputs ``x`` (standardised as ``model`` expects), higher = more
+    in-distribution; ``temperature`` > 0, input step ``epsilon`` ≥ 0, ``batch_size`` ≥ 1.
 
     Raises:
         ValueError: naming ``temperature``, ``epsilon`` and ``batch_size`` if one is out of range.
@@ -191,14 +176,9 @@ def odin_scores(
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR, from scikit-learn.
+    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` (FPR at 95% TPR), from scikit-learn.
 
-    Args:
-        id_scores: scores of in-distribution images (the positives), higher = more ID.
-        ood_scores: scores of OOD images.
-
-    Returns:
-        ``{"auroc", "aupr_in", "aupr_out", "fpr95"}``.
+    ``id_scores`` are the in-distribution images' (the positives), higher = more ID.
 
     Raises:
         ValueError: if either array is empty or not finite.
@@ -247,39 +227,6 @@ def _measure(model, splits, ood_x: dict, recipe: Recipe, config: TrainConfig) ->
     return metrics
 
 
-def _report_spec(losses: list[str], recipe: Recipe, sets: list[str]) -> dict:
-    """Table, comparisons and the paper's direction for the report."""
-    first = recipe.scores[0]
-    tested = "energy" if "energy" in recipe.scores else first
-    table, claims = [["test_accuracy", "test acc", True]], []
-    for name in sets:
-        table += [[f"ood/{name}/{s}/auroc", f"{name} {s} AUROC", True] for s in recipe.scores]
-        table.append([f"ood/{name}/{first}/fpr95", f"{name} {first} FPR95", False])
-        wording = f"{tested} AUROC against {name} is higher"
-        claims.append([f"OOD detection better ({name})", f"ood/{name}/{tested}/auroc", +1, wording])
-    return {
-        "title": f"ood: {recipe.dataset} against {', '.join(sets)}",
-        "table": table,
-        "claims": claims,
-        "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
-        "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
-        "notes": [
-            "Mean ± std over seeds. Scores (higher = in-distribution): msp = max softmax "
-            "probability, max_logit, energy = logsumexp(z), odin = MSP at T="
-            f"{recipe.odin_temperature:g} after an input step ε={recipe.odin_epsilon:g}. "
-            "AUROC / AUPR-in treat in-distribution test images as positives; FPR95 = share of "
-            "OOD images scored above the threshold keeping 95% of in-distribution images "
-            "(lower is better). All metrics per set and score are in results.csv as "
-            "ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}.",
-            "The paper's argument: EL lowers the energy of in-distribution examples, so the "
-            f"energy score should separate them better; the direction line tests {tested} "
-            "AUROC.",
-        ],
-        "plots": [["accuracy curves", "accuracy_curves.png"]],
-        "curves": [],
-    }
-
-
 class OodTask(Task):
     """OOD detection of a classifier trained on MNIST, against other idx test sets."""
 
@@ -308,10 +255,8 @@ class OodTask(Task):
         threads = options.apply_threads(recipe.threads)
         limits = recipe.max_train, recipe.max_test, recipe.val_fraction
         dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
-        ood_x = dict(
-            load_ood_set(name, options.data_root, recipe.max_test, splits)
-            for name in recipe.ood_sets
-        )
+        root, max_test = options.data_root, recipe.max_test
+        ood_x = dict(load_ood_set(name, root, max_test, splits) for name in recipe.ood_sets)
         data = {"source": str(dataset.source)}
         data.update((f"n_{p}", len(getattr(splits, f"{p}_y"))) for p in ("train", "val", "test"))
         data["ood_sets"] = {name: len(x) for name, x in ood_x.items()}
@@ -332,7 +277,35 @@ class OodTask(Task):
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe, _, ood_x = prepared.state
-        return _report_spec([s.name for s in specs], recipe, list(ood_x))
+        losses, sets = [s.name for s in specs], list(ood_x)
+        first = recipe.scores[0]
+        tested = "energy" if "energy" in recipe.scores else first
+        table, claims = [["test_accuracy", "test acc", True]], []
+        for name in sets:
+            table += [[f"ood/{name}/{s}/auroc", f"{name} {s} AUROC", True] for s in recipe.scores]
+            table.append([f"ood/{name}/{first}/fpr95", f"{name} {first} FPR95", False])
+            key, wording = f"ood/{name}/{tested}/auroc", f"{tested} AUROC against {name} is higher"
+            claims.append([f"OOD detection better ({name})", key, +1, wording])
+        return {
+            "title": f"ood: {recipe.dataset} against {', '.join(sets)}",
+            "table": table,
+            "claims": claims,
+            "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
+            "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
+            "notes": [
+                "Mean ± std over seeds. Scores (higher = in-distribution): msp = max softmax "
+                "probability, max_logit, energy = logsumexp(z), odin = MSP at T="
+                f"{recipe.odin_temperature:g} after an input step ε={recipe.odin_epsilon:g}. "
+                "AUROC / AUPR-in treat in-distribution test images as positives; FPR95 = share of "
+                "OOD images scored above the threshold keeping 95% of in-distribution images "
+                "(lower is better). All metrics per set and score are in results.csv as "
+                "ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}.",
+                "The paper's argument: EL lowers the energy of in-distribution examples, so the "
+                f"energy score should separate them better; the direction line tests {tested} "
+                "AUROC.",
+            ],
+            "plots": [["accuracy curves", "accuracy_curves.png"]],
+        }
 
 
 TASK = OodTask()
