@@ -59,7 +59,7 @@ class Family:
     build: Callable[[LossSpec, list[int] | None], nn.Module] | None = None
 
     def with_name(self, name: str, **defaults) -> Family:
-        """A copy under another name (``ls-el`` is ``el`` with label smoothing 0.1)."""
+        """A copy under another name (``ls-ce`` is ``ce`` with label smoothing 0.1)."""
         return replace(self, name=name, defaults={**self.defaults, **defaults})
 
 
@@ -256,15 +256,14 @@ def _parse_items(name: str, family: Family, items: list[str]) -> dict[str, objec
 
 def _spec(head: str, items: list[str], families: dict[str, Family], probe: list[int]) -> LossSpec:
     """The spec of one loss from its family head and parameter items, checked by the core."""
-    family_name = head.partition(":")[0].strip().lower()
-    name = ",".join([head, *items]) if items else head
+    family_part, _, first = (part.strip() for part in head.partition(":"))
+    family_name, name = family_part.lower(), ",".join([head, *items])
     if family_name not in families:
         raise UnknownLossError(
             f"unknown loss {name!r}; known families: {', '.join(families)} "
             "(e.g. ce, el, el:log_end=1, ls-ce:0.1, ls-el:0.1, focal:gamma=2, poly1:epsilon=1)"
         )
     family = families[family_name]
-    first = head.partition(":")[2].strip()
     params = _parse_items(name, family, ([first] if first else []) + items)
     spec = LossSpec(name, family_name, params)
     if family.build is not None:
