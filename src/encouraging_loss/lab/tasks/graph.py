@@ -114,9 +114,7 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
     if dataset not in DATASETS:
         raise ValueError(f"dataset: unknown TU dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if options.model not in (None, *MODELS):
-        raise ValueError(
-            f"model: unknown graph model {options.model!r}; known: {', '.join(MODELS)}"
-        )
+        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
     if options.train_size is not None and options.train_size < MIN_GRAPHS:
         raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
     return dataset, replace(
@@ -163,10 +161,9 @@ def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | N
             dataset = TUDataset(cache, name)  # prints "Processing..." otherwise
         graphs = [dataset[i] for i in range(len(dataset))]
         num_classes = int(dataset.num_classes)
-    if graphs[0].x is None:
-        for graph in graphs:
-            graph.x = torch.ones(graph.num_nodes, 1)
+    featureless = graphs[0].x is None
     for graph in graphs:
+        graph.x = torch.ones(graph.num_nodes, 1) if featureless else graph.x
         graph.edge_attr = None  # GIN/GCN here use node features only
         graph.y = graph.y.view(-1).long()
     if max_graphs is not None and max_graphs < len(graphs):

@@ -32,10 +32,9 @@ class Recipe:
     """How one preset trains on one dataset.
 
     Attributes:
-        model: ``mlp``, ``cnn`` or ``resnet18``.
-        max_train: train examples used (a fixed random subset, validation included); None = all.
-        max_test: test examples scored; None = all.
-        train: optimiser/schedule settings (seed is filled in per run).
+        model, train: ``mlp``, ``cnn`` or ``resnet18``; optimiser and schedule.
+        max_train, max_test: train examples used (a fixed random subset, validation included),
+            test examples scored; None = all.
         lr_by_loss: learning-rate overrides by loss name or family (``"el:log_end=1"``, ``"el"``).
         lr_note: why these learning rates (default: the note of one SGD rate for every loss).
         diagnostics_train: training examples used for probe/cRT features and train diagnostics.
@@ -119,9 +118,7 @@ def resolve_recipe(options: Options) -> tuple[str, Recipe]:
             f"it has: {', '.join(recipes)}"
         )
     if options.model not in (None, *MODELS):
-        raise ValueError(
-            f"model: unknown image model {options.model!r}; known: {', '.join(MODELS)}"
-        )
+        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
     recipe = recipes[dataset]
     if options.lr is not None:  # an explicit --lr applies to every loss
         note = "--lr given on the command line, used for every loss"

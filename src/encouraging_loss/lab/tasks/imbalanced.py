@@ -243,11 +243,8 @@ def _check_counts(counts) -> torch.Tensor:
 class LDAMLoss(nn.Module):
     """LDAM (Cao et al. 2019): cross-entropy on ``s (z − Δ_y e_y)``, ``Δ_c ∝ n_c^{−1/4}``.
 
-    Args:
-        counts: per-class training counts.
-        max_margin: the largest margin (of the rarest class), positive.
-        s: logit scale, positive.
-        weight: optional class weights (DRW replaces this buffer late in training).
+    ``max_margin`` (the rarest class's) and the logit scale ``s`` are positive; ``weight``:
+    optional class weights (DRW replaces this buffer late in training).
     """
 
     def __init__(self, counts: list[int], max_margin: float = 0.5, s: float = 1.0, weight=None):
@@ -266,12 +263,8 @@ class LDAMLoss(nn.Module):
 
 
 class LogitAdjustedLoss(nn.Module):
-    """Logit-adjusted cross-entropy (Menon et al. 2021): CE on ``z + τ log π``.
-
-    Args:
-        counts: per-class training counts (give the prior ``π``).
-        tau: temperature of the adjustment, non-negative.
-    """
+    """Logit-adjusted cross-entropy (Menon et al. 2021): CE on ``z + τ log π``, the prior ``π``
+    from the per-class training ``counts`` and the temperature ``tau`` ≥ 0."""
 
     def __init__(self, counts: list[int], tau: float = 1.0):
         super().__init__()
@@ -348,8 +341,7 @@ def _measure(model, splits, groups: dict, recipe: Recipe, run: RunContext) -> di
     """Balanced test accuracy, per-group accuracy, per-class accuracy, cRT, margins."""
     device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
     n_diag = min(recipe.diagnostics_train, len(splits.train_y))
-    train_x = splits.train_x[:n_diag]
-    train_features, _ = diagnostics.extract_features(model, train_x, batch, device)
+    train_features, _ = diagnostics.extract_features(model, splits.train_x[:n_diag], batch, device)
     test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
     predictions = test_logits.argmax(1)
     metrics = group_accuracies(predictions, splits.test_y, groups)

@@ -95,12 +95,9 @@ def resolve_recipe(options: Options) -> Recipe:
 
 # --- data ------------------------------------------------------------------------------------
 def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Splits, seed=0):
-    """Test images of one OOD set, standardised as the in-distribution ``splits`` are.
-
-    Args:
-        name, data_root: an idx dataset name under the data root, or a folder holding
-            ``t10k-images-idx3-ubyte[.gz]``.
-        max_test, seed: keep a random subset (seeded) of this many images (``None`` = all).
+    """Test images of the OOD set ``name`` (an idx dataset under ``data_root``, or a folder of
+    ``t10k-images-idx3-ubyte[.gz]``), standardised as the in-distribution ``splits`` are: a
+    random subset (drawn by ``seed``) of ``max_test`` of them (``None`` = all).
 
     Returns:
         ``(label, x)``: the name used in metric names and ``(N, C, H, W)`` float inputs.
