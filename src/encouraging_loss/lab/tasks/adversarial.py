@@ -157,10 +157,8 @@ def raw_pixels(splits: lab_data.Splits) -> lab_data.Splits:
 
 # --- model and attacks -----------------------------------------------------------------------
 class Standardized(nn.Module):
-    """``model`` (of standardised inputs) taking pixels in [0, 1], what attacks perturb.
-
-    ``mean`` and ``std``: the per-channel statistics it was standardised with, ``(1, C, 1, 1)``.
-    """
+    """``model`` of inputs standardised by the ``(1, C, 1, 1)`` per-channel ``mean`` and ``std``,
+    taking pixels in [0, 1] instead: what attacks perturb."""
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
