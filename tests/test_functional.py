@@ -175,6 +175,34 @@ def test_error_in_each_dtype_within_cross_entropy_error(dtype, smoothing, scale,
     assert el_grad_error <= ce_grad_error + torch.finfo(dtype).eps, (el_grad_error, ce_grad_error)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
+def test_reduced_float32_error_within_cross_entropy_error(smoothing, num_classes, scale):
+    """The reduced loss (the small-problem path's few-operation case, where it applies) errs no
+    more than torch CE's reduced loss in float32, or than its own final rounding to float32
+    (half a unit in the last place: one scalar's rounding is luck, so CE's may be smaller); the
+    gradient by one unit more than CE's at most."""
+    logits, target = make_case((64,), num_classes, dtype=torch.float32, scale=scale, seed=3)
+
+    def errors(fn, reference, **kwargs):
+        value, grad = grad_of(fn, logits, target, **kwargs)
+        expected, expected_grad = grad_of(reference, logits.double(), target, **kwargs)
+        half_ulp = (torch.nextafter(value, value + 1) - value).abs().item() / 2
+        relative = 1.0 + expected.abs().item()
+        value_error = (value.double() - expected).abs().item() / relative
+        grad_error = (grad.double() - expected_grad).abs().max() / expected_grad.abs().max()
+        return value_error, half_ulp / relative, grad_error.item()
+
+    el_value, el_rounding, el_grad = errors(encouraging_loss, reference_loss,
+                                            label_smoothing=smoothing)  # fmt: skip
+    ce_value, _, ce_grad = errors(F.cross_entropy, _reference_cross_entropy,
+                                  label_smoothing=smoothing)  # fmt: skip
+    eps = torch.finfo(torch.float32).eps
+    assert el_value <= max(ce_value, el_rounding) * (1 + 1e-6), (el_value, ce_value, el_rounding)
+    assert el_grad <= ce_grad + eps, (el_grad, ce_grad)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("probs", [False, True])

@@ -531,6 +531,8 @@ def small_encouraging_loss(input, target, weight, bonus_weight, options: LossOpt
 #: Whether :func:`hard_log_bonus_loss` takes the calls it supports (tests switch it off to
 #: run the same calls through :class:`SmallProblem`).
 HARD_LOG_BONUS_FAST = True
+#: The most logits the smoothed case takes (its float64 passes outgrow the general path's).
+SMOOTHED_FAST_MAX_ELEMENTS = 1 << 15
 
 
 def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float):
@@ -585,26 +587,74 @@ def _hard_log_bonus_terms(input, target, rho: float, floor: float, scale: float)
     return total * scale, gradient if class_major else buffer
 
 
-class _HardLogBonusEL(torch.autograd.Function):
+def _smoothed_log_bonus_terms(input, target, rho: float, floor: float, scale: float,
+                              smoothing: float):  # fmt: skip
+    """:func:`_hard_log_bonus_terms` with label smoothing: read class-major, everything in
+    float64 (at any class count up to :data:`SMOOTHED_FAST_MAX_ELEMENTS` logits: torch's
+    smoothed CE costs two to three times its hard-target CE, which leaves room for it).
+
+    Class mass a_k = alpha + beta [k = y] (alpha = eps / C, beta = 1 - eps, sum 1). Row loss
+    sum_k a_k (-log p_k + rho b(p_k)) with b(p) = log u - (u - (1 - p)) / floor, u = max(1 - p,
+    floor); gradient p_k (1 - H) - a_k + h_k with h_k = -rho a_k q_k, q = p / u, H = sum_k h_k:
+    p_k (1 + rho (alpha Q + beta q_y)) - alpha (1 + rho q_k) - beta (1 + rho q_y) [k = y], with
+    Q = sum_k q_k. The target's terms come from p_y - 1 = expm1(log p_y), as without smoothing.
+    """
+    rows_count, num_classes = input.shape
+    alpha, beta = smoothing / num_classes, 1.0 - smoothing
+    rows, index = input.t(), target.view(1, rows_count)
+    log_probs = torch.log_softmax(rows, 0, dtype=torch.float64)
+    # Rows of the target's terms: log p_y, p_y - 1, u_y, log u_y; then sums over all classes.
+    terms = torch.empty((4, 1, rows_count), dtype=torch.float64)
+    log_p = torch.gather(log_probs, 0, index, out=terms[0])
+    sum_log_probs = float(log_probs.sum())
+    probs = log_probs.exp_()
+    bound_all = torch.rsub(probs, 1.0).clamp_min_(floor)
+    sum_bound_all = float(bound_all.sum())
+    ratio = torch.div(probs, bound_all)  # q = p / u
+    sum_log_bound_all = float(bound_all.log_().sum())
+    lost = torch.expm1(log_p, out=terms[1])
+    bound = torch.neg(lost, out=terms[2]).clamp_min_(floor)
+    torch.log(bound, out=terms[3])
+    sum_log_p, sum_lost, sum_bound, sum_log_bound = terms.view(4, -1).sum(1).tolist()
+    # sum over rows and classes of b: sum log u - (sum u - N (C - 1)) / floor (each row's
+    # 1 - p_k sum to C - 1); the target's b from its own terms.
+    bonus_all = sum_log_bound_all - (sum_bound_all - rows_count * (num_classes - 1)) / floor
+    bonus_target = sum_log_bound - (sum_bound + sum_lost) / floor
+    total = -(alpha * sum_log_probs + beta * sum_log_p) + rho * (
+        alpha * bonus_all + beta * bonus_target
+    )
+    ratio_target = lost.add_(1.0).div_(bound)  # q_y
+    row_factor = torch.sum(ratio, 0, keepdim=True).mul_(rho * alpha * scale)
+    row_factor.add_(ratio_target, alpha=rho * beta * scale).add_(scale)
+    target_mass = ratio_target.mul_(-rho * beta * scale).sub_(beta * scale)
+    gradient = probs.mul_(row_factor).sub_(ratio, alpha=rho * alpha * scale).sub_(alpha * scale)
+    gradient.scatter_add_(0, index, target_mass)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return total * scale, out.copy_(gradient.t())
+
+
+class _PrecomputedGradientEL(torch.autograd.Function):
     """The loss of :func:`hard_log_bonus_loss`, its gradient built in forward.
 
-    Inputs: logits (N, C), targets (N,) int64, rho, floor = 1 - log_end, the mean's factor.
+    Inputs: logits (N, C), targets (N,) int64, the terms function (:func:`_hard_log_bonus_terms`
+    or :func:`_smoothed_log_bonus_terms`) and its parameters.
     """
 
     @staticmethod
-    def forward(ctx, input, target, rho: float, floor: float, scale: float):
-        value, ctx.gradient = _hard_log_bonus_terms(input, target, rho, floor, scale)
+    def forward(ctx, input, target, terms, *parameters):
+        value, ctx.gradient = terms(input, target, *parameters)
         # The arguments, not saved tensors: a second backward through a retained graph (the
         # first one scales the gradient in place) recomputes from them.
-        ctx.arguments = (input.detach(), target, rho, floor, scale)
+        ctx.arguments = (terms, input.detach(), target, *parameters)
         return torch.full((), value, dtype=input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         gradient, ctx.gradient = ctx.gradient, None
         if gradient is None:
-            _, gradient = _hard_log_bonus_terms(*ctx.arguments)
-        return gradient.mul_(grad_output), None, None, None, None
+            terms, *arguments = ctx.arguments
+            _, gradient = terms(*arguments)
+        return gradient.mul_(grad_output), *([None] * (len(ctx.arguments) - 1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -618,8 +668,9 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
 
     It applies to eager CPU calls with (N, C) float32/float64 logits of at most
     :data:`SMALL_MAX_ELEMENTS` and at least two classes, (N,) int64 class indices none of which
-    is ignored, the conservative log bonus (log_end < 1) from p = 0, no label smoothing, no
-    class or bonus weights and the "mean" or "sum" reduction. The shapes are checked here (they
+    is ignored, the conservative log bonus (log_end < 1) from p = 0, any label smoothing (up to
+    :data:`SMOOTHED_FAST_MAX_ELEMENTS` logits), no class or bonus weights and the "mean" or
+    "sum" reduction. The shapes are checked here (they
     are the conditions), the index range by the gather, which fails outside [0, C): a target
     equal to ``ignore_index`` or out of range returns None, and the general route handles it.
 
@@ -641,7 +692,7 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
         and input.shape[1] >= 2
         and input.shape[0] == target.shape[0] > 0
         and input.numel() <= SMALL_MAX_ELEMENTS
-        and options.label_smoothing == 0.0
+        and (options.label_smoothing == 0.0 or input.numel() <= SMOOTHED_FAST_MAX_ELEMENTS)
         and options.reduction != "none"
         and options.bonus == "log"
         and options.log_end < 1.0
@@ -651,8 +702,12 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
     ):
         return None
     scale = 1.0 / input.shape[0] if options.reduction == "mean" else 1.0
+    parameters = (options.bonus_scale, 1.0 - options.log_end, scale)
+    if options.label_smoothing == 0.0:
+        terms = _hard_log_bonus_terms
+    else:
+        terms, parameters = _smoothed_log_bonus_terms, (*parameters, options.label_smoothing)
     try:
-        return _HardLogBonusEL.apply(input, target, options.bonus_scale, 1.0 - options.log_end,
-                                     scale)  # fmt: skip
+        return _PrecomputedGradientEL.apply(input, target, terms, *parameters)
     except (RuntimeError, IndexError):
         return None  # an ignored or out-of-range target: the general route
