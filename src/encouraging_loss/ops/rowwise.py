@@ -385,18 +385,8 @@ def dense_target_grad_(buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> 
     Returns:
         ``buffer``, now dL/dz scaled row-wise by ``grad_rows``.
     """
-    (
-        row_active,
-        special,
-        push,
-        grad_special,
-        alpha,
-        class_weight,
-        mass_slope,
-        class_slope,
-        target,
-        target_correction,
-    ) = state
+    (row_active, special, push, grad_special, alpha, class_weight, mass_slope, class_slope,
+     target, target_correction) = state  # fmt: skip
     # A row with no class mass (ignored) has a constant loss: zero gradient (see HardTargetEL).
     grad_rows = torch.where(row_active, grad_rows, 0.0)
     buffer.mul_(rows_as(buffer, grad_rows * push))
@@ -526,18 +516,8 @@ def dense_target_terms(
     else:
         mass_slope = None
         class_slope = None if slope_rest is None else slope_rest.mul_(class_weight)
-    state = (
-        mass_total != 0,
-        special,
-        push,
-        grad_special,
-        alpha,
-        class_weight,
-        mass_slope,
-        class_slope,
-        target,
-        target_correction,
-    )
+    state = (mass_total != 0, special, push, grad_special, alpha, class_weight, mass_slope,
+             class_slope, target, target_correction)  # fmt: skip
     return row_loss, buffer, state
 
 

@@ -176,18 +176,8 @@ class TritonEL(torch.autograd.Function):
 
 
 @takes_options(LossOptions)
-def triton_encouraging_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    bonus_weight: torch.Tensor | None = None,
-    in_place: bool = False,
-    **options,
-) -> torch.Tensor:
+def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None,
+                            in_place: bool = False, **options) -> torch.Tensor:  # fmt: skip
     """The encouraging loss of (N, C) or (C) logits by the Triton kernels.
 
     :func:`encouraging_loss` calls these kernels with ``backend="triton"`` (or ``"auto"`` on
@@ -200,12 +190,10 @@ def triton_encouraging_loss(
             ``TRITON_INTERPRET=1``).
         target: (N) or () class indices.
         weight: optional (C,) class weights.
-        ignore_index: target value that contributes nothing.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        label_smoothing: in [0, 1].
         bonus_weight: optional (C,) bonus weights.
         in_place: write the gradient over ``logits`` (see above).
-        **options: the other options of :class:`~encouraging_loss.options.LossOptions`.
+        **options: the options of :class:`~encouraging_loss.options.LossOptions`, by keyword
+            (``ignore_index``, ``reduction``, ``label_smoothing``, the bonus's).
 
     Returns:
         The loss in the logits' dtype, as :func:`encouraging_loss` returns it.
@@ -217,9 +205,7 @@ def triton_encouraging_loss(
         >>> if triton_can_run(logits):  # CUDA, or TRITON_INTERPRET=1
         ...     triton_encouraging_loss(logits, torch.tensor([1, 2, 3, -100])).backward()
     """
-    options = LossOptions.of(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **options
-    )
+    options = LossOptions.of(**options)
     check_input_and_target(logits, target)
     num_classes = logits.shape[-1]
     weight = check_class_vector("weight", weight, num_classes, logits)
