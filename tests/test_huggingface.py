@@ -422,15 +422,30 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(input_ids=input_ids, labels=labels, logits_to_keep=1)
     assert "forward" not in vars(model.lm_head)  # the projection is restored after an error
-    model.forward = lambda *args, **kwargs: None  # someone patched over us
-    with pytest.raises(RuntimeError, match="replaced after"):
-        remove_encouraging_loss(model)
+    remove_encouraging_loss(model)
     with pytest.raises(ValueError, match="no encouraging loss"):
         remove_encouraging_loss(tiny_causal_lm("gpt2"))
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, TINY_VOCAB))
-    del model.forward, model._encouraging_loss_patch
     with pytest.raises(TypeError, match="plain torch.nn.Linear"):
         apply_encouraging_loss(model)
+
+
+def test_remove_under_a_later_forward_wrapper_passes_through():
+    """accelerate wraps model.forward for mixed precision: removal keeps its wrapper."""
+    model = tiny_causal_lm("llama").train()
+    input_ids, labels = lm_batch()
+    expected = model(input_ids=input_ids, labels=labels)
+    apply_encouraging_loss(model)
+    patched_forward = model.forward
+    model.forward = lambda *args, **kwargs: patched_forward(*args, **kwargs)  # a later wrapper
+    assert model(input_ids=input_ids, labels=labels).logits is None
+    remove_encouraging_loss(model)
+    restored = model(input_ids=input_ids, labels=labels)
+    assert torch.equal(restored.logits, expected.logits)
+    assert torch.equal(restored.loss, expected.loss)
+    with encouraging_loss_applied(model):  # applied again, over both
+        assert model(input_ids=input_ids, labels=labels).logits is None
+    assert torch.equal(model(input_ids=input_ids, labels=labels).loss, expected.loss)
 
 
 def test_a_model_that_transforms_its_logits_is_refused():
@@ -460,8 +475,8 @@ class CountingTokens(torch.utils.data.Dataset):
         return {"input_ids": self.tokens[index], "labels": labels}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_patched_model_trains_in_the_trainer_without_logits(kind, tmp_path):
+@pytest.mark.parametrize("kind, bf16", [("gpt2", False), ("llama", True)])
+def test_patched_model_trains_in_the_trainer_without_logits(kind, bf16, tmp_path):
     model = tiny_causal_lm(kind)
     patch = apply_encouraging_loss(model, log_end=0.75)
     head_outputs, forward_kwargs = [], []
@@ -474,7 +489,7 @@ def test_patched_model_trains_in_the_trainer_without_logits(kind, tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingTokens())
     trainer.train()
@@ -484,4 +499,9 @@ def test_patched_model_trains_in_the_trainer_without_logits(kind, tmp_path):
     # Trainer's count of the accumulated batch's labels.
     assert len(head_outputs) == 6 and set(head_outputs) == {"_SkippedLogits"}
     assert all("labels" in kw and "num_items_in_batch" in kw for kw in forward_kwargs)
+    # With bf16, accelerate has wrapped model.forward (autocast) over the patch: removal
+    # still gives the model its logits and own loss back.
     patch.remove()
+    model.train()
+    input_ids = CountingTokens().tokens[:2]
+    assert model(input_ids=input_ids, labels=input_ids).logits.shape == (2, 10, TINY_VOCAB)

@@ -322,18 +322,19 @@ class EncouragingLossPatch:
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
-            if labels_at is not None and len(args) > labels_at:
-                labels = args[labels_at]
-                args = (*args[:labels_at], None, *args[labels_at + 1 :])
-            else:
-                labels = kwargs.pop("labels", None)
-            if labels is None or not (model.training or self.fuse_in_eval):
-                if labels is not None:
-                    kwargs["labels"] = labels
-                return original(*args, **kwargs)
-            return self._fused_forward(original, args, kwargs, labels)
+            if self._active and (model.training or self.fuse_in_eval):
+                if labels_at is not None and len(args) > labels_at:
+                    if args[labels_at] is not None:
+                        labels = args[labels_at]
+                        args = (*args[:labels_at], None, *args[labels_at + 1 :])
+                        return self._fused_forward(original, args, kwargs, labels)
+                elif kwargs.get("labels") is not None:
+                    labels = kwargs.pop("labels")
+                    return self._fused_forward(original, args, kwargs, labels)
+            return original(*args, **kwargs)
 
         self._forward = forward
+        self._active = True
 
     def step(self, progress: float) -> None:
         """Set ``bonus_scale`` and ``log_end`` from their schedules at training progress [0, 1].
@@ -530,9 +531,13 @@ def apply_encouraging_loss(model, *, fuse_in_eval: bool = False, **loss_options)
 def remove_encouraging_loss(model) -> None:
     """Undo :func:`apply_encouraging_loss`: the model's own forward (and loss) again.
 
+    When something wrapped ``model.forward`` after the patch (``accelerate`` does, for mixed
+    precision, when the ``Trainer`` prepares the model), that wrapper is kept and the patch's
+    own layer under it becomes a pass-through: the model computes its own logits and loss again
+    either way, and the encouraging loss can be applied again.
+
     Raises:
         ValueError: the model has no encouraging loss applied.
-        RuntimeError: ``model.forward`` was replaced after the patch (undo that first).
 
     Example:
         >>> import transformers
@@ -548,15 +553,13 @@ def remove_encouraging_loss(model) -> None:
     patch = model.__dict__.get(_PATCH_ATTRIBUTE) if isinstance(model, nn.Module) else None
     if patch is None:
         raise ValueError("model has no encouraging loss applied (see apply_encouraging_loss)")
-    if model.__dict__.get("forward") is not patch._forward:
-        raise RuntimeError(
-            "model.forward was replaced after apply_encouraging_loss; restore it before "
-            "remove_encouraging_loss(model)"
-        )
-    if patch._saved_forward is _MISSING:
-        del model.forward
-    else:
-        model.forward = patch._saved_forward
+    patch._active = False
+    if model.__dict__.get("forward") is patch._forward:
+        if patch._saved_forward is _MISSING:
+            del model.forward
+        else:
+            model.forward = patch._saved_forward
+    # Else a wrapper above the patch's forward calls it: it now passes every call through.
     delattr(model, _PATCH_ATTRIBUTE)
 
 
