@@ -23,6 +23,7 @@ from .markdown import markdown_report, summary_table  # noqa: F401
 from .plots import make_plots, plot_curves  # noqa: F401
 from .results import (  # noqa: F401
     CLAIMS,
+    COLUMNS,
     DEFAULT_NOTE,
     DEFAULT_PLOTS,
     TABLE_METRICS,
@@ -31,6 +32,7 @@ from .results import (  # noqa: F401
     paired_differences,
     report_spec,
     summary_rows,
+    table_columns,
     write_results,
 )
 from .stats import claim_verdict, mean_std, paired_interval, t_quantile_975  # noqa: F401

@@ -16,16 +16,47 @@ from pathlib import Path
 from .. import io
 from .stats import mean_std
 
-TABLE_METRICS = (
-    ("test_accuracy", "test acc", True),
-    ("margin_mean", "margin", True),
-    ("energy_mean", "energy −lse", False),
-    ("energy_true_mean", "energy −z_y", False),
-    ("probe_accuracy", "probe acc", True),
-    ("crt_accuracy", "cRT acc", True),
-    ("ece", "ECE", False),
-    ("grad_share_well_classified_last", "grad share p_y>0.5", True),
-)
+#: The metrics the tasks' tables share: metric -> (column label, whether higher is better).
+COLUMNS = {
+    "test_accuracy": ("test acc", True),
+    "val_accuracy": ("val acc", True),
+    "margin_mean": ("margin", True),
+    "energy_mean": ("energy −lse", False),
+    "energy_true_mean": ("energy −z_y", False),
+    "probe_accuracy": ("probe acc", True),
+    "crt_accuracy": ("cRT acc", True),
+    "ece": ("ECE", False),
+    "grad_share_well_classified_last": ("grad share p_y>0.5", True),
+}
+
+
+def table_columns(*columns, **labels) -> list[list]:
+    """A report spec's ``table``: ``[metric, label, higher_is_better]`` rows.
+
+    Args:
+        *columns: metric names of :data:`COLUMNS`, or whole ``(metric, label, higher)`` rows.
+        **labels: a different label for some of the named metrics (``margin_mean="token
+            margin"``).
+
+    Raises:
+        ValueError: for a metric name :data:`COLUMNS` does not have.
+    """
+    rows = []
+    for column in columns:
+        if not isinstance(column, str):
+            rows.append(list(column))
+            continue
+        if column not in COLUMNS:
+            raise ValueError(f"columns: unknown metric {column!r}; known: {', '.join(COLUMNS)}")
+        label, higher = COLUMNS[column]
+        rows.append([column, labels.get(column, label), higher])
+    return rows
+
+
+TABLE_METRICS = tuple(tuple(row) for row in table_columns(
+    "test_accuracy", "margin_mean", "energy_mean", "energy_true_mean", "probe_accuracy",
+    "crt_accuracy", "ece", "grad_share_well_classified_last",
+))  # fmt: skip
 # claim -> (metric, +1 if the claim says EL is higher, -1 if lower, wording)
 CLAIMS = (
     ("margin grows", "margin_mean", +1, "mean test margin z_y − max_{j≠y} z_j is larger"),
@@ -96,7 +127,7 @@ def report_spec(results: dict) -> dict:
     # Tasks may also name their columns and note in the config (graph, translation).
     config = results.get("config", {})
     custom = config.get("table_metrics")
-    table_columns = (
+    default_columns = (
         tuple((str(m), str(label), bool(higher)) for m, label, higher in custom)
         if custom
         else TABLE_METRICS
@@ -106,7 +137,7 @@ def report_spec(results: dict) -> dict:
             "title",
             f"{results['task']} on {results['dataset']}: encouraging loss vs cross-entropy",
         ),
-        "table": _rows(spec, "table", table_columns),
+        "table": _rows(spec, "table", default_columns),
         "claims": _rows(spec, "claims", CLAIMS),
         "comparisons": _rows(spec, "comparisons"),
         "claim_pairs": _rows(spec, "claim_pairs"),

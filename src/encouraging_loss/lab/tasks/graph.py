@@ -30,6 +30,7 @@ from .. import diagnostics
 from .. import io as lab_io
 from ..experiment import Options, Prepared, RunContext, RunResult
 from ..losses import LossSpec, build_criterion
+from ..report import table_columns
 from ..trainer import ClassificationBatches, TrainConfig, set_seed
 from . import Task
 
@@ -39,14 +40,9 @@ DEFAULT_DATASET = "PROTEINS"
 DEFAULT_LOSSES = "ce,el:log_end=0.5,start=0.5,ramp=0.2"
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MIN_GRAPHS = 20  # fewer leave a class's validation or test share empty
-TABLE_METRICS = (
-    ("test_accuracy", "test acc", True),
-    ("val_accuracy", "val acc", True),
-    ("margin_mean", "margin", True),
-    ("energy_mean", "energy −lse", False),
-    ("probe_accuracy", "probe acc", True),
-    ("ece", "ECE", False),
-    ("grad_share_well_classified_last", "grad share p_y>0.5", True),
+TABLE_METRICS = table_columns(
+    "test_accuracy", "val_accuracy", "margin_mean", "energy_mean", "probe_accuracy", "ece",
+    "grad_share_well_classified_last",
 )
 TABLE_NOTE = (
     "Mean ± std over seeds (one random stratified 80/10/10 split per seed, shared by every loss "
@@ -391,7 +387,7 @@ class GraphTask(Task):
         return result
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
-        return {"table": [list(m) for m in TABLE_METRICS], "notes": [TABLE_NOTE]}
+        return {"table": TABLE_METRICS, "notes": [TABLE_NOTE]}
 
 
 TASK = GraphTask()

@@ -24,6 +24,7 @@ from ... import diagnostics
 from ... import io as lab_io
 from ...experiment import Options, Prepared, RunContext, RunResult
 from ...losses import LossSpec, build_criterion, parse_loss_list
+from ...report import table_columns
 from ...trainer import rank, set_seed
 from .. import Task
 from . import data, recipes
@@ -32,15 +33,12 @@ from .model import Seq2SeqTransformer
 from .recipes import DATASET, FUSED_LINEAR_MIN_VOCAB, PRESETS, TranslationRecipe, use_fused_linear
 from .steps import TranslationBatches, evaluate, fused_loss_options
 
-TABLE_METRICS = (
-    ("bleu", "BLEU (beam)", True),
-    ("bleu_greedy", "BLEU (greedy)", True),
-    ("token_accuracy", "token acc", True),
-    ("ppl", "CE ppl", False),
-    ("margin_mean", "token margin", True),
-    ("energy_mean", "token energy −lse", False),
-    ("grad_share_well_classified_last", "grad share p_y>0.5", True),
-)
+TABLE_METRICS = table_columns(
+    ("bleu", "BLEU (beam)", True), ("bleu_greedy", "BLEU (greedy)", True),
+    ("token_accuracy", "token acc", True), ("ppl", "CE ppl", False),
+    "margin_mean", "energy_mean", "grad_share_well_classified_last",
+    margin_mean="token margin", energy_mean="token energy −lse",
+)  # fmt: skip
 TABLE_NOTE = (
     "Mean ± std over seeds. BLEU: sacrebleu on detokenised output against the raw references "
     "(signature in the configuration below); beam {beam} with length penalty α={alpha:g}, and "
@@ -187,7 +185,7 @@ class TranslationTask(Task):
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe = prepared.state[0]
         note = TABLE_NOTE.format(beam=recipe.beam, alpha=recipe.length_penalty)
-        return {"table": [list(m) for m in TABLE_METRICS], "notes": [note]}
+        return {"table": TABLE_METRICS, "notes": [note]}
 
 
 TASK = TranslationTask()
