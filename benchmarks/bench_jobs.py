@@ -7,6 +7,7 @@ against the target (≤ 0.6), and whether every (loss, seed) run's metrics are i
 
     python benchmarks/bench_jobs.py                       # the README main job (preset standard)
     python benchmarks/bench_jobs.py --preset quick --data-root ../shared/data
+    python benchmarks/bench_jobs.py --keep runs/bench-jobs   # keep both runs (results, report)
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ def main() -> int:
     parser.add_argument("--preset", choices=("quick", "standard"), help="the main job's preset")
     parser.add_argument("--data-root", metavar="DIR", help="datasets folder")
     parser.add_argument("--jobs", help="worker processes of the parallel run (default: auto)")
+    parser.add_argument("--keep", metavar="DIR", help="keep both runs' output under DIR")
     args = parser.parse_args()
     extra = (["--preset", args.preset] if args.preset else []) + (
         ["--data-root", args.data_root] if args.data_root else []
     )
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            tmp = args.keep
         sequential_s = run_reproduce(Path(tmp) / "jobs1", "1", extra)
         parallel_s = run_reproduce(Path(tmp) / "jobsN", args.jobs, extra)
         sequential, _ = per_run_metrics(Path(tmp) / "jobs1")
