@@ -239,6 +239,41 @@ def test_bonus_scale_zero_patch_is_the_models_own_cross_entropy(kind, num_items_
     assert_grads_close(grads, expected_grads, **TIGHT)
 
 
+def test_mixture_of_experts_aux_loss_is_added_as_the_model_adds_it():
+    config = transformers.MixtralConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).train()
+    input_ids, labels = lm_batch()
+    expected, expected_grads = loss_and_grads(
+        model, lambda: model(input_ids=input_ids, labels=labels).loss
+    )
+    with encouraging_loss_applied(model, bonus_scale=0.0):
+        outputs = model(input_ids=input_ids, labels=labels)
+        assert outputs.aux_loss is not None and outputs.logits is None
+        loss, grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=labels).loss)
+    torch.testing.assert_close(loss, expected, **TIGHT)
+    assert_grads_close(grads, expected_grads, **TIGHT)
+
+
+def test_gradient_checkpointing():
+    model = tiny_causal_lm("qwen2").train()
+    input_ids, labels = lm_batch()
+    expected, expected_grads = loss_and_grads(
+        model, lambda: shifted_reference(model(input_ids=input_ids).logits, labels)
+    )
+    # transformers 5 renamed it; older releases only have gradient_checkpointing_enable.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    with encouraging_loss_applied(model):
+        loss, grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=labels).loss)
+    torch.testing.assert_close(loss, expected, **TIGHT)
+    assert_grads_close(grads, expected_grads, **TIGHT)
+
+
 def test_num_items_in_batch_makes_accumulated_gradients_the_large_batchs():
     """Two micro-batches, each divided by the count of both: the gradient of the mean of both."""
     model = tiny_causal_lm("llama").train()
@@ -499,6 +534,9 @@ def test_patched_model_trains_in_the_trainer_without_logits(kind, bf16, tmp_path
     # Trainer's count of the accumulated batch's labels.
     assert len(head_outputs) == 6 and set(head_outputs) == {"_SkippedLogits"}
     assert all("labels" in kw and "num_items_in_batch" in kw for kw in forward_kwargs)
+    # Evaluation runs the model's own forward: its logits and cross-entropy.
+    metrics = trainer.evaluate(CountingTokens(size=4))
+    assert head_outputs[6:] == ["Tensor"] and torch.isfinite(torch.tensor(metrics["eval_loss"]))
     # With bf16, accelerate has wrapped model.forward (autocast) over the patch: removal
     # still gives the model its logits and own loss back.
     patch.remove()

@@ -379,6 +379,18 @@ class EncouragingLossPatch:
                 f"{len(losses)} times (expected once); apply_encouraging_loss cannot fuse it"
             )
         (loss,) = losses
+        aux_loss = outputs.get("aux_loss") if not isinstance(outputs, tuple) else None
+        if aux_loss is not None:
+            # Mixture-of-experts models (output_router_logits=True) add their load-balancing
+            # loss to the loss of the labels: ``loss += router_aux_loss_coef * aux_loss``.
+            coefficient = getattr(self.model, "router_aux_loss_coef", None)
+            if coefficient is None:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} returns an aux_loss but has no "
+                    "router_aux_loss_coef: apply_encouraging_loss cannot tell how it enters "
+                    "the loss"
+                )
+            loss = loss + coefficient * aux_loss.to(loss.device)
         if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) without a loss
             if not outputs or not isinstance(outputs[0], _SkippedLogits):
                 raise RuntimeError("the model's tuple output does not start with its logits")
