@@ -10,18 +10,9 @@ from .binary import binary_encouraging_loss_with_logits
 from .functional import encouraging_loss_with_options
 from .options import CROSS_ENTROPY_OPTIONS, LossOptions, option_attributes, takes_options
 from .peers import focal_loss, poly1_loss
-from .schedules import BonusSchedule
+from .schedules import scheduled_options, take_schedules
 
 __all__ = ["EncouragingLoss", "BinaryEncouragingLoss", "FocalLoss", "Poly1Loss"]
-
-
-def _scheduled(name: str, value):
-    """Split a float-or-schedule argument into (current value, schedule or None)."""
-    if isinstance(value, BonusSchedule):
-        return value(0.0), value
-    if callable(value):
-        raise TypeError(f"{name} must be a number or a BonusSchedule, got {type(value).__name__}")
-    return value, None
 
 
 @option_attributes(LossOptions)
@@ -75,13 +66,7 @@ class EncouragingLoss(nn.Module):
             reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.register_buffer("bonus_weight", bonus_weight)
-        self.log_end_schedule = self.bonus_schedule = None
-        if "log_end" in options:
-            options["log_end"], self.log_end_schedule = _scheduled("log_end", options["log_end"])
-        if "bonus_scale" in options:
-            options["bonus_scale"], self.bonus_schedule = _scheduled(
-                "bonus_scale", options["bonus_scale"]
-            )
+        self.log_end_schedule, self.bonus_schedule = take_schedules(options)
         self.options = LossOptions(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             **options,
@@ -89,13 +74,9 @@ class EncouragingLoss(nn.Module):
 
     def step(self, progress: float) -> None:
         """Set ``bonus_scale`` and ``log_end`` from their schedules at training progress [0, 1]."""
-        changes = {}
-        if self.bonus_schedule is not None:
-            changes["bonus_scale"] = self.bonus_schedule(progress)
-        if self.log_end_schedule is not None:
-            changes["log_end"] = self.log_end_schedule(progress)
-        if changes:
-            self.options = self.options.replace(**changes)
+        self.options = scheduled_options(
+            self.options, progress, self.bonus_schedule, self.log_end_schedule
+        )
 
     def keyword_options(self) -> dict:
         """The keyword-only options of :func:`encouraging_loss` as set now (after ``step``).

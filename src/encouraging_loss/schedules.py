@@ -75,3 +75,37 @@ class BonusSchedule:
         if not 0 <= epoch <= num_epochs:
             raise ValueError(f"epoch must be in [0, num_epochs={num_epochs}], got {epoch}")
         return self(epoch / num_epochs)
+
+
+def take_schedules(options: dict) -> tuple[BonusSchedule | None, BonusSchedule | None]:
+    """Take the schedules out of a loss's keyword options: a :class:`BonusSchedule` given as
+    ``log_end`` or ``bonus_scale`` is replaced, in ``options``, by its value at progress 0.
+
+    Returns:
+        (the ``log_end`` schedule, the ``bonus_scale`` schedule), None where a number was given.
+
+    Raises:
+        TypeError: for a callable that is not a :class:`BonusSchedule`.
+    """
+    schedules = []
+    for name in ("log_end", "bonus_scale"):
+        value = options.get(name)
+        if isinstance(value, BonusSchedule):
+            options[name] = value(0.0)
+        elif callable(value):
+            raise TypeError(
+                f"{name} must be a number or a BonusSchedule, got {type(value).__name__}"
+            )
+        schedules.append(value if isinstance(value, BonusSchedule) else None)
+    return schedules[0], schedules[1]
+
+
+def scheduled_options(options, progress: float, bonus_schedule, log_end_schedule):
+    """``options`` (a :class:`~encouraging_loss.options.LossOptions`) with ``bonus_scale`` and
+    ``log_end`` set from their schedules (None: unscheduled) at training progress [0, 1]."""
+    changes = {}
+    if bonus_schedule is not None:
+        changes["bonus_scale"] = bonus_schedule(progress)
+    if log_end_schedule is not None:
+        changes["log_end"] = log_end_schedule(progress)
+    return options.replace(**changes) if changes else options

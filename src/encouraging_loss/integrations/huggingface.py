@@ -36,8 +36,9 @@ from torch import nn
 
 from .._validate import check_class_vector
 from ..linear import linear_loss_with_options
-from ..modules import EncouragingLoss, _scheduled
+from ..modules import EncouragingLoss
 from ..options import LinearLossOptions
+from ..schedules import scheduled_options, take_schedules
 
 __all__ = [
     "CausalLMEncouragingLoss",
@@ -55,6 +56,23 @@ _OPTION_NAMES = tuple(
     for name in inspect.signature(EncouragingLoss.__init__).parameters
     if name not in ("self", "size_average", "reduce", "reduction")
 )
+
+
+def per_item(summed: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """A summed loss divided by ``num_items_in_batch`` (transformers' count of the labelled
+    tokens of the whole accumulated batch, an int or a tensor).
+
+    Raises:
+        TypeError: for a count that is neither an int nor a tensor.
+    """
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return summed / num_items_in_batch.to(summed.device)
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
+        raise TypeError(
+            "num_items_in_batch must be an int, a tensor or None, "
+            f"got {type(num_items_in_batch).__name__}"
+        )
+    return summed / num_items_in_batch
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -136,14 +154,7 @@ class CausalLMEncouragingLoss:
         flat_logits = logits.reshape(-1, logits.shape[-1])
         if num_items_in_batch is None:
             return self.criterion(flat_logits, shifted)
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(logits.device)
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
-            raise TypeError(
-                "num_items_in_batch must be an int, a tensor or None, "
-                f"got {type(num_items_in_batch).__name__}"
-            )
-        return self.summed(flat_logits, shifted) / num_items_in_batch
+        return per_item(self.summed(flat_logits, shifted), num_items_in_batch)
 
 
 def causal_lm_encouraging_loss(**el_options) -> CausalLMEncouragingLoss:
@@ -294,13 +305,7 @@ class EncouragingLossPatch:
         options = dict(options)
         class_weight = options.pop("class_weight", None)
         bonus_weight = options.pop("bonus_weight", None)
-        self.log_end_schedule = self.bonus_schedule = None
-        if "log_end" in options:
-            options["log_end"], self.log_end_schedule = _scheduled("log_end", options["log_end"])
-        if "bonus_scale" in options:
-            options["bonus_scale"], self.bonus_schedule = _scheduled(
-                "bonus_scale", options["bonus_scale"]
-            )
+        self.log_end_schedule, self.bonus_schedule = take_schedules(options)
         options.setdefault("validate_args", False)
         self.options = LinearLossOptions(**options)
         head = _output_projection(model)
@@ -341,13 +346,9 @@ class EncouragingLossPatch:
 
         Call it from a ``TrainerCallback`` (see ``docs/integrations.md``).
         """
-        changes = {}
-        if self.bonus_schedule is not None:
-            changes["bonus_scale"] = self.bonus_schedule(progress)
-        if self.log_end_schedule is not None:
-            changes["log_end"] = self.log_end_schedule(progress)
-        if changes:
-            self.options = self.options.replace(**changes)
+        self.options = scheduled_options(
+            self.options, progress, self.bonus_schedule, self.log_end_schedule
+        )
 
     def remove(self) -> None:
         """Restore the model's own forward (as :func:`remove_encouraging_loss`)."""
@@ -430,16 +431,7 @@ class EncouragingLossPatch:
             loss = linear_loss_with_options(hidden, weight, shift_labels, bias, options,
                                             class_weight, bonus_weight)  # fmt: skip
         loss = loss.float()  # as ForCausalLMLoss, whose logits are upcast
-        if num_items is None:
-            return loss
-        if isinstance(num_items, torch.Tensor):
-            num_items = num_items.to(loss.device)
-        elif isinstance(num_items, bool) or not isinstance(num_items, int):
-            raise TypeError(
-                "num_items_in_batch must be an int, a tensor or None, "
-                f"got {type(num_items).__name__}"
-            )
-        return loss / num_items
+        return loss if num_items is None else per_item(loss, num_items)
 
 
 def apply_encouraging_loss(model, *, fuse_in_eval: bool = False, **loss_options):
