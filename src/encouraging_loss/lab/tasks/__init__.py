@@ -10,10 +10,17 @@ never imports another task.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, replace
 from importlib import import_module
 
+from torch import nn
+
+from .. import data as lab_data
+from .. import diagnostics, io
 from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import FAMILIES, Family, LossSpec
+from ..losses import FAMILIES, Family, LossSpec, build_criterion
+from ..models import MODELS, build_model
+from ..trainer import TrainConfig, set_seed
 
 TASKS = ("image", "imbalanced", "ood", "adversarial", "graph", "translation")
 MAIN_JOB = "image"  # the task whose ``main_job`` is ``encouraging-loss reproduce``
@@ -84,6 +91,102 @@ class Task:
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict | None:
         """The report's layout (see ``report.report_spec``); ``None`` = the image defaults."""
         return None
+
+
+class ClassificationTask(Task):
+    """A task that trains one classifier per (loss, seed): :meth:`run_one` is the template.
+
+    ``prepared.state`` starts with the recipe (its ``train`` and ``model``) and, unless
+    :meth:`splits` is overridden, the ``data.Splits`` every run shares. A run seeds torch,
+    builds the model (:meth:`build`), trains it on ``spec``'s criterion with the task's
+    :meth:`train_hooks`, and, unless it diverged, lets :meth:`measure` fill the result.
+
+    Attributes:
+        record_fields: fields each run's record adds (``None`` when it diverged).
+    """
+
+    record_fields: tuple[str, ...] = ()
+
+    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
+        config = replace(prepared.state[0].train, seed=seed, lr=self.lr_for(prepared, spec))
+        set_seed(seed, config.deterministic)
+        splits = self.splits(prepared, seed)
+        model, batches = self.build(prepared, splits)
+        criterion = build_criterion(spec, prepared.class_counts, self.loss_families)
+        hooks = self.train_hooks(prepared, spec, model, criterion, config)
+        outcome = run.train(model, criterion, batches, config, **hooks)
+        result = RunResult(outcome, config.lr, extra=dict.fromkeys(self.record_fields))
+        if not outcome.diverged:
+            self.measure(prepared, result, model, splits, run)
+        return result
+
+    def splits(self, prepared: Prepared, seed: int):
+        """The ``data.Splits`` of seed ``seed``'s runs (default: ``prepared.state[1]``)."""
+        return prepared.state[1]
+
+    def build(self, prepared: Prepared, splits) -> tuple[nn.Module, object]:
+        """``(model, batches)``: the freshly seeded model and what it trains on (default: the
+        recipe's ``models.build_model`` and ``splits``)."""
+        model = build_model(prepared.state[0].model, splits.input_shape, splits.num_classes)
+        return model, splits
+
+    def train_hooks(self, prepared, spec: LossSpec, model, criterion, config: TrainConfig) -> dict:
+        """Keyword hooks of ``run.train`` (``progress_hook``, ``perturb``); default none."""
+        return {}
+
+    def measure(self, prepared: Prepared, result: RunResult, model, splits, run: RunContext):
+        """Fill ``result.metrics`` (and :attr:`record_fields`) from the trained model."""
+        raise NotImplementedError
+
+    def measure_classifier(self, prepared, result, model, splits, run, train, **options):
+        """A :meth:`measure`: the lab's classifier diagnostics of ``model`` into ``result``.
+
+        ``diagnostics.classifier_diagnostics`` on the ``(x, y)`` pair ``train`` and the test split
+        (``options`` passed on), the test histograms saved, the reliability bins as
+        ``result.extra["reliability"]`` and the last epoch's ``grad_share_well_classified``.
+        """
+        device, test = next(model.parameters()).device, (splits.test_x, splits.test_y)
+        batch_size = prepared.state[0].train.eval_batch_size
+        result.metrics, test_logits = diagnostics.classifier_diagnostics(
+            model, train, test, batch_size, device, run.seed, **options
+        )
+        arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
+        io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
+        result.extra["reliability"] = diagnostics.calibration(test_logits, splits.test_y)[1]
+        last = result.outcome.history[-1]["grad_share_well_classified"]
+        result.metrics["grad_share_well_classified_last"] = last
+
+
+def apply_options(recipe, options: Options, models: tuple[str, ...] = MODELS, **fields):
+    """``recipe`` with ``--model`` (one of ``models``), ``--train-size`` and ``--test-size`` (as
+    ``max_train`` and ``max_test``), the training overrides and ``fields`` applied.
+
+    Raises:
+        ValueError: naming an unknown model or a bad training override.
+    """
+    if options.model not in (None, *models):
+        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(models)}")
+    sizes = {"max_train": options.train_size, "max_test": options.test_size}
+    fields.update((key, value) for key, value in sizes.items() if value is not None)
+    train = options.train_config(recipe.train)
+    return replace(recipe, model=options.model or recipe.model, train=train, **fields)
+
+
+def run_config(options: Options, recipe, **entries) -> dict:
+    """``results["config"]`` of a classification task: preset, model, train, then ``entries``."""
+    return dict(preset=options.preset, model=recipe.model, train=asdict(recipe.train), **entries)
+
+
+def load_splits(dataset: str, options: Options, recipe):
+    """``data.load_splits`` of ``dataset`` from ``--data-root``, limited by the recipe's
+    ``max_train``, ``max_test`` and ``val_fraction``: ``(ImageDataset, Splits)``."""
+    limits = recipe.max_train, recipe.max_test, recipe.val_fraction
+    return lab_data.load_splits(dataset, options.data_root, *limits)
+
+
+def split_sizes(splits) -> dict[str, int]:
+    """``{"n_train", "n_val", "n_test"}``: the examples of each of ``splits``."""
+    return {f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")}
 
 
 def load_task(name: str) -> Task:

@@ -16,18 +16,18 @@ images. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .. import data as lab_data
 from .. import diagnostics
-from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import LossSpec, build_criterion
-from ..models import MODELS, build_model
-from ..trainer import TrainConfig, predict_logits, set_seed
-from . import Task
+from ..experiment import Options, Prepared
+from ..losses import LossSpec
+from ..models import MODELS
+from ..trainer import TrainConfig, predict_logits
+from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
 
 ATTACKS = ("fgsm", "pgd", "pgd-margin")
 MNIST_EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.3)
@@ -132,16 +132,13 @@ def resolve_recipe(options: Options) -> Recipe:
     )
     if len(adv_eps) != 1 or not 0 < adv_eps[0] <= 1:
         raise ValueError(f"adv_epsilon: expected one number in (0, 1], got {adv_eps}")
-    return replace(
+    return apply_options(
         recipe,
+        options,
         epsilons=epsilons,
         key_epsilon=recipe.key_epsilon if recipe.key_epsilon in epsilons else max(epsilons),
         pgd_steps=int(steps),
         adv_train_epsilon=float(adv_eps[0]),
-        model=options.model or recipe.model,
-        max_train=options.train_size if options.train_size is not None else recipe.max_train,
-        max_test=options.test_size if options.test_size is not None else recipe.max_test,
-        train=options.train_config(recipe.train),
         attacks=attacks,
         adv_train=bool(options.get("adv_train", False)),
     )
@@ -268,28 +265,8 @@ def robust_key(attack: str, eps: float) -> str:
     return f"robust_accuracy/{attack}/{eps_label(eps)}"
 
 
-# --- one run: train → measure → report spec --------------------------------------------------
-def _measure(model: nn.Module, splits, recipe: Recipe, config: TrainConfig, seed: int) -> dict:
-    """Clean accuracy, margins and robust accuracy for every attack and ε."""
-    device, batch = next(model.parameters()).device, min(config.eval_batch_size, 500)
-    model.eval()
-    test = diagnostics.logit_diagnostics(
-        predict_logits(model, splits.test_x, batch, device), splits.test_y
-    )
-    metrics = {"clean_accuracy": test["accuracy"]}
-    metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
-    # A fixed seed per run: PGD's random start does not depend on what ran before.
-    torch.manual_seed(10_000 + seed)
-    for name in recipe.attacks:
-        for eps in recipe.epsilons:
-            attack = None if eps == 0 else make_attack(name, model, eps, recipe.pgd_steps)
-            metrics[robust_key(name, eps)] = robust_accuracy(
-                attack, model, splits.test_x, splits.test_y, batch, device
-            )
-    return metrics
-
-
-class AdversarialTask(Task):
+# --- the task: one run per (loss, seed): train → attacks → report spec -----------------
+class AdversarialTask(ClassificationTask):
     """Robust accuracy under FGSM, PGD and margin PGD, optionally with PGD adversarial training."""
 
     name = "adversarial"
@@ -317,46 +294,63 @@ class AdversarialTask(Task):
     def prepare(self, options: Options) -> Prepared:
         recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
-        dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
+        dataset, splits = load_splits(recipe.dataset, options, recipe)
         splits = raw_pixels(splits)
-        sizes = {f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")}
-        config = {
-            "preset": options.preset,
-            "model": recipe.model,
-            "train": asdict(recipe.train),
-            "data": {"source": str(dataset.source), **sizes},
-            "attack_backend": attack_backend(),
-            "attacks": list(recipe.attacks),
-            "epsilons": list(recipe.epsilons),
-            "pgd": dict(steps=recipe.pgd_steps, step_size="2.5 * eps / steps", random_start=True),
-            "adversarial_training": {
+        config = run_config(
+            options,
+            recipe,
+            data={"source": str(dataset.source), **split_sizes(splits)},
+            attack_backend=attack_backend(),
+            attacks=list(recipe.attacks),
+            epsilons=list(recipe.epsilons),
+            pgd=dict(steps=recipe.pgd_steps, step_size="2.5 * eps / steps", random_start=True),
+            adversarial_training={
                 "enabled": recipe.adv_train,
                 "attack": "pgd",
                 "epsilon": recipe.adv_train_epsilon,
                 "steps": recipe.adv_train_steps,
             },
-        }
+        )
         out_name = f"{self.name}-{options.preset}"
         return Prepared(recipe.dataset, out_name, config, (recipe, splits), threads)
 
-    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        recipe, splits = prepared.state
-        config = replace(recipe.train, seed=seed)
-        set_seed(seed, config.deterministic)
-        network = build_model(recipe.model, splits.input_shape, splits.num_classes)
-        model = Standardized(network, splits.mean, splits.std)
+    def build(self, prepared: Prepared, splits: lab_data.Splits):
+        """The recipe's model behind :class:`Standardized`: it takes pixels in [0, 1]."""
+        model, _ = super().build(prepared, splits)
+        return Standardized(model, splits.mean, splits.std), splits
+
+    def train_hooks(self, prepared, spec, model, criterion, config) -> dict:
+        """``--adv-train``: the ``perturb`` hook making PGD examples of ``model`` per batch."""
+        recipe = prepared.state[0]
+        if not recipe.adv_train:
+            return {}
 
         def perturb(_trained: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            # PGD examples of ``model``, made per batch: torchattacks runs on the device the
-            # model has when the attack is made (the trainer moves it).
+            # Made per batch: torchattacks runs on the device the model has when the attack is
+            # made (the trainer moves it).
             eps, steps = recipe.adv_train_epsilon, recipe.adv_train_steps
             return make_attack("pgd", model, eps, steps)(x, y)
 
-        hook = perturb if recipe.adv_train else None
-        outcome = run.train(model, build_criterion(spec), splits, config, perturb=hook)
-        metrics = {} if outcome.diverged else _measure(model, splits, recipe, config, seed)
-        return RunResult(outcome, config.lr, metrics)
+        return {"perturb": perturb}
+
+    def measure(self, prepared, result, model, splits, run) -> None:
+        """Clean accuracy, margins and robust accuracy for every attack and ε."""
+        recipe = prepared.state[0]
+        device, batch = next(model.parameters()).device, min(recipe.train.eval_batch_size, 500)
+        model.eval()
+        test = diagnostics.logit_diagnostics(
+            predict_logits(model, splits.test_x, batch, device), splits.test_y
+        )
+        metrics = result.metrics = {"clean_accuracy": test["accuracy"]}
+        metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
+        # A fixed seed per run: PGD's random start does not depend on what ran before.
+        torch.manual_seed(10_000 + run.seed)
+        for name in recipe.attacks:
+            for eps in recipe.epsilons:
+                attack = None if eps == 0 else make_attack(name, model, eps, recipe.pgd_steps)
+                metrics[robust_key(name, eps)] = robust_accuracy(
+                    attack, model, splits.test_x, splits.test_y, batch, device
+                )
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe, losses = prepared.state[0], [s.name for s in specs]

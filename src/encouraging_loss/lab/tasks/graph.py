@@ -18,7 +18,7 @@ import contextlib
 import io
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +26,11 @@ import torch
 from torch import nn
 
 from .. import data as lab_data
-from .. import diagnostics
-from .. import io as lab_io
-from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import LossSpec, build_criterion
+from ..experiment import Options, Prepared
+from ..losses import LossSpec
 from ..report import table_columns
-from ..trainer import ClassificationBatches, TrainConfig, set_seed
-from . import Task
+from ..trainer import ClassificationBatches, TrainConfig
+from . import ClassificationTask, run_config, split_sizes
 
 DATASETS = ("PROTEINS", "MUTAG", "ENZYMES", "AIDS", "Mutagenicity")
 MODELS = ("gin", "gcn")
@@ -41,7 +39,12 @@ DEFAULT_LOSSES = "ce,el:log_end=0.5,start=0.5,ramp=0.2"
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MIN_GRAPHS = 20  # fewer leave a class's validation or test share empty
 TABLE_METRICS = table_columns(
-    "test_accuracy", "val_accuracy", "margin_mean", "energy_mean", "probe_accuracy", "ece",
+    "test_accuracy",
+    "val_accuracy",
+    "margin_mean",
+    "energy_mean",
+    "probe_accuracy",
+    "ece",
     "grad_share_well_classified_last",
 )
 TABLE_NOTE = (
@@ -309,20 +312,8 @@ class GraphClassifier(nn.Module):
         return self.classifier(self.features(batch))
 
 
-# --- one run: train → diagnostics → report spec ------------------------------------------
-def _measure(model, splits: lab_data.Splits, run: RunContext, config: TrainConfig):
-    """Test accuracy, margin/energy/calibration diagnostics, a linear probe; reliability bins."""
-    device = next(model.parameters()).device
-    train, test = (splits.train_x, splits.train_y), (splits.test_x, splits.test_y)
-    metrics, test_logits = diagnostics.classifier_diagnostics(
-        model, train, test, config.eval_batch_size, device, seed=run.seed
-    )
-    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
-    lab_io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
-    return metrics, diagnostics.calibration(test_logits, splits.test_y)[1]
-
-
-class GraphTask(Task):
+# --- the task: one run per (loss, seed) -------------------------------------------------
+class GraphTask(ClassificationTask):
     """Graph classification on TU datasets: GIN or GCN, one stratified split per seed."""
 
     name = "graph"
@@ -332,6 +323,7 @@ class GraphTask(Task):
     default_losses = DEFAULT_LOSSES
     datasets = DATASETS
     models = MODELS
+    record_fields = ("reliability",)
 
     def default_seeds(self, preset: str) -> int:
         if preset not in PRESETS:
@@ -352,39 +344,39 @@ class GraphTask(Task):
             dataset, options.data_root, recipe.max_graphs
         )
         first_split = make_graph_splits(graphs, num_classes, seed=0)
-        sizes = {f"n_{p}": len(getattr(first_split, f"{p}_y")) for p in ("train", "val", "test")}
-        config = {
-            "preset": options.preset,
-            **{key: getattr(recipe, key) for key in ("model", "hidden", "layers", "dropout")},
-            "train": asdict(recipe.train),
-            "lr_note": LR_NOTE.format(lr=recipe.train.lr, wd=recipe.train.weight_decay),
-            "data": {
+        config = run_config(
+            options,
+            recipe,
+            **{key: getattr(recipe, key) for key in ("hidden", "layers", "dropout")},
+            lr_note=LR_NOTE.format(lr=recipe.train.lr, wd=recipe.train.weight_decay),
+            data={
                 "source": str(source),
                 "n_graphs": len(graphs),
                 "num_features": num_features,
                 "num_classes": num_classes,
                 "split": "stratified 80/10/10, re-drawn per seed",
-                **sizes,
+                **split_sizes(first_split),
             },
-        }
+        )
         state = (recipe, graphs, num_features, num_classes)
         return Prepared(dataset, f"{self.name}-{options.preset}-{dataset}", config, state, threads)
 
-    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        recipe, graphs, num_features, num_classes = prepared.state
-        splits = make_graph_splits(graphs, num_classes, seed=seed)
-        config = replace(recipe.train, seed=seed)
-        set_seed(seed, config.deterministic)
+    def splits(self, prepared: Prepared, seed: int) -> lab_data.Splits:
+        """This seed's stratified split (every loss of one seed sees the same)."""
+        _, graphs, _, num_classes = prepared.state
+        return make_graph_splits(graphs, num_classes, seed=seed)
+
+    def build(self, prepared: Prepared, splits: lab_data.Splits):
+        recipe, _, num_features, num_classes = prepared.state
         model = GraphClassifier(
             recipe.model, num_features, num_classes, recipe.hidden, recipe.layers, recipe.dropout
         )
-        outcome = run.train(model, build_criterion(spec), GraphBatches(splits), config)
-        result = RunResult(outcome, config.lr, extra={"reliability": None})
-        if not outcome.diverged:
-            result.metrics, result.extra["reliability"] = _measure(model, splits, run, config)
-            last = outcome.history[-1]["grad_share_well_classified"]
-            result.metrics["grad_share_well_classified_last"] = last
-        return result
+        return model, GraphBatches(splits)
+
+    def measure(self, prepared, result, model, splits, run) -> None:
+        """Diagnostics on all training graphs and the test split, with a linear probe."""
+        train = splits.train_x, splits.train_y
+        self.measure_classifier(prepared, result, model, splits, run, train)
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         return {"table": TABLE_METRICS, "notes": [TABLE_NOTE]}

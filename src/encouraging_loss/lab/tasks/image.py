@@ -5,15 +5,14 @@ Reads top-down: presets → data → one (loss, seed) run: model → train → d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from .. import data as lab_data
-from .. import diagnostics, io
-from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import LossSpec, build_criterion
-from ..models import MODELS, build_model
-from ..trainer import TrainConfig, set_seed
-from . import Task
+from ..experiment import Options, Prepared
+from ..losses import LossSpec
+from ..models import MODELS
+from ..trainer import TrainConfig
+from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
 
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
 _SGD_NOTE = (
@@ -117,36 +116,14 @@ def resolve_recipe(options: Options) -> tuple[str, Recipe]:
             f"dataset: preset {options.preset!r} has no recipe for {dataset!r}; "
             f"it has: {', '.join(recipes)}"
         )
-    if options.model not in (None, *MODELS):
-        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
     recipe = recipes[dataset]
     if options.lr is not None:  # an explicit --lr applies to every loss
         note = "--lr given on the command line, used for every loss"
         recipe = replace(recipe, lr_by_loss={}, lr_note=note)
-    return dataset, replace(
-        recipe,
-        model=options.model or recipe.model,
-        max_train=options.train_size if options.train_size is not None else recipe.max_train,
-        max_test=options.test_size if options.test_size is not None else recipe.max_test,
-        train=options.train_config(recipe.train),
-    )
+    return dataset, apply_options(recipe, options)
 
 
-def _measure(model, splits, recipe: Recipe, run: RunContext):
-    """Diagnostics of a trained (non-diverged) model on train and test; reliability bins."""
-    device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
-    n_diag = min(recipe.diagnostics_train, len(splits.train_y))
-    train = splits.train_x[:n_diag], splits.train_y[:n_diag]
-    test = splits.test_x, splits.test_y
-    metrics, test_logits = diagnostics.classifier_diagnostics(
-        model, train, test, batch, device, run.seed, retrain_classifier=True
-    )
-    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
-    io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
-    return metrics, diagnostics.calibration(test_logits, splits.test_y)[1]
-
-
-class ImageTask(Task):
+class ImageTask(ClassificationTask):
     """Image classification (the project's main job: ``encouraging-loss reproduce``)."""
 
     name = "image"
@@ -167,39 +144,26 @@ class ImageTask(Task):
         "preset": "standard",
         "seeds": 3,
     }
+    record_fields = ("reliability",)
 
     def prepare(self, options: Options) -> Prepared:
         dataset_name, recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
-        dataset, splits = lab_data.load_splits(dataset_name, options.data_root, *limits)
-        config = {
-            "preset": options.preset,
-            "model": recipe.model,
-            "train": asdict(recipe.train),
-            "lr_note": recipe.lr_note,
-            "data": {
-                "source": str(dataset.source),
-                **{f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")},
-                "val_fraction": recipe.val_fraction,
-                "diagnostics_train": recipe.diagnostics_train,
-            },
-        }
+        dataset, splits = load_splits(dataset_name, options, recipe)
+        data = {"source": str(dataset.source), **split_sizes(splits)}
+        data.update(val_fraction=recipe.val_fraction, diagnostics_train=recipe.diagnostics_train)
+        config = run_config(options, recipe, lr_note=recipe.lr_note, data=data)
         out_name = f"{self.name}-{options.preset}-{dataset_name}"
         return Prepared(dataset_name, out_name, config, (recipe, splits), threads)
 
-    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        recipe, splits = prepared.state
-        config = replace(recipe.train, seed=seed, lr=self.lr_for(prepared, spec))
-        set_seed(seed, config.deterministic)
-        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-        outcome = run.train(model, build_criterion(spec), splits, config)
-        result = RunResult(outcome, config.lr, extra={"reliability": None})
-        if not outcome.diverged:
-            result.metrics, result.extra["reliability"] = _measure(model, splits, recipe, run)
-            last = outcome.history[-1]["grad_share_well_classified"]
-            result.metrics["grad_share_well_classified_last"] = last
-        return result
+    def measure(self, prepared, result, model, splits, run) -> None:
+        """Diagnostics on train (the recipe's ``diagnostics_train``) and test, with cRT."""
+        recipe = prepared.state[0]
+        n_diag = min(recipe.diagnostics_train, len(splits.train_y))
+        train = splits.train_x[:n_diag], splits.train_y[:n_diag]
+        self.measure_classifier(
+            prepared, result, model, splits, run, train, retrain_classifier=True
+        )
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
         """The recipe's learning rate for ``spec`` (by exact name, then family, else base).

@@ -24,7 +24,7 @@ Loss names (``--losses``), besides the lab's ``ce``, ``el:...``, ``focal:...``:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,11 +32,11 @@ from torch import nn
 
 from .. import data as lab_data
 from .. import diagnostics, io, losses
-from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import FAMILIES, Family, LossSpec, build_criterion
-from ..models import MODELS, build_model
-from ..trainer import TrainConfig, resolve_device, set_seed
-from . import Task
+from ..experiment import Options, Prepared
+from ..losses import FAMILIES, Family, LossSpec
+from ..models import MODELS
+from ..trainer import TrainConfig, resolve_device
+from . import ClassificationTask, run_config, split_sizes
 
 PROFILES = ("exp", "step")
 DRW_FAMILIES = ("ce", "el", "focal", "ldam")
@@ -292,7 +292,7 @@ def _counted_family(name: str, main: str, defaults: dict[str, float], make) -> F
 
 
 # The lab's families plus this task's; ``FAMILY-drw`` builds as FAMILY, and
-# :meth:`ImbalancedTask.run_one` switches its class weights on late in training.
+# :meth:`ImbalancedTask.train_hooks` switches its class weights on late in training.
 LOSS_FAMILIES: dict[str, Family] = {
     **FAMILIES,
     "cb-ce": _counted_family("cb-ce", "beta", {"beta": 0.9999}, _class_balanced_ce),
@@ -337,30 +337,8 @@ def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: di
     return out
 
 
-def _measure(model, splits, groups: dict, recipe: Recipe, run: RunContext) -> dict:
-    """Balanced test accuracy, per-group accuracy, per-class accuracy, cRT, margins."""
-    device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
-    n_diag = min(recipe.diagnostics_train, len(splits.train_y))
-    train_features, _ = diagnostics.extract_features(model, splits.train_x[:n_diag], batch, device)
-    test_features, test_logits = diagnostics.extract_features(model, splits.test_x, batch, device)
-    predictions = test_logits.argmax(1)
-    metrics = group_accuracies(predictions, splits.test_y, groups)
-    for c in range(splits.num_classes):
-        mask = splits.test_y == c
-        metrics[f"class_accuracy/{c}"] = (predictions[mask] == c).float().mean().item()
-    test = diagnostics.logit_diagnostics(test_logits, splits.test_y)
-    metrics["test_nll"] = test["nll"]
-    metrics.update((key, test[key]) for key in ("margin_mean", "energy_mean", "ece"))
-    metrics["crt_accuracy"] = diagnostics.classifier_retraining_accuracy(
-        train_features, splits.train_y[:n_diag], test_features, splits.test_y, seed=run.seed
-    )
-    arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
-    io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
-    return metrics
-
-
 # --- task ------------------------------------------------------------------------------------
-class ImbalancedTask(Task):
+class ImbalancedTask(ClassificationTask):
     """Long-tailed classification: re-weighting, DRW, LDAM, logit adjustment and EL variants."""
 
     name = "imbalanced"
@@ -396,36 +374,48 @@ class ImbalancedTask(Task):
             counts = torch.bincount(splits.train_y, minlength=splits.num_classes)
             counts = counts.clamp_min(1).tolist()
         groups = class_groups(counts)
-        config = {
-            "preset": options.preset,
-            "model": recipe.model,
-            "train": asdict(recipe.train),
-            "data": {
-                "source": str(dataset.source),
-                **{key: getattr(recipe, key) for key in ("profile", "imbalance_ratio", "n_max")},
-                "train_counts": counts,
-                **{f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")},
-                "groups": groups,
-                "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
-            },
-            "drw_start": recipe.drw_start,
+        data = {
+            "source": str(dataset.source),
+            **{key: getattr(recipe, key) for key in ("profile", "imbalance_ratio", "n_max")},
+            "train_counts": counts,
+            **split_sizes(splits),
+            "groups": groups,
+            "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
         }
+        config = run_config(options, recipe, data=data, drw_start=recipe.drw_start)
         out_name, state = f"{self.name}-{options.preset}", (recipe, splits, groups)
         return Prepared(f"{recipe.dataset}-lt", out_name, config, state, threads, counts)
 
-    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        (recipe, splits, groups), counts = prepared.state, prepared.class_counts
-        config = replace(recipe.train, seed=seed)
-        set_seed(seed, config.deterministic)
-        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-        criterion = build_criterion(spec, counts, self.loss_families)
+    def train_hooks(self, prepared, spec, model, criterion, config) -> dict:
+        """Moves ``criterion`` to the device; ``*-drw`` losses re-weight from ``drw_start``."""
         device = resolve_device(config.device)
         criterion.to(device)  # class weights, margins and priors live next to the logits
-        drw = spec.family.endswith("-drw")
-        hook = drw_hook(criterion, counts, recipe.drw_start, device) if drw else None
-        outcome = run.train(model, criterion, splits, config, progress_hook=hook)
-        metrics = {} if outcome.diverged else _measure(model, splits, groups, recipe, run)
-        return RunResult(outcome, config.lr, metrics)
+        if not spec.family.endswith("-drw"):
+            return {}
+        start, counts = prepared.state[0].drw_start, prepared.class_counts
+        return {"progress_hook": drw_hook(criterion, counts, start, device)}
+
+    def measure(self, prepared, result, model, splits, run) -> None:
+        """Balanced test accuracy, per-group and per-class accuracy, cRT, margins."""
+        recipe, _, groups = prepared.state
+        device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
+        n_diag = min(recipe.diagnostics_train, len(splits.train_y))
+        train_x, test_x = splits.train_x[:n_diag], splits.test_x
+        train_features, _ = diagnostics.extract_features(model, train_x, batch, device)
+        test_features, test_logits = diagnostics.extract_features(model, test_x, batch, device)
+        predictions = test_logits.argmax(1)
+        metrics = result.metrics = group_accuracies(predictions, splits.test_y, groups)
+        for c in range(splits.num_classes):
+            mask = splits.test_y == c
+            metrics[f"class_accuracy/{c}"] = (predictions[mask] == c).float().mean().item()
+        test = diagnostics.logit_diagnostics(test_logits, splits.test_y)
+        metrics["test_nll"] = test["nll"]
+        metrics.update((key, test[key]) for key in ("margin_mean", "energy_mean", "ece"))
+        metrics["crt_accuracy"] = diagnostics.classifier_retraining_accuracy(
+            train_features, splits.train_y[:n_diag], test_features, splits.test_y, seed=run.seed
+        )
+        arrays = diagnostics.histogram_arrays(test_logits, splits.test_y)
+        io.save_arrays(run.out_dir, run.loss, run.seed, **arrays)
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe, _, groups = prepared.state

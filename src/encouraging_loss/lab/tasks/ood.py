@@ -11,7 +11,7 @@ Metrics are named ``ood/<set>/<score>/<metric>``, e.g. ``ood/fashion-mnist/energ
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,11 @@ from torch import nn
 
 from .. import data as lab_data
 from .. import diagnostics
-from ..experiment import Options, Prepared, RunContext, RunResult
-from ..losses import LossSpec, build_criterion
-from ..models import MODELS, build_model
-from ..trainer import TrainConfig, set_seed
-from . import Task
+from ..experiment import Options, Prepared
+from ..losses import LossSpec
+from ..models import MODELS
+from ..trainer import TrainConfig
+from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
 
 SCORES = ("msp", "max_logit", "energy", "odin")
 
@@ -82,15 +82,10 @@ def resolve_recipe(options: Options) -> Recipe:
     unknown = [s for s in scores if s not in SCORES]
     if unknown or not scores:
         raise ValueError(f"ood_scores: unknown {unknown}; known: {', '.join(SCORES)}")
-    overrides = {"dataset": options.dataset, "model": options.model, "max_test": options.test_size}
-    overrides["max_train"] = options.train_size
-    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    if recipe.dataset not in OodTask.datasets:
-        raise ValueError(f"dataset: OOD takes mnist or fashion-mnist, got {recipe.dataset!r}")
-    if recipe.model not in MODELS:
-        raise ValueError(f"model: unknown model {recipe.model!r}; known: {', '.join(MODELS)}")
-    train = options.train_config(recipe.train)
-    return replace(recipe, ood_sets=ood_sets, scores=scores, train=train)
+    dataset = options.dataset or recipe.dataset
+    if dataset not in OodTask.datasets:
+        raise ValueError(f"dataset: OOD takes mnist or fashion-mnist, got {dataset!r}")
+    return apply_options(recipe, options, dataset=dataset, ood_sets=ood_sets, scores=scores)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -198,33 +193,8 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-# --- one run: train → measure → report spec --------------------------------------------------
-def _measure(model, splits, ood_x: dict, recipe: Recipe, config: TrainConfig) -> dict:
-    """Test accuracy and energy of the in-distribution set, then every OOD metric."""
-    device, batch = next(model.parameters()).device, config.eval_batch_size
-    temperature, epsilon = recipe.odin_temperature, recipe.odin_epsilon
-
-    def all_scores(x: torch.Tensor) -> tuple[dict, torch.Tensor]:  # and the logits
-        _, logits = diagnostics.extract_features(model, x, batch, device)
-        scores = scores_from_logits(logits)
-        if "odin" in recipe.scores:
-            scores["odin"] = odin_scores(model, x, temperature, epsilon, batch, device)
-        return {name: scores[name] for name in recipe.scores}, logits
-
-    id_scores, id_logits = all_scores(splits.test_x)
-    test = diagnostics.logit_diagnostics(id_logits, splits.test_y)
-    metrics = {"test_accuracy": test["accuracy"]}
-    metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
-    for name, x in ood_x.items():
-        scores, logits = all_scores(x)
-        metrics[f"ood/{name}/energy_mean"] = (-torch.logsumexp(logits.double(), 1)).mean().item()
-        for score in recipe.scores:
-            for metric, value in ood_metrics(id_scores[score], scores[score]).items():
-                metrics[f"ood/{name}/{score}/{metric}"] = value
-    return metrics
-
-
-class OodTask(Task):
+# --- the task: one run per (loss, seed): train → measure → report spec ------------------
+class OodTask(ClassificationTask):
     """OOD detection of a classifier trained on MNIST, against other idx test sets."""
 
     name = "ood"
@@ -250,27 +220,40 @@ class OodTask(Task):
     def prepare(self, options: Options) -> Prepared:
         recipe = resolve_recipe(options)
         threads = options.apply_threads(recipe.threads)
-        limits = recipe.max_train, recipe.max_test, recipe.val_fraction
-        dataset, splits = lab_data.load_splits(recipe.dataset, options.data_root, *limits)
+        dataset, splits = load_splits(recipe.dataset, options, recipe)
         root, max_test = options.data_root, recipe.max_test
         ood_x = dict(load_ood_set(name, root, max_test, splits) for name in recipe.ood_sets)
-        data = {"source": str(dataset.source)}
-        data.update((f"n_{p}", len(getattr(splits, f"{p}_y"))) for p in ("train", "val", "test"))
+        data = {"source": str(dataset.source), **split_sizes(splits)}
         data["ood_sets"] = {name: len(x) for name, x in ood_x.items()}
-        config = {"preset": options.preset, "model": recipe.model, "train": asdict(recipe.train)}
-        config.update(data=data, scores=list(recipe.scores))
-        config["odin"] = {"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon}
+        odin = {"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon}
+        config = run_config(options, recipe, data=data, scores=list(recipe.scores), odin=odin)
         out_name = f"{self.name}-{options.preset}"
         return Prepared(recipe.dataset, out_name, config, (recipe, splits, ood_x), threads)
 
-    def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        recipe, splits, ood_x = prepared.state
-        config = replace(recipe.train, seed=seed)
-        set_seed(seed, config.deterministic)
-        model = build_model(recipe.model, splits.input_shape, splits.num_classes)
-        outcome = run.train(model, build_criterion(spec), splits, config)
-        metrics = {} if outcome.diverged else _measure(model, splits, ood_x, recipe, config)
-        return RunResult(outcome, config.lr, metrics)
+    def measure(self, prepared, result, model, splits, run) -> None:
+        """Test accuracy and energy of the in-distribution set, then every OOD metric."""
+        recipe, _, ood_x = prepared.state
+        device, batch = next(model.parameters()).device, recipe.train.eval_batch_size
+        temperature, epsilon = recipe.odin_temperature, recipe.odin_epsilon
+
+        def all_scores(x: torch.Tensor) -> tuple[dict, torch.Tensor]:  # and the logits
+            _, logits = diagnostics.extract_features(model, x, batch, device)
+            scores = scores_from_logits(logits)
+            if "odin" in recipe.scores:
+                scores["odin"] = odin_scores(model, x, temperature, epsilon, batch, device)
+            return {name: scores[name] for name in recipe.scores}, logits
+
+        id_scores, id_logits = all_scores(splits.test_x)
+        test = diagnostics.logit_diagnostics(id_logits, splits.test_y)
+        metrics = result.metrics = {"test_accuracy": test["accuracy"]}
+        metrics.update((k, test[k]) for k in ("margin_mean", "energy_mean"))
+        for name, x in ood_x.items():
+            scores, logits = all_scores(x)
+            energy = (-torch.logsumexp(logits.double(), 1)).mean().item()
+            metrics[f"ood/{name}/energy_mean"] = energy
+            for score in recipe.scores:
+                for metric, value in ood_metrics(id_scores[score], scores[score]).items():
+                    metrics[f"ood/{name}/{score}/{metric}"] = value
 
     def report_spec(self, prepared: Prepared, specs: list[LossSpec]) -> dict:
         recipe, _, ood_x = prepared.state
