@@ -157,17 +157,18 @@ class ClassificationTask(Task):
         result.metrics["grad_share_well_classified_last"] = last
 
 
-def apply_options(recipe, options: Options, models: tuple[str, ...] = MODELS, **fields):
+def apply_options(recipe, options: Options, models=MODELS, sizes: bool = True, **fields):
     """``recipe`` with ``--model`` (one of ``models``), ``--train-size`` and ``--test-size`` (as
-    ``max_train`` and ``max_test``), the training overrides and ``fields`` applied.
+    ``max_train`` and ``max_test``; ``sizes=False`` where the task gives them its own meaning),
+    the training overrides and ``fields`` applied.
 
     Raises:
         ValueError: naming an unknown model or a bad training override.
     """
     if options.model not in (None, *models):
         raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(models)}")
-    sizes = {"max_train": options.train_size, "max_test": options.test_size}
-    fields.update((key, value) for key, value in sizes.items() if value is not None)
+    given = {"max_train": options.train_size, "max_test": options.test_size} if sizes else {}
+    fields.update((key, value) for key, value in given.items() if value is not None)
     train = options.train_config(recipe.train)
     return replace(recipe, model=options.model or recipe.model, train=train, **fields)
 

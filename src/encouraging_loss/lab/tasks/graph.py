@@ -18,7 +18,7 @@ import contextlib
 import io
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import table_columns
 from ..trainer import ClassificationBatches, TrainConfig
-from . import ClassificationTask, run_config, split_sizes
+from . import ClassificationTask, apply_options, run_config, split_sizes
 
 DATASETS = ("PROTEINS", "MUTAG", "ENZYMES", "AIDS", "Mutagenicity")
 MODELS = ("gin", "gcn")
@@ -112,16 +112,10 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
     dataset = options.dataset or DEFAULT_DATASET
     if dataset not in DATASETS:
         raise ValueError(f"dataset: unknown TU dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    if options.model not in (None, *MODELS):
-        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
     if options.train_size is not None and options.train_size < MIN_GRAPHS:
         raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
-    return dataset, replace(
-        recipe,
-        model=options.model or recipe.model,
-        train=options.train_config(recipe.train),
-        max_graphs=options.train_size if options.train_size is not None else recipe.max_graphs,
-    )
+    max_graphs = options.train_size if options.train_size is not None else recipe.max_graphs
+    return dataset, apply_options(recipe, options, MODELS, sizes=False, max_graphs=max_graphs)
 
 
 # --- data --------------------------------------------------------------------------------

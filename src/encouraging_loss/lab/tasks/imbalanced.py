@@ -36,7 +36,7 @@ from ..experiment import Options, Prepared
 from ..losses import FAMILIES, Family, LossSpec
 from ..models import MODELS
 from ..trainer import TrainConfig, resolve_device
-from . import ClassificationTask, run_config, split_sizes
+from . import ClassificationTask, apply_options, run_config, split_sizes
 
 PROFILES = ("exp", "step")
 DRW_FAMILIES = ("ce", "el", "focal", "ldam")
@@ -108,19 +108,17 @@ def resolve_recipe(options: Options) -> Recipe:
     long_tail_counts(2, n_max, ratio, profile)  # checks the profile's options
     if not 0.0 <= drw_start <= 1.0:
         raise ValueError(f"drw_start: must be in [0, 1], got {drw_start}")
-    if options.model not in (None, *MODELS):
-        raise ValueError(f"model: unknown model {options.model!r}; known: {', '.join(MODELS)}")
     test_size = options.test_size
-    return replace(
+    return apply_options(
         recipe,
+        options,
+        sizes=False,  # --train-size cuts the long-tailed view, --test-size the balanced test set
         dataset=options.dataset or recipe.dataset,
-        model=options.model or recipe.model,
         imbalance_ratio=float(ratio),
         profile=profile,
         n_max=int(n_max),
         drw_start=float(drw_start),
         test_per_class=recipe.test_per_class if test_size is None else max(1, test_size // 10),
-        train=options.train_config(recipe.train),
     )
 
 
