@@ -9,13 +9,18 @@ import tempfile
 from collections.abc import Callable
 
 
-def time_interleaved(runs: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict:
+def time_interleaved(
+    runs: dict[str, Callable[[], float]], warmup: int, repeats: int, rotate: bool = False
+) -> dict:
     """Time each contender, interleaved (A, B, A, B, ...) so that drift hits all alike.
 
     Args:
         runs: contender name -> a call that runs it once and returns its wall seconds.
         warmup: untimed rounds first.
         repeats: timed rounds.
+        rotate: start each round with the next contender (A B C, B C A, C A B, ...), so that no
+            contender always follows the same one (a predecessor's freed memory or evicted
+            caches change the next call's time).
 
     Returns:
         name -> {"median_s", "min_s", "all_s"}.
@@ -24,9 +29,11 @@ def time_interleaved(runs: dict[str, Callable[[], float]], warmup: int, repeats:
         for run in runs.values():
             run()
     times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(run())
+    names = list(runs)
+    for index in range(repeats):
+        shift = index % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runs[name]())
     return {
         name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
         for name, ts in times.items()

@@ -19,11 +19,13 @@ formulation (a re-implementation of their published code, label "authors-formula
 
 * time: ``loss(logits, target)`` then ``.backward()`` (with ``logits.grad = None`` before each),
   repeated within one sample until it lasts about 20 ms (small shapes need hundreds of calls for
-  a clock reading above its noise), contenders interleaved (CE, EL, authors, CE, ...) sample by
-  sample after a warm-up. Reported: each contender's median per call, and the "paired" ratios,
-  the median over samples of EL's time over CE's (or the authors') in the same round, which the
-  verdicts use. Wall-clock timings on a shared machine are noisy: rerun before drawing
-  conclusions from a few percent.
+  a clock reading above its noise), contenders interleaved sample by sample after a warm-up,
+  each round starting with the next one (CE EL authors, EL authors CE, ...): a predecessor's
+  freed memory and evicted caches change the next call's time, so none always follows the
+  same. Reported: each contender's median per call, and the "paired" ratios, the median over
+  samples of EL's time over CE's (or the authors') in the same round, which the verdicts use.
+  Wall-clock timings on a shared machine are noisy: rerun before drawing conclusions from a few
+  percent.
 * memory: torch has no CPU peak-memory counter, so each contender runs in a fresh subprocess
   with ``MALLOC_MMAP_THRESHOLD_=65536`` (large tensors are mmapped, freed memory goes back to the
   OS). The child warms up on 60% of the case's rows (the same code path: first calls load
@@ -212,9 +214,8 @@ def time_case(case: Case, contenders, dtype, seed: int, warmup: int, repeats: in
     logits, target = make_inputs(case, dtype, seed)
     fns = {name: make_loss(name, case) for name in contenders}
     calls = calls_per_sample(fns, logits, target)
-    # Interleaved: CE, EL, authors, CE, EL, ...
     runs = {name: (lambda fn=fn: fwd_bwd(fn, logits, target, calls)) for name, fn in fns.items()}
-    times = time_interleaved(runs, warmup, repeats)
+    times = time_interleaved(runs, warmup, repeats, rotate=True)
     logits.grad = None
     return times | {"calls_per_sample": calls}
 
