@@ -134,10 +134,10 @@ def _seed():
 def loss_path(request, monkeypatch):
     """Run a test on the small-problem path (where it applies: its few-operation case first),
     on that path without its few-operation case, and on the row paths."""
-    from encouraging_loss.ops import small
+    from encouraging_loss.ops import small, small_common
 
     if request.param == "small-general":
-        monkeypatch.setattr(small, "HARD_LOG_BONUS_FAST", False)
+        monkeypatch.setattr(small_common, "HARD_LOG_BONUS_FAST", False)
     if request.param == "rows":
         monkeypatch.setattr(small, "SMALL_MAX_ELEMENTS", -1)
     return request.param

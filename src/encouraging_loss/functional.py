@@ -7,7 +7,8 @@ import torch
 from ._validate import check_class_vector, check_input_and_target, check_target_range
 from .ops.index_targets import IndexTargetRows
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
-from .ops.small import hard_log_bonus_loss, small_encouraging_loss, small_path_supports
+from .ops.small import small_encouraging_loss, small_path_supports
+from .ops.small_common import hard_log_bonus_loss
 from .ops.triton_el import triton_can_run, triton_loss_with_options, triton_supports
 from .options import LossOptions, takes_options
 
