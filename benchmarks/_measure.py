@@ -8,6 +8,10 @@ import statistics
 import tempfile
 from collections.abc import Callable
 
+#: glibc's mmap threshold for the memory-measuring children: large buffers are mmapped, so memory
+#: a call frees goes back to the OS and the resident set size follows the call's own peak.
+MMAP_THRESHOLD = "65536"
+
 
 def time_interleaved(
     runs: dict[str, Callable[[], float]], warmup: int, repeats: int, rotate: bool = False
@@ -44,6 +48,20 @@ def rss_bytes() -> int:
     """The process's current resident set size."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size: VmHWM, the high-water mark of its own memory map.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child across exec (exec_mmap records
+    the old memory map's high-water mark), so a child spawned by a parent that has run the large
+    timing loop would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def write_json_atomically(path: str, payload: dict) -> None:

@@ -45,14 +45,19 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _measure import rss_bytes, time_interleaved, write_json_atomically
+from _measure import (
+    MMAP_THRESHOLD,
+    peak_rss_bytes,
+    rss_bytes,
+    time_interleaved,
+    write_json_atomically,
+)
 
 from encouraging_loss import encouraging_loss, linear_encouraging_loss
 
 DEFAULT_OUT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results", "bench_fused_linear.json"
 )
-MMAP_THRESHOLD = "65536"
 MIB = 1024.0 * 1024.0
 MEMORY_TARGET = 0.35
 TIME_TARGET = 1.3
@@ -118,20 +123,6 @@ def time_contenders(args, contenders, dtype) -> dict:
     return time_interleaved(runs, args.warmup, args.repeats)
 
 
-def _peakrss_bytes() -> int:
-    """The process's peak resident set size: VmHWM, the high-water mark of its own memory map.
-
-    Not ``ru_maxrss``: Linux carries the parent's peak into a child across exec (exec_mmap records
-    the old memory map's high-water mark), so a child spawned by a parent that has run the large
-    timing loop would report the parent's peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def _measure_child(args) -> dict:
     """In the child: peak extra memory of one forward + backward of ``args.child``."""
     dtype = getattr(torch, args.dtype)
@@ -142,7 +133,7 @@ def _measure_child(args) -> dict:
     before = rss_bytes()
     hidden.grad = weight.grad = None
     loss_fn(hidden, weight, target).backward()
-    peak = _peakrss_bytes()
+    peak = peak_rss_bytes()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return {
         "rss_before_bytes": before,

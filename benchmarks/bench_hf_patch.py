@@ -42,8 +42,13 @@ import sys
 import time
 
 import torch
-from _measure import rss_bytes, time_interleaved, write_json_atomically
-from bench_fused_linear import MMAP_THRESHOLD, _peakrss_bytes
+from _measure import (
+    MMAP_THRESHOLD,
+    peak_rss_bytes,
+    rss_bytes,
+    time_interleaved,
+    write_json_atomically,
+)
 
 DEFAULT_OUT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results", "bench_hf_patch.json"
@@ -141,7 +146,7 @@ def _measure_child(args) -> dict:
     model.zero_grad(set_to_none=True)
     before = rss_bytes()
     step(input_ids, labels).backward()
-    return {"rss_before_bytes": before, "peak_extra_bytes": _peakrss_bytes() - before}
+    return {"rss_before_bytes": before, "peak_extra_bytes": peak_rss_bytes() - before}
 
 
 def measure_memory(args, contender: str) -> dict:
@@ -191,7 +196,7 @@ def main(argv=None) -> dict:
     )
     checks = check_values(args)
     print("patched vs unpatched EL (2 x 64 tokens):", {k: f"{v:.2e}" for k, v in checks.items()})
-    # Memory first, while this process is small (see bench_fused_linear._peakrss_bytes).
+    # Memory first, while this process is small (see _measure.peak_rss_bytes).
     memory = {} if args.no_memory else {name: measure_memory(args, name) for name in CONTENDERS}
     timings = time_contenders(args)
     rows = []

@@ -55,12 +55,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from _measure import rss_bytes, time_interleaved, write_json_atomically
+from _measure import MMAP_THRESHOLD, rss_bytes, time_interleaved, write_json_atomically
 
 from encouraging_loss import encouraging_loss
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_loss.json")
-MMAP_THRESHOLD = "65536"
 MIB = 1024.0 * 1024.0
 #: EL/CE time targets by (targets, shape group); a shape outside a group has no time target.
 TIME_TARGETS = {("hard", "small"): 1.5, ("hard", "large"): 1.05,
