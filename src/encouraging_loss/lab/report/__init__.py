@@ -27,6 +27,7 @@ from .results import (  # noqa: F401
     DEFAULT_NOTE,
     DEFAULT_PLOTS,
     TABLE_METRICS,
+    against_ce,
     comparisons,
     load_results,
     paired_differences,

@@ -30,6 +30,19 @@ COLUMNS = {
 }
 
 
+def against_ce(losses: list[str]) -> dict:
+    """A report spec's ``comparisons`` (every loss but ``ce`` against ``ce``) and ``claim_pairs``
+    (the encouraging losses, ``el...`` and ``ls-el...``, against ``ce``).
+
+    Args:
+        losses: the loss names of the results, in order.
+    """
+    return {
+        "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
+        "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
+    }
+
+
 def table_columns(*columns, **labels) -> list[list]:
     """A report spec's ``table``: ``[metric, label, higher_is_better]`` rows.
 

@@ -26,6 +26,7 @@ from .. import diagnostics
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..models import MODELS
+from ..report import against_ce
 from ..trainer import TrainConfig, predict_logits
 from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
 
@@ -370,8 +371,7 @@ class AdversarialTask(ClassificationTask):
             "title": f"adversarial: {recipe.dataset} {recipe.model}, {training}",
             "table": table,
             "claims": claims,
-            "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
-            "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
+            **against_ce(losses),
             "notes": [
                 "Mean ± std over seeds of test accuracy under attack (ε in pixel units of [0, 1] "
                 f"images). FGSM: one step of size ε. PGD-L∞: {recipe.pgd_steps} steps of size "

@@ -23,6 +23,7 @@ from .. import diagnostics
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..models import MODELS
+from ..report import against_ce
 from ..trainer import TrainConfig
 from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
 
@@ -270,8 +271,7 @@ class OodTask(ClassificationTask):
             "title": f"ood: {recipe.dataset} against {', '.join(sets)}",
             "table": table,
             "claims": claims,
-            "comparisons": [[loss, "ce"] for loss in losses if loss != "ce"],
-            "claim_pairs": [[loss, "ce"] for loss in losses if loss.startswith(("el", "ls-el"))],
+            **against_ce(losses),
             "notes": [
                 "Mean ± std over seeds. Scores (higher = in-distribution): msp = max softmax "
                 "probability, max_logit, energy = logsumexp(z), odin = MSP at T="
