@@ -170,6 +170,8 @@ def test_backend_dispatch(monkeypatch):
     encouraging_loss(logits, target, backend="torch")
     with pytest.raises(AssertionError, match="Triton path"):
         encouraging_loss(logits, target, backend="triton")
+    with pytest.raises(AssertionError, match="Triton path"):  # no ignored row: no fallback either
+        encouraging_loss(*case(3, ignore=()), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         encouraging_loss(logits, target, backend="cuda")
     with pytest.raises(ValueError, match="backend='triton': label smoothing"):

@@ -43,7 +43,7 @@ def use_triton_backend(input, target, options: LossOptions) -> bool:
     why_not = triton_supports(input, target, options)
     if options.backend == "auto":
         # Under torch.compile the torch path traces into the graph; a kernel launch would not.
-        return why_not is None and input.is_cuda and not torch.compiler.is_compiling()
+        return why_not is None and not torch.compiler.is_compiling()
     if why_not is not None:
         raise ValueError(f"backend='triton': {why_not}")
     if not triton_can_run(input):

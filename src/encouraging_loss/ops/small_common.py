@@ -158,10 +158,11 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
     It applies to eager CPU calls with (N, C) float32/float64 logits of at most
     :data:`.small.SMALL_MAX_ELEMENTS` and at least two classes, (N,) int64 class indices none of
     which is ignored, the conservative log bonus (log_end < 1) from p = 0, any label smoothing
-    (up to :data:`SMOOTHED_FAST_MAX_ELEMENTS` logits), no class or bonus weights and the "mean"
-    or "sum" reduction. The shapes are checked here (they are the conditions), the index range
-    by the gather, which fails outside [0, C): a target equal to ``ignore_index`` or out of range
-    returns None, and the general route handles it.
+    (up to :data:`SMOOTHED_FAST_MAX_ELEMENTS` logits), no class or bonus weights, the "mean"
+    or "sum" reduction, and a backend other than ``"triton"`` (which always runs the kernels).
+    The shapes are checked here (they are the conditions), the index range by the gather, which
+    fails outside [0, C): a target equal to ``ignore_index`` or out of range returns None, and
+    the general route handles it.
 
     Args:
         input: the logits.
@@ -187,6 +188,7 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
         and options.log_end < 1.0
         and options.bonus_start == 0.0
         and options.bonus_scale != 0.0
+        and options.backend != "triton"
         and not torch.compiler.is_compiling()
     ):
         return None
