@@ -249,6 +249,20 @@ def test_weight_smoothing_ignore_index_together():
             torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignore_index_that_is_a_class(smoothing, reduction):
+    """An ignore_index in [0, C) (the shape of the most common call otherwise): its rows count
+    for nothing, as in the float64 reference."""
+    logits, target = make_case((9,), 5, seed=8)
+    target[[0, 4]] = 2
+    options = dict(ignore_index=2, reduction=reduction, label_smoothing=smoothing)
+    value, grad = grad_of(encouraging_loss, logits, target, **options)
+    expected, expected_grad = grad_of(reference_loss, logits, target, **options)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_ignored_rows_with_nonfinite_logits_contribute_nothing():
     logits = torch.tensor([[1.0, 2.0, 0.5], [float("nan"), 0.0, 0.0]], requires_grad=True)
     target = torch.tensor([1, -100])

@@ -157,7 +157,8 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
 
     It applies to eager CPU calls with (N, C) float32/float64 logits of at most
     :data:`.small.SMALL_MAX_ELEMENTS` and at least two classes, (N,) int64 class indices none of
-    which is ignored, the conservative log bonus (log_end < 1) from p = 0, any label smoothing
+    which is ignored (an ``ignore_index`` in [0, C) is left to the general route, which masks
+    its rows), the conservative log bonus (log_end < 1) from p = 0, any label smoothing
     (up to :data:`SMOOTHED_FAST_MAX_ELEMENTS` logits), no class or bonus weights, the "mean"
     or "sum" reduction, and a backend other than ``"triton"`` (which always runs the kernels).
     The shapes are checked here (they are the conditions), the index range by the gather, which
@@ -182,6 +183,7 @@ def hard_log_bonus_loss(input, target, options: LossOptions) -> torch.Tensor | N
         and input.shape[1] >= 2
         and input.shape[0] == target.shape[0] > 0
         and input.numel() <= small.SMALL_MAX_ELEMENTS
+        and not 0 <= options.ignore_index < input.shape[1]
         and (options.label_smoothing == 0.0 or input.numel() <= SMOOTHED_FAST_MAX_ELEMENTS)
         and options.reduction != "none"
         and options.bonus == "log"
