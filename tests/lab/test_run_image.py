@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from encouraging_loss.lab.cli import main
 from encouraging_loss.lab.report import paired_interval, t_quantile_975
@@ -252,3 +253,19 @@ def test_a_failed_run_is_reported_and_the_others_kept(tmp_path, data_root, monke
     assert [r["loss"] for r in results["runs"]] == ["ce"]
     assert results["config"]["failed_runs"][0]["loss"] == "el"
     assert "simulated crash" in capsys.readouterr().err
+
+
+def test_workers_receive_the_prepared_data_where_it_pickles(tmp_path):
+    """The runner ships a task's prepared data to its workers, unless the task or pickle refuses."""
+    import pickle
+
+    from encouraging_loss.lab.experiment import Prepared, _ship
+    from encouraging_loss.lab.tasks import load_task
+
+    task = load_task("image")
+    prepared = Prepared("d", "out", {"preset": "quick"}, state=(torch.arange(5),), threads=1)
+    shipped = _ship(task, prepared, tmp_path)
+    received = pickle.loads(shipped.read_bytes())
+    assert received.config == prepared.config and torch.equal(received.state[0], prepared.state[0])
+    assert _ship(task, Prepared("d", "out", {}, state=lambda: None), tmp_path) is None
+    assert _ship(load_task("graph"), prepared, tmp_path) is None  # graph prepares in each worker

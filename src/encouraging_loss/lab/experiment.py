@@ -5,7 +5,8 @@
 1. the task resolves its preset and loads its data once (:meth:`Task.prepare`);
 2. each (loss, seed) run not already recorded in ``OUT/runs/`` trains and is measured by the
    task (:meth:`Task.run_one`) — in this process (``--jobs 1``) or in worker processes that
-   prepare the task once each and run one (loss, seed) at a time. A run's result depends only
+   receive the prepared data (or prepare the task once each where it cannot be pickled) and
+   run one (loss, seed) at a time. A run's result depends only
    on its loss and seed, so both give the same records;
 3. every finished run's record is saved as soon as it ends (``--resume`` reuses it); a failed
    run is reported and left out, the others are kept; a diverged run is a result;
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -354,11 +357,37 @@ def _run_here(task, prepared, options, out_dir, pending, records, jobs) -> list[
 _WORKER: dict = {}
 
 
-def _worker_init(options: Options) -> None:
+def _ship(task, prepared: Prepared, folder: Path) -> Path | None:
+    """``prepared`` pickled into ``folder`` for the workers, or ``None`` where the task says
+    not to (``Task.ship_prepared``) or it cannot be pickled.
+
+    Loading the pickle is faster than a worker's own :meth:`Task.prepare` (data decoding and
+    splits), and a file rather than the pool's initargs: a large initarg would make each
+    worker's start wait for the previous one to read it.
+    """
+    if not task.ship_prepared:
+        return None
+    path = folder / "prepared.pickle"
+    try:
+        with path.open("wb") as file:
+            pickle.dump(prepared, file, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):  # e.g. a closure in the state
+        return None
+    return path
+
+
+def _worker_init(options: Options, shipped: Path | None) -> None:
     from .tasks import load_task
 
     task = load_task(options.task)
-    _WORKER.update(task=task, options=options, prepared=task.prepare(options))
+    if shipped is None:
+        prepared = task.prepare(options)
+    else:
+        with shipped.open("rb") as file:
+            prepared = pickle.load(file)
+        if prepared.threads is not None:  # what prepare() would have set in this process
+            torch.set_num_threads(prepared.threads)
+    _WORKER.update(task=task, options=options, prepared=prepared)
 
 
 def _worker_run(spec: LossSpec, seed: int, out_dir: Path) -> dict:
@@ -370,7 +399,12 @@ def _run_parallel(task, prepared, options, out_dir, pending, records, jobs) -> l
     """Run the pending pairs in ``jobs`` worker processes, one (loss, seed) at a time each."""
     failed = []
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(jobs, context, _worker_init, (options,)) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="encouraging-loss-") as folder,
+        ProcessPoolExecutor(
+            jobs, context, _worker_init, (options, _ship(task, prepared, Path(folder)))
+        ) as pool,
+    ):
         futures = {pool.submit(_worker_run, s, seed, out_dir): (s, seed) for s, seed in pending}
         if options.progress:
             print(f"{len(futures)} runs in {jobs} worker processes", file=sys.stderr)

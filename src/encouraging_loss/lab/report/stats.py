@@ -6,7 +6,6 @@ import math
 import numbers
 
 import numpy as np
-from scipy import stats
 
 
 def t_quantile_975(df: int) -> float:
@@ -23,6 +22,8 @@ def t_quantile_975(df: int) -> float:
     """
     if not isinstance(df, numbers.Integral) or isinstance(df, bool) or df < 1:
         raise ValueError(f"df: expected an int of at least 1, got {df!r}")
+    from scipy import stats  # here, not at import: workers that only train never load scipy
+
     return float(stats.t.ppf(0.975, int(df)))
 
 

@@ -41,6 +41,8 @@ class Task:
         downloads: whether ``--download`` can fetch its data.
         main_job: for :data:`MAIN_JOB`, the options of ``encouraging-loss reproduce``.
         recipes: the presets' recipes by name, for :meth:`describe_presets`.
+        ship_prepared: whether worker processes receive :meth:`prepare`'s result pickled
+            (faster than preparing again) rather than preparing it themselves.
     """
 
     name: str = ""
@@ -54,6 +56,7 @@ class Task:
     downloads: bool = False
     main_job: dict | None = None
     recipes: dict = {}
+    ship_prepared: bool = True
 
     def default_seeds(self, preset: str) -> int:
         """Seeds per loss when ``--seeds`` is not given."""
@@ -73,7 +76,8 @@ class Task:
     def prepare(self, options: Options) -> Prepared:
         """Resolve the preset with the options, set the threads, and load the data.
 
-        Called once per process (the runner's, and each worker's).
+        Called once, by the runner; its workers receive the result pickled (see
+        :attr:`ship_prepared`; a result that cannot be pickled is prepared again in each).
 
         Raises:
             ValueError: naming a bad option.

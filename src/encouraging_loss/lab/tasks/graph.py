@@ -318,6 +318,7 @@ class GraphTask(ClassificationTask):
     datasets = DATASETS
     models = MODELS
     record_fields = ("reliability",)
+    ship_prepared = False  # each graph pickles the storages it views: GiBs for PROTEINS
 
     def default_seeds(self, preset: str) -> int:
         if preset not in PRESETS:
