@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -76,6 +77,9 @@ class Options:
     progress: bool = True
     stop_after_epochs: int | None = None
     jobs: int | None = None
+    tune: str | None = None
+    tune_grid: str | None = None
+    tune_seeds: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -104,7 +108,7 @@ class Options:
         if self.preset not in presets:
             raise ValueError(f"preset: unknown preset {self.preset!r}; known: {', '.join(presets)}")
         for low, names in (
-            (1, ("seeds", "jobs", "stop_after_epochs")),
+            (1, ("seeds", "jobs", "stop_after_epochs", "tune_seeds")),
             (0, ("threads",)),
             (10, ("train_size", "test_size")),
         ):
@@ -116,6 +120,32 @@ class Options:
             raise ValueError(f"data_root: {self.data_root} is not a folder")
         if self.device is not None:
             resolve_device(self.device)  # a missing GPU is a usage error, not N failed runs
+        if self.tune not in (None, *TUNABLE):
+            raise ValueError(f"tune: expected one of {', '.join(TUNABLE)}, got {self.tune!r}")
+        if self.tune and self.lr is not None:
+            raise ValueError("lr: --lr fixes the learning rate that --tune lr picks; give one")
+        if (self.tune_grid or self.tune_seeds) and not self.tune:
+            raise ValueError("tune: --tune-grid and --tune-seeds need --tune lr")
+        self.tune_values(1.0)  # a bad grid fails before any run
+
+    def tune_values(self, base_lr: float) -> list[float]:
+        """The learning rates ``--tune lr`` tries: ``--tune-grid``, else :data:`TUNE_FACTORS`
+        times the preset's rate ``base_lr``; ascending, the same for every loss.
+
+        Raises:
+            ValueError: if ``--tune-grid`` is not a comma-separated list of positive numbers.
+        """
+        if self.tune_grid is None:
+            return [float(f"{base_lr * factor:.6g}") for factor in TUNE_FACTORS]
+        try:
+            values = sorted({float(v) for v in self.tune_grid.split(",")})
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(
+                f"tune_grid: expected comma-separated positive numbers, got {self.tune_grid!r}"
+            )
+        return values
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """A preset's training configuration with the command-line overrides applied.
@@ -135,6 +165,10 @@ class Options:
             torch.set_num_threads(threads)
         return threads
 
+
+# What --tune can pick, and the default grid: these factors times the preset's learning rate.
+TUNABLE = ("lr",)
+TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0)
 
 # The options that override the preset's TrainConfig field of the same name (``amp`` combines).
 TRAIN_OVERRIDES = tuple(
@@ -164,9 +198,28 @@ class Prepared:
     class_counts: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class Run:
+    """One (loss, seed) run to do: where it writes and, when tuning chose it, its learning rate.
+
+    ``tuning`` runs (``--tune``) are scored on validation only: the task skips the test set.
+    """
+
+    spec: LossSpec
+    seed: int
+    out_dir: Path
+    lr: float | None = None
+    tuning: bool = False
+
+
 @dataclass
 class RunContext:
-    """Where one (loss, seed) run writes, and how it trains (given to :meth:`Task.run_one`)."""
+    """Where one (loss, seed) run writes, and how it trains (given to :meth:`Task.run_one`).
+
+    Attributes:
+        lr: the learning rate the run must train with (``None``: the task's own).
+        tuning: a tuning run: train and validate, never read the test set.
+    """
 
     out_dir: Path
     loss: str
@@ -174,14 +227,18 @@ class RunContext:
     resume: bool = False
     stop_after_epochs: int | None = None
     progress: bool = True
+    lr: float | None = None
+    tuning: bool = False
 
     def train(self, model, criterion, data, config: TrainConfig, **hooks) -> TrainResult:
-        """:func:`trainer.train` with this run's checkpoint, resume, stop and progress bar."""
+        """:func:`trainer.train` with this run's seed, learning rate, checkpoint, resume, stop
+        and progress bar."""
+        lr = config.lr if self.lr is None else self.lr
         return train(
             model,
             criterion,
             data,
-            replace(config, seed=self.seed),
+            replace(config, seed=self.seed, lr=lr),
             checkpoint_path=io.checkpoint_path(self.out_dir, self.loss, self.seed),
             resume=self.resume,
             stop_after_epochs=self.stop_after_epochs,
@@ -257,16 +314,18 @@ def run_experiment(options: Options) -> dict | None:
     if rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    runs = [(spec, seed) for spec in specs for seed in seeds]
-    records = {  # --resume: the runs already recorded
-        (s.name, seed): record
-        for s, seed in runs
-        if options.resume and (record := io.load_record(out_dir, s.name, seed)) is not None
-    }
-    pending = [(s, seed) for s, seed in runs if (s.name, seed) not in records]
-    jobs = _jobs(options, prepared, len(pending))
-    run = _run_parallel if jobs > 1 else _run_here
-    failed = run(task, prepared, options, out_dir, pending, records, jobs)
+    lr_by_loss = {s.name: task.lr_for(prepared, s) for s in specs}
+    tuning, failed = None, []
+    if options.tune:
+        tuning, failed = _tune(task, prepared, options, specs, out_dir)
+        lr_by_loss = {name: chosen["lr"] for name, chosen in tuning["by_loss"].items()}
+    runs = [
+        Run(s, seed, out_dir, lr_by_loss[s.name] if tuning else None)
+        for s in specs
+        for seed in seeds
+    ]
+    records, jobs, failed_final = _run_all(task, prepared, options, runs)
+    failed += failed_final
     finish_distributed()
     if rank() != 0:
         return None
@@ -276,7 +335,7 @@ def run_experiment(options: Options) -> dict | None:
         "losses": [s.name for s in specs],
         "loss_specs": {s.name: s.to_dict() for s in specs},
         "baselines": baselines(specs),
-        "lr_by_loss": {s.name: task.lr_for(prepared, s) for s in specs},
+        "lr_by_loss": lr_by_loss,
         "seeds": seeds,
         "out": str(out_dir),
         "jobs": jobs,
@@ -286,19 +345,78 @@ def run_experiment(options: Options) -> dict | None:
         "threads": prepared.threads or torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - started,
     }
+    if tuning:
+        config["tuning"] = tuning
     if failed:
         config["failed_runs"] = failed
     results = {
         "task": task.name,
         "dataset": prepared.dataset,
         "config": config,
-        "runs": [records[s.name, seed] for s, seed in runs if (s.name, seed) in records],
+        "runs": [records[i] for i in range(len(runs)) if i in records],
     }
     spec = task.report_spec(prepared, specs)
     if spec is not None:
         results["report"] = spec
     report.write_report(out_dir, results)
     return results
+
+
+def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
+    """``--tune lr``: every loss trains at every rate of the same grid on the tuning seeds and
+    keeps the rate of the best mean validation accuracy (the test set is not read).
+
+    A rate where any tuning run diverged or failed scores nothing; where every rate did, the
+    smallest is kept (``all_diverged``); of equal scores, the smaller rate. Runs are saved
+    under ``OUT/tuning/lr=<rate>/``.
+
+    Returns:
+        ``(tuning, failed)``: ``results["config"]["tuning"]`` and the failed tuning runs.
+    """
+    grid = options.tune_values(prepared.config["train"]["lr"])
+    seeds = list(range(options.tune_seeds or 1))
+    runs = [
+        Run(s, seed, out_dir / "tuning" / f"lr={lr:g}", lr, tuning=True)
+        for s in specs
+        for lr in grid
+        for seed in seeds
+    ]
+    records, _, failed = _run_all(task, prepared, options, runs)
+    by_loss = {}
+    for spec in specs:
+        scores, diverged = {}, []
+        for lr in grid:
+            found = [records.get(i) for i, r in enumerate(runs) if r.spec is spec and r.lr == lr]
+            if all(found) and all(r["status"] == "ok" for r in found):
+                scores[f"{lr:g}"] = sum(r["metrics"]["val_accuracy"] for r in found) / len(found)
+            else:
+                scores[f"{lr:g}"] = None
+                diverged.append(lr)
+        kept = [lr for lr in grid if scores[f"{lr:g}"] is not None]
+        best = max(kept, key=lambda lr: scores[f"{lr:g}"]) if kept else grid[0]
+        by_loss[spec.name] = {"lr": best, "val_accuracy": scores, "diverged_or_failed": diverged}
+        by_loss[spec.name]["all_diverged"] = not kept
+    config = {"parameter": "lr", "grid": grid, "seeds": seeds, "metric": "val_accuracy"}
+    return {**config, "by_loss": by_loss}, failed
+
+
+def _run_all(task, prepared: Prepared, options: Options, runs: list[Run]):
+    """Do ``runs`` (here or in workers), reusing the records ``--resume`` finds.
+
+    Returns:
+        ``(records, jobs, failed)``: the finished runs' records by index in ``runs``, the
+        worker processes used, and the failed runs.
+    """
+    records = {  # --resume: the runs already recorded
+        i: record
+        for i, r in enumerate(runs)
+        if options.resume and (record := io.load_record(r.out_dir, r.spec.name, r.seed))
+    }
+    pending = {i: r for i, r in enumerate(runs) if i not in records}
+    jobs = _jobs(options, prepared, len(pending))
+    run = _run_parallel if jobs > 1 else _run_here
+    failed = run(task, prepared, options, pending, records, jobs)
+    return records, jobs, failed
 
 
 def _jobs(options: Options, prepared: Prepared, pending: int) -> int:
@@ -312,10 +430,18 @@ def _jobs(options: Options, prepared: Prepared, pending: int) -> int:
     return max(1, min(pending, (os.cpu_count() or 1) // prepared.threads))
 
 
-def _run_one(task, prepared: Prepared, options: Options, out_dir: Path, spec, seed, progress):
+def _run_one(task, prepared: Prepared, options: Options, run: Run, progress: bool):
     """Train and measure one run and save its record (``None`` on ranks other than 0)."""
+    spec, seed = run.spec, run.seed
     context = RunContext(
-        out_dir, spec.name, seed, options.resume, options.stop_after_epochs, progress
+        run.out_dir,
+        spec.name,
+        seed,
+        options.resume,
+        options.stop_after_epochs,
+        progress,
+        run.lr,
+        run.tuning,
     )
     result = task.run_one(prepared, spec, seed, context)
     if result.outcome.interrupted:
@@ -324,33 +450,37 @@ def _run_one(task, prepared: Prepared, options: Options, out_dir: Path, spec, se
         )
     if rank() != 0:
         return None
+    if run.lr is not None:
+        result.lr = run.lr
     record = result.record(spec.name, seed)
-    io.save_record(out_dir, record)
+    io.save_record(run.out_dir, record)
     return record
 
 
-def _failure(spec: LossSpec, seed: int, error: BaseException) -> dict:
+def _failure(run: Run, error: BaseException) -> dict:
     line = "".join(traceback.format_exception_only(type(error), error)).strip()
-    print(f"run {spec.name} seed {seed} failed: {line}", file=sys.stderr)
-    return {"loss": spec.name, "seed": seed, "error": line}
+    tuning = f" (tuning, lr {run.lr:g})" if run.tuning else ""
+    print(f"run {run.spec.name} seed {run.seed}{tuning} failed: {line}", file=sys.stderr)
+    failure = {"loss": run.spec.name, "seed": run.seed, "error": line}
+    return {**failure, "tuning_lr": run.lr} if run.tuning else failure
 
 
-def _run_here(task, prepared, options, out_dir, pending, records, jobs) -> list[dict]:
-    """Run the pending (loss, seed) pairs one after another in this process."""
+def _run_here(task, prepared, options, pending: dict, records: dict, jobs) -> list[dict]:
+    """Run the pending runs one after another in this process (records by index)."""
     failed = []
-    for spec, seed in pending:
+    for i, run in pending.items():
         try:
-            record = _run_one(task, prepared, options, out_dir, spec, seed, options.progress)
+            record = _run_one(task, prepared, options, run, options.progress)
         except (Interrupted, KeyboardInterrupt):
             finish_distributed()
             raise
         except Exception as error:  # noqa: BLE001 - reported; the other runs go on
             if world_size() > 1:
                 raise  # the other ranks would wait for this one forever
-            failed.append(_failure(spec, seed, error))
+            failed.append(_failure(run, error))
             continue
         if record is not None:
-            records[spec.name, seed] = record
+            records[i] = record
     return failed
 
 
@@ -390,13 +520,13 @@ def _worker_init(options: Options, shipped: Path | None) -> None:
     _WORKER.update(task=task, options=options, prepared=prepared)
 
 
-def _worker_run(spec: LossSpec, seed: int, out_dir: Path) -> dict:
+def _worker_run(run: Run) -> dict:
     w = _WORKER
-    return _run_one(w["task"], w["prepared"], w["options"], out_dir, spec, seed, False)
+    return _run_one(w["task"], w["prepared"], w["options"], run, False)
 
 
-def _run_parallel(task, prepared, options, out_dir, pending, records, jobs) -> list[dict]:
-    """Run the pending pairs in ``jobs`` worker processes, one (loss, seed) at a time each."""
+def _run_parallel(task, prepared, options, pending: dict, records: dict, jobs) -> list[dict]:
+    """Run the pending runs in ``jobs`` worker processes, one at a time each."""
     failed = []
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with (
@@ -405,19 +535,20 @@ def _run_parallel(task, prepared, options, out_dir, pending, records, jobs) -> l
             jobs, context, _worker_init, (options, _ship(task, prepared, Path(folder)))
         ) as pool,
     ):
-        futures = {pool.submit(_worker_run, s, seed, out_dir): (s, seed) for s, seed in pending}
+        futures = {pool.submit(_worker_run, run): i for i, run in pending.items()}
         if options.progress:
             print(f"{len(futures)} runs in {jobs} worker processes", file=sys.stderr)
         for finished, future in enumerate(as_completed(futures), 1):
-            spec, seed = futures[future]
+            i = futures[future]
             try:
                 record = future.result()
             except Exception as error:  # noqa: BLE001 - reported; the other runs go on
-                failed.append(_failure(spec, seed, error))
+                failed.append(_failure(pending[i], error))
                 continue
-            records[spec.name, seed] = record
+            records[i] = record
             if options.progress:
-                print(f"[{finished}/{len(futures)}] {_summary(record)}", file=sys.stderr)
+                tag = f" (tuning, lr {pending[i].lr:g})" if pending[i].tuning else ""
+                print(f"[{finished}/{len(futures)}] {_summary(record)}{tag}", file=sys.stderr)
     return failed
 
 

@@ -77,6 +77,27 @@ def _diverged_section(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _tuning_section(config: dict) -> list[str]:
+    """The ``--tune`` grid, each loss's validation scores and its chosen rate."""
+    tuning = config.get("tuning")
+    if not tuning:
+        return []
+    grid = [f"{lr:g}" for lr in tuning["grid"]]
+    seeds = len(tuning["seeds"])
+    lines = [
+        f"## Tuning: {tuning['parameter']} on validation ({tuning['metric']}, mean of {seeds} "
+        "seed(s)); the test set was read only by the chosen rate's runs",
+        "",
+        "| loss | " + " | ".join(f"lr {lr}" for lr in grid) + " | chosen |",
+        "|---|" + "---|" * (len(grid) + 1),
+    ]
+    for loss, chosen in tuning["by_loss"].items():
+        cells = [_fmt(v) if v is not None else "diverged" for v in chosen["val_accuracy"].values()]
+        note = " (every rate diverged)" if chosen["all_diverged"] else ""
+        lines.append(f"| `{loss}` | " + " | ".join(cells) + f" | {chosen['lr']:g}{note} |")
+    return [*lines, ""]
+
+
 def _differences_table(results: dict, pairs: list[tuple[str, str]], table_metrics) -> list[str]:
     lines = [
         "## Paired difference to the CE baseline (same seed), mean [95% t-interval]",
@@ -136,6 +157,7 @@ def markdown_report(results: dict) -> str:
     lines = [f"# {spec['title']}", "", summary_table(results), ""]
     for note in spec["notes"]:
         lines += [note, ""]
+    lines += _tuning_section(results["config"])
     lines += _diverged_section(rows)
     pairs, claim_pairs = comparisons(results)
     if pairs:

@@ -85,7 +85,11 @@ class Task:
         raise NotImplementedError
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        """Build the model and criterion, train with ``run.train(...)``, and measure."""
+        """Build the model and criterion, train with ``run.train(...)``, and measure.
+
+        ``run.lr``, when set, is the learning rate to train with; a ``run.tuning`` run must not
+        read the test set (its record's ``val_accuracy`` is what tuning compares).
+        """
         raise NotImplementedError
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
@@ -103,7 +107,8 @@ class ClassificationTask(Task):
     ``prepared.state`` starts with the recipe (its ``train`` and ``model``) and, unless
     :meth:`splits` is overridden, the ``data.Splits`` every run shares. A run seeds torch,
     builds the model (:meth:`build`), trains it on ``spec``'s criterion with the task's
-    :meth:`train_hooks`, and, unless it diverged, lets :meth:`measure` fill the result.
+    :meth:`train_hooks`, and, unless it diverged or is a tuning run (``run.tuning``), lets
+    :meth:`measure` fill the result.
 
     Attributes:
         record_fields: fields each run's record adds (``None`` when it diverged).
@@ -112,7 +117,8 @@ class ClassificationTask(Task):
     record_fields: tuple[str, ...] = ()
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        config = replace(prepared.state[0].train, seed=seed, lr=self.lr_for(prepared, spec))
+        lr = self.lr_for(prepared, spec) if run.lr is None else run.lr
+        config = replace(prepared.state[0].train, seed=seed, lr=lr)
         set_seed(seed, config.deterministic)
         splits = self.splits(prepared, seed)
         model, batches = self.build(prepared, splits)
@@ -120,7 +126,7 @@ class ClassificationTask(Task):
         hooks = self.train_hooks(prepared, spec, model, criterion, config)
         outcome = run.train(model, criterion, batches, config, **hooks)
         result = RunResult(outcome, config.lr, extra=dict.fromkeys(self.record_fields))
-        if not outcome.diverged:
+        if not outcome.diverged and not run.tuning:  # tuning never reads the test set
             self.measure(prepared, result, model, splits, run)
         return result
 
