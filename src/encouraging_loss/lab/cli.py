@@ -47,7 +47,7 @@ real = _number(float, False, "a number")
 
 
 def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -> None:
-    """The options of every job: preset, data, output, resume, device, threads, workers."""
+    """The options of every job: preset, data, output, resume, workers, device, threads, tuning."""
     add = parser.add_argument
     add(
         "--preset",
@@ -96,6 +96,21 @@ def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -
         help="disable bfloat16 autocast on CUDA (never used on CPU)",
     )
     add("--no-progress", dest="progress", action="store_false", help="hide progress output")
+    add(
+        "--tune",
+        choices=("lr",),
+        help="fair protocol: give every loss the same tuning budget — train it at each "
+        "learning rate of --tune-grid on --tune-seeds seeds, keep the rate with the best mean "
+        "validation accuracy (the test set is not read), then run --seeds at that rate; the "
+        "grid, the scores and the choice are saved in results.json and shown in the report",
+    )
+    add(
+        "--tune-grid",
+        metavar="LR,LR,...",
+        help="learning rates --tune lr tries, the same for every loss (default: the preset's "
+        "rate times 0.1, 0.3, 1 and 3)",
+    )
+    add("--tune-seeds", type=positive_int, metavar="N", help="seeds per tuning run (default 1)")
     add(
         "--threads",
         type=int,
@@ -146,21 +161,6 @@ def _add_training(parser: argparse.ArgumentParser, task) -> None:
         help="use a fixed random subset of this many train examples (val included)",
     )
     add("--test-size", type=positive_int, help="score on a fixed random subset of this many")
-    add(
-        "--tune",
-        choices=("lr",),
-        help="fair protocol: give every loss the same tuning budget — train it at each "
-        "learning rate of --tune-grid on --tune-seeds seeds, keep the rate with the best mean "
-        "validation accuracy (the test set is not read), then run --seeds at that rate; the "
-        "grid, the scores and the choice are saved in results.json and shown in the report",
-    )
-    add(
-        "--tune-grid",
-        metavar="LR,LR,...",
-        help="learning rates --tune lr tries, the same for every loss (default: the preset's "
-        "rate times 0.1, 0.3, 1 and 3)",
-    )
-    add("--tune-seeds", type=positive_int, metavar="N", help="seeds per tuning run (default 1)")
     add(
         "--stop-after-epochs",
         type=positive_int,
