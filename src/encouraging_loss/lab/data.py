@@ -32,34 +32,16 @@ IDX_DATASETS = ("fashion-mnist", "mnist", "notmnist")
 DATASETS = (*IDX_DATASETS, "cifar10")
 CIFAR10_NPZ = "cifar10-jpeg-q75.npz"
 
+# fmt: off
 _CLASS_NAMES = {
-    "fashion-mnist": (
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),
-    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple("0123456789"),
     "notmnist": tuple("ABCDEFGHIJ"),
-    "cifar10": (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
 }
+# fmt: on
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -95,6 +77,10 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else DEFAULT_CACHE_ROOT.expanduser()
 
 
+def _root(data_root: str | os.PathLike | None) -> Path:
+    return Path(data_root).expanduser() if data_root is not None else default_data_root()
+
+
 def candidate_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched for dataset ``name`` (one of :data:`DATASETS`), first match wins.
 
@@ -106,8 +92,7 @@ def candidate_dirs(name: str, data_root: str | os.PathLike | None = None) -> lis
     """
     if name not in DATASETS:
         raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    return [root / name, *SYSTEM_PATHS.get(name, ())]
+    return [_root(data_root) / name, *SYSTEM_PATHS.get(name, ())]
 
 
 def _has_files(name: str, folder: Path) -> bool:
@@ -425,8 +410,7 @@ def download(name: str, data_root: str | os.PathLike | None = None) -> Path:
         import torchvision.datasets as tvd  # optional; not a lab dependency
     except ImportError as error:
         raise RuntimeError("--download needs torchvision, which is not installed") from error
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    target = root / name
+    target = _root(data_root) / name
     target.mkdir(parents=True, exist_ok=True)
     if name in ("fashion-mnist", "mnist"):
         cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
@@ -458,8 +442,7 @@ def find_data_folder(
     """
     if not relative or Path(relative).is_absolute():
         raise ValueError(f"relative: expected a folder under the data root, got {relative!r}")
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    folder = root / relative
+    folder = _root(data_root) / relative
     for name in required:
         if not (folder / name).is_file():
             raise DatasetNotFoundError(

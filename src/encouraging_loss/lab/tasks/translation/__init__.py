@@ -54,16 +54,6 @@ BPE_KIND = "joint BPE (tokenizers), learned on the training pairs used"
 MODEL_FIELDS = ("d_model", "heads", "encoder_layers", "decoder_layers", "feedforward", "dropout")
 
 
-def _build_model(recipe: TranslationRecipe, vocab_size: int) -> Seq2SeqTransformer:
-    """The recipe's Transformer over a joint vocabulary of ``vocab_size`` ids."""
-    return Seq2SeqTransformer(
-        vocab_size,
-        **{name: getattr(recipe, name) for name in MODEL_FIELDS},
-        share_embeddings=recipe.share_embeddings,
-        max_positions=2 * recipe.max_tokens + 16,
-    )
-
-
 def _measure(model, tokenizer, test, recipe: TranslationRecipe, run: RunContext):
     """Teacher-forced token metrics, greedy and beam BLEU, saved hypotheses and arrays."""
     device = next(model.parameters()).device
@@ -166,9 +156,15 @@ class TranslationTask(Task):
         recipe, tokenizer, (train_data, val_data, test_data) = prepared.state
         config = replace(recipe.train, seed=seed)
         set_seed(seed, config.deterministic)
-        model = _build_model(recipe, tokenizer.get_vocab_size())
+        vocab = tokenizer.get_vocab_size()
+        model = Seq2SeqTransformer(
+            vocab,
+            **{name: getattr(recipe, name) for name in MODEL_FIELDS},
+            share_embeddings=recipe.share_embeddings,
+            max_positions=2 * recipe.max_tokens + 16,
+        )
         criterion = build_criterion(spec)  # ignore_index=-100 (padding) for every family
-        fused = use_fused_linear(recipe.fused_linear, spec, tokenizer.get_vocab_size())
+        fused = use_fused_linear(recipe.fused_linear, spec, vocab)
         if fused:
             fused_loss_options(criterion)  # fail before training, not at the first step
         batches = TranslationBatches(train_data, val_data, fused_linear=fused)
