@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from encouraging_loss.lab import data
 
@@ -109,3 +110,15 @@ def test_splits_hold_out_validation_from_train(data_root):
     assert abs(splits.train_x.mean().item()) < 1e-4  # standardised with train statistics
     with pytest.raises(ValueError, match="val_fraction"):
         data.make_splits(dataset, val_fraction=1.0)
+
+
+def test_standardized_splits_use_train_statistics():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (20, 5, 6)]
+    labels = [rng.integers(0, 3, n) for n in (20, 5, 6)]
+    splits = data.standardized_splits(images, labels, num_classes=3)
+    assert splits.input_shape == (3, 4, 4) and len(splits.val_y) == 5 and splits.num_classes == 3
+    assert splits.train_x.mean(dim=(0, 2, 3)).abs().max().item() < 1e-5
+    assert splits.std.shape == (1, 3, 1, 1) and splits.test_y.dtype == torch.int64
+    with pytest.raises(ValueError, match="images, labels"):
+        data.standardized_splits(images, labels[:2], num_classes=3)

@@ -353,28 +353,33 @@ def make_splits(data: ImageDataset, val_fraction: float = 0.1, split_seed: int =
         raise ValueError(f"data: dataset {data.name!r} has no train split to train on")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
-    x = to_tensor(data.train_images)
-    y = torch.from_numpy(data.train_labels.astype(np.int64))
-    n_val = max(1, int(round(len(y) * val_fraction)))
-    if n_val >= len(y):
-        raise ValueError(f"val_fraction: leaves no training examples out of {len(y)}")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    n = len(data.train_labels)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction: leaves no training examples out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).numpy()
     val_idx, train_idx = order[:n_val], order[n_val:]
-    train_x, val_x = x[train_idx], x[val_idx]
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    test_x = to_tensor(data.test_images)
-    return Splits(
-        train_x=(train_x - mean) / std,
-        train_y=y[train_idx],
-        val_x=(val_x - mean) / std,
-        val_y=y[val_idx],
-        test_x=(test_x - mean) / std,
-        test_y=torch.from_numpy(data.test_labels.astype(np.int64)),
-        num_classes=len(data.classes),
-        mean=mean,
-        std=std,
-    )
+    images = (data.train_images[train_idx], data.train_images[val_idx], data.test_images)
+    labels = (data.train_labels[train_idx], data.train_labels[val_idx], data.test_labels)
+    return standardized_splits(images, labels, len(data.classes))
+
+
+def standardized_splits(images, labels, num_classes: int) -> Splits:
+    """:class:`Splits` of the train, validation and test uint8 ``images`` and their integer
+    ``labels`` (NumPy), standardised per channel with the training images' statistics.
+
+    Raises:
+        ValueError: unless there are three of each, of matching lengths.
+    """
+    if len(images) != 3 or [len(x) for x in images] != [len(y) for y in labels]:
+        raise ValueError("images, labels: expected train, val and test parts of equal lengths")
+    xs = [to_tensor(part) for part in images]
+    mean = xs[0].mean(dim=(0, 2, 3), keepdim=True)
+    std = xs[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    tensors = []
+    for x, y in zip(xs, labels, strict=True):
+        tensors += [(x - mean) / std, torch.from_numpy(y.astype(np.int64))]
+    return Splits(*tensors, num_classes=num_classes, mean=mean, std=std)
 
 
 def load_splits(

@@ -221,13 +221,7 @@ def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 
         val_images, val_y = data.train_images[val_idx], labels[val_idx]
     images = (data.train_images[train_idx], val_images, data.test_images[test_idx])
     targets = (labels[train_idx], val_y, data.test_labels[test_idx])
-    xs = [lab_data.to_tensor(part) for part in images]
-    mean = xs[0].mean(dim=(0, 2, 3), keepdim=True)
-    std = xs[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    tensors = []
-    for x, y in zip(xs, targets, strict=True):
-        tensors += [(x - mean) / std, torch.from_numpy(y.astype(np.int64))]
-    return lab_data.Splits(*tensors, num_classes=num_classes, mean=mean, std=std), counts
+    return lab_data.standardized_splits(images, targets, num_classes), counts
 
 
 # --- losses ----------------------------------------------------------------------------------
