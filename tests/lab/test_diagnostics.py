@@ -62,3 +62,15 @@ def test_input_validation():
         diagnostics.margins(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="n_bins"):
         diagnostics.calibration(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), n_bins=0)
+
+
+def test_eval_mode_restores_the_training_mode():
+    model = torch.nn.Dropout(0.5)
+    for training in (True, False):
+        model.train(training)
+        with diagnostics.eval_mode(model) as inside:
+            assert inside is model and not model.training
+        assert model.training is training
+    with pytest.raises(RuntimeError), diagnostics.eval_mode(model.train()):
+        raise RuntimeError("restored on errors too")
+    assert model.training

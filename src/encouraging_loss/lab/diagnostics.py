@@ -12,6 +12,8 @@ The share of gradient norm from well-classified examples is measured during trai
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -114,6 +116,17 @@ def calibration(
     return ece, bins
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the ``with`` block with ``model`` in eval mode, then restore its training mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
@@ -128,14 +141,12 @@ def extract_features(
         raise ValueError("model: needs features(x) and a classifier layer (see lab.models)")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    feats, logits = [], []
-    for i in range(0, len(x), batch_size):
-        f = model.features(x[i : i + batch_size].to(device))
-        feats.append(f.float().cpu())
-        logits.append(model.classifier(f).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        feats, logits = [], []
+        for i in range(0, len(x), batch_size):
+            f = model.features(x[i : i + batch_size].to(device))
+            feats.append(f.float().cpu())
+            logits.append(model.classifier(f).float().cpu())
     return torch.cat(feats), torch.cat(logits)
 
 

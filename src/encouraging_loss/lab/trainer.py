@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import random_crop_flip
+from .diagnostics import eval_mode
 from .io import atomic_torch_save
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -234,12 +235,11 @@ def predict_logits(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    out = [
-        model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
-    ]
-    model.train(was_training)
+    with eval_mode(model):
+        out = [
+            model(x[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -235,11 +235,8 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, backend: st
     loss = "margin" if name == "pgd-margin" else "ce"
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        adv = pgd(model, x, y, eps, alpha, steps, loss, start=not fgsm)
-        model.train(was_training)
-        return adv
+        with diagnostics.eval_mode(model):
+            return pgd(model, x, y, eps, alpha, steps, loss, start=not fgsm)
 
     return attack
 

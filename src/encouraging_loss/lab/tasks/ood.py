@@ -153,18 +153,16 @@ def odin_scores(
     if not (temperature > 0 and epsilon >= 0 and batch_size >= 1):
         got = f"{temperature}/{epsilon}/{batch_size}"
         raise ValueError(f"temperature/epsilon/batch_size: need > 0, ≥ 0, ≥ 1, got {got}")
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device).requires_grad_(True)
-        logits = model(xb).float() / temperature
-        loss = nn.functional.cross_entropy(logits, logits.argmax(1))
-        (grad,) = torch.autograd.grad(loss, xb)
-        with torch.no_grad():
-            shifted = model((xb - epsilon * grad.sign()).detach()).float() / temperature
-            out.append(shifted.softmax(1).max(1).values.double().cpu())
-    model.train(was_training)
+    with diagnostics.eval_mode(model):
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device).requires_grad_(True)
+            logits = model(xb).float() / temperature
+            loss = nn.functional.cross_entropy(logits, logits.argmax(1))
+            (grad,) = torch.autograd.grad(loss, xb)
+            with torch.no_grad():
+                shifted = model((xb - epsilon * grad.sign()).detach()).float() / temperature
+                out.append(shifted.softmax(1).max(1).values.double().cpu())
     return torch.cat(out).numpy()
 
 

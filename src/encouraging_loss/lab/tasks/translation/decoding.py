@@ -8,6 +8,7 @@ from itertools import takewhile
 
 import torch
 
+from ...diagnostics import eval_mode
 from .data import BOS, EOS, PAD, Encoded, require_module
 from .model import Seq2SeqTransformer
 
@@ -137,18 +138,16 @@ def translate(
     """
     if beam < 1 or batch_size < 1:
         raise ValueError(f"beam, batch_size: must be positive, got {beam}, {batch_size}")
-    was_training = model.training
-    model.eval()
-    order = torch.argsort(data.src_len, stable=True)
-    rows = max(1, batch_size // beam)
-    hypotheses: list[str] = [""] * len(data)
-    for start in range(0, len(order), rows):
-        index = order[start : start + rows]
-        src = data.src[index, : int(data.src_len[index].max())].to(device)
-        ids = greedy_decode(model, src) if beam == 1 else beam_search(model, src, beam, alpha)
-        for i, row in zip(index.tolist(), ids, strict=True):
-            hypotheses[i] = tokenizer.decode(row, skip_special_tokens=True)
-    model.train(was_training)
+    with eval_mode(model):
+        order = torch.argsort(data.src_len, stable=True)
+        rows = max(1, batch_size // beam)
+        hypotheses: list[str] = [""] * len(data)
+        for start in range(0, len(order), rows):
+            index = order[start : start + rows]
+            src = data.src[index, : int(data.src_len[index].max())].to(device)
+            ids = greedy_decode(model, src) if beam == 1 else beam_search(model, src, beam, alpha)
+            for i, row in zip(index.tolist(), ids, strict=True):
+                hypotheses[i] = tokenizer.decode(row, skip_special_tokens=True)
     return hypotheses
 
 

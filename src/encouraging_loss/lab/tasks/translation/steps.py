@@ -182,24 +182,22 @@ def evaluate(model, data: Encoded, batch_size: int, device, collect: bool = Fals
     """
     if not isinstance(data, Encoded) or batch_size < 1:
         raise ValueError(f"data, batch_size: expected Encoded and >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    correct = ce_sum = tokens = 0.0
-    parts: dict[str, list[torch.Tensor]] = {"margin": [], "energy": [], "energy_true": []}
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        flat, targets = _forced(model, *data.batch(index), device)
-        keep = targets != IGNORE_INDEX
-        flat, targets = flat[keep], targets[keep]
-        correct += (flat.argmax(1) == targets).sum().item()
-        ce_sum += nn.functional.cross_entropy(flat, targets, reduction="sum").item()
-        tokens += len(targets)
-        if collect:
-            parts["margin"].append(diagnostics.margins(flat, targets).cpu())
-            energy_true, energy_free = diagnostics.energies(flat, targets)
-            parts["energy"].append(energy_free.cpu())
-            parts["energy_true"].append(energy_true.cpu())
-    model.train(was_training)
+    with diagnostics.eval_mode(model):
+        correct = ce_sum = tokens = 0.0
+        parts: dict[str, list[torch.Tensor]] = {"margin": [], "energy": [], "energy_true": []}
+        for start in range(0, len(data), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(data)))
+            flat, targets = _forced(model, *data.batch(index), device)
+            keep = targets != IGNORE_INDEX
+            flat, targets = flat[keep], targets[keep]
+            correct += (flat.argmax(1) == targets).sum().item()
+            ce_sum += nn.functional.cross_entropy(flat, targets, reduction="sum").item()
+            tokens += len(targets)
+            if collect:
+                parts["margin"].append(diagnostics.margins(flat, targets).cpu())
+                energy_true, energy_free = diagnostics.energies(flat, targets)
+                parts["energy"].append(energy_free.cpu())
+                parts["energy_true"].append(energy_true.cpu())
     ce = ce_sum / max(tokens, 1)
     out = {"token_accuracy": correct / max(tokens, 1), "ce": ce, "ppl": math.exp(min(ce, 50.0))}
     out["tokens"] = int(tokens)
