@@ -6,6 +6,7 @@ EL path (same loss, gradients and statistics as the materialised logits). Skippe
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -134,6 +135,16 @@ def test_same_seed_same_numbers(tiny_mt_run, tmp_path):
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (
         tiny_mt_run / "tokenizer.json"
     ).read_text()
+
+
+def test_tuning_picks_the_rate_on_validation_without_decoding_the_test_set(tmp_path):
+    results = _run(tmp_path / "tuned", losses=LS_EL, tune="lr", tune_grid="0.0005,0.002")
+    chosen = results["config"]["tuning"]["by_loss"][LS_EL]
+    assert chosen["lr"] in (0.0005, 0.002) and results["runs"][0]["lr"] == chosen["lr"]
+    assert "bleu" in results["runs"][0]["metrics"]
+    for path in (tmp_path / "tuned" / "tuning").glob("lr=*/runs/*.json"):
+        assert "bleu" not in json.loads(path.read_text(encoding="utf-8"))["metrics"]
+    assert len(list((tmp_path / "tuned" / "tuning").glob("lr=*/runs/*.json"))) == 2
 
 
 def test_resume_gives_the_uninterrupted_result(tiny_mt_run, tmp_path):

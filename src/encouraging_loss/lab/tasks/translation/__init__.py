@@ -171,8 +171,8 @@ class TranslationTask(Task):
         outcome = run.train(model, criterion, batches, config)
         extra = {"reliability": None, "bleu_signature": None, "fused_linear": fused}
         result = RunResult(outcome, config.lr, extra=extra)
-        if outcome.diverged or outcome.interrupted or rank() != 0:
-            return result  # only rank 0 decodes and writes
+        if outcome.diverged or outcome.interrupted or run.tuning or rank() != 0:
+            return result  # only rank 0 decodes and writes; tuning never reads the test set
         result.metrics, extra["bleu_signature"] = _measure(model, tokenizer, test_data, recipe, run)
         last = outcome.history[-1]["grad_share_well_classified"]
         result.metrics["grad_share_well_classified_last"] = last
