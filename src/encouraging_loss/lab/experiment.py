@@ -384,18 +384,19 @@ def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
     records, _, failed = _run_all(task, prepared, options, runs)
     by_loss = {}
     for spec in specs:
-        scores, diverged = {}, []
+        scores = {}  # rate -> mean validation accuracy, None where a run diverged or failed
         for lr in grid:
             found = [records.get(i) for i, r in enumerate(runs) if r.spec is spec and r.lr == lr]
+            scores[lr] = None
             if all(found) and all(r["status"] == "ok" for r in found):
-                scores[f"{lr:g}"] = sum(r["metrics"]["val_accuracy"] for r in found) / len(found)
-            else:
-                scores[f"{lr:g}"] = None
-                diverged.append(lr)
-        kept = [lr for lr in grid if scores[f"{lr:g}"] is not None]
-        best = max(kept, key=lambda lr: scores[f"{lr:g}"]) if kept else grid[0]
-        by_loss[spec.name] = {"lr": best, "val_accuracy": scores, "diverged_or_failed": diverged}
-        by_loss[spec.name]["all_diverged"] = not kept
+                scores[lr] = sum(r["metrics"]["val_accuracy"] for r in found) / len(found)
+        kept = [lr for lr in grid if scores[lr] is not None]
+        by_loss[spec.name] = {
+            "lr": max(kept, key=scores.get) if kept else grid[0],
+            "val_accuracy": {f"{lr:g}": score for lr, score in scores.items()},
+            "diverged_or_failed": [lr for lr in grid if scores[lr] is None],
+            "all_diverged": not kept,
+        }
     config = {"parameter": "lr", "grid": grid, "seeds": seeds, "metric": "val_accuracy"}
     return {**config, "by_loss": by_loss}, failed
 
@@ -437,11 +438,11 @@ def _run_one(task, prepared: Prepared, options: Options, run: Run, progress: boo
         run.out_dir,
         spec.name,
         seed,
-        options.resume,
-        options.stop_after_epochs,
-        progress,
-        run.lr,
-        run.tuning,
+        resume=options.resume,
+        stop_after_epochs=options.stop_after_epochs,
+        progress=progress,
+        lr=run.lr,
+        tuning=run.tuning,
     )
     result = task.run_one(prepared, spec, seed, context)
     if result.outcome.interrupted:
