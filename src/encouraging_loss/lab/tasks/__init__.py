@@ -10,7 +10,7 @@ never imports another task.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 
 from torch import nn
@@ -24,6 +24,52 @@ from ..trainer import TrainConfig, set_seed
 
 TASKS = ("image", "imbalanced", "ood", "adversarial", "graph", "translation")
 MAIN_JOB = "image"  # the task whose ``main_job`` is ``encouraging-loss reproduce``
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One number the paper reports for a setting, and the metric of ours compared with it.
+
+    Attributes:
+        label: what is measured, e.g. ``"PGD accuracy at ε = 0.3 (%)"``.
+        metric: our metric (a key of each run's ``metrics`` in ``results.json``).
+        baseline, treatment: the two losses compared (specs from the setting's ``losses``);
+            the verdict reads their per-seed ``treatment − baseline`` differences.
+        paper: ``(baseline, treatment)`` as the paper reports them; ``None`` where it has none.
+        scale: our metric times ``scale`` is in the paper's unit (100 for accuracy in %).
+        direction: the sign of the difference the paper claims; ``None`` = the sign of
+            ``paper[1] − paper[0]``.
+    """
+
+    label: str
+    metric: str
+    baseline: str = "ce"
+    treatment: str = "el"
+    paper: tuple[float, float] | None = None
+    scale: float = 100.0
+    direction: int | None = None
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """One of the paper's settings as a task reproduces it: a row group of the paper page.
+
+    Attributes:
+        name: the setting, e.g. ``"MNIST, small CNN, FGSM/PGD (torchattacks demo)"``.
+        losses: the ``--losses`` of its runs.
+        runs: for each page preset (``quick``, ``cpu``, ``gpu``) the setting runs at, the
+            :class:`~..experiment.Options` fields of that run (``preset``, ``seeds``,
+            ``dataset``, ``epochs``, ``extra`` ...); a page preset it lacks marks the setting
+            "not run here: needs a GPU" at that preset.
+        rows: the paper's numbers compared.
+        departures: how our setup departs from the paper's, in one or two sentences.
+    """
+
+    name: str
+    losses: str
+    runs: dict[str, dict]
+    rows: tuple[PaperRow, ...]
+    departures: str = ""
 
 
 class Task:
@@ -43,6 +89,7 @@ class Task:
         recipes: the presets' recipes by name, for :meth:`describe_presets`.
         ship_prepared: whether worker processes receive :meth:`prepare`'s result pickled
             (faster than preparing again) rather than preparing it themselves.
+        paper: the paper's settings this task reproduces (``encouraging-loss paper``).
     """
 
     name: str = ""
@@ -57,6 +104,7 @@ class Task:
     main_job: dict | None = None
     recipes: dict = {}
     ship_prepared: bool = True
+    paper: tuple[PaperSetting, ...] = ()
 
     def default_seeds(self, preset: str) -> int:
         """Seeds per loss when ``--seeds`` is not given."""
