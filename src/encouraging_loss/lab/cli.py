@@ -1,4 +1,4 @@
-"""The ``encouraging-loss`` command line: ``run TASK``, ``reproduce`` and ``report``.
+"""The ``encouraging-loss`` command line: ``run TASK``, ``reproduce``, ``paper`` and ``report``.
 
 Built from the task registry (:mod:`.tasks`): every task gets a ``run`` sub-command with the
 shared options and its own. Every failure the user can fix (missing dataset or extra, unknown
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,15 +47,21 @@ positive_float = _number(float, True, "a positive number")
 real = _number(float, False, "a number")
 
 
-def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -> None:
-    """The options of every job: preset, data, output, resume, workers, device, threads, tuning."""
+PRESET_HELP = (
+    "recipe size: quick (minutes on 2 CPU cores), standard (≤10 min for reproduce), full (GPU "
+    "recipes); paper* presets are the paper's settings (`encouraging-loss paper`)"
+)
+
+
+def _add_common(parser, presets, default_preset: str, preset_help=PRESET_HELP, page=False) -> None:
+    """The options of every job: preset, data, output, resume, workers, device, threads, tuning
+    (``page``: the paper page's, which tunes by default and downloads nothing)."""
     add = parser.add_argument
     add(
         "--preset",
         default=default_preset,
         choices=presets,
-        help="recipe size: quick (minutes on 2 CPU cores), standard (≤10 min for reproduce), "
-        f"full (GPU recipes). Default: {default_preset}",
+        help=f"{preset_help}. Default: {default_preset}",
     )
     add(
         "--data-root",
@@ -63,12 +70,13 @@ def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -
         "default $ENCOURAGING_LOSS_DATA or ~/.cache/encouraging-loss/data; Fashion-MNIST is also "
         "found at /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist)",
     )
-    add(
-        "--download",
-        action="store_true",
-        help="download a missing dataset into the data root with torchvision (needs internet "
-        "and torchvision; never done implicitly; image datasets only)",
-    )
+    if not page:
+        add(
+            "--download",
+            action="store_true",
+            help="download a missing dataset into the data root with torchvision (needs "
+            "internet and torchvision; never done implicitly; image datasets only)",
+        )
     add("--out", metavar="DIR", help="output folder for results and report")
     add(
         "--resume",
@@ -96,20 +104,29 @@ def _add_common(parser: argparse.ArgumentParser, presets, default_preset: str) -
         help="disable bfloat16 autocast on CUDA (never used on CPU)",
     )
     add("--no-progress", dest="progress", action="store_false", help="hide progress output")
-    add(
-        "--tune",
-        choices=("lr",),
-        help="fair protocol: give every loss the same tuning budget — train it at each "
-        "learning rate of --tune-grid on --tune-seeds seeds, keep the rate with the best mean "
-        "validation accuracy (the test set is not read), then run --seeds at that rate; the "
-        "grid, the scores and the choice are saved in results.json and shown in the report",
-    )
-    add(
-        "--tune-grid",
-        metavar="LR,LR,...",
-        help="learning rates --tune lr tries, the same for every loss (default: the preset's "
-        "rate times 0.1, 0.3, 1 and 3)",
-    )
+    if page:
+        add(
+            "--no-tune",
+            dest="tune",
+            action="store_false",
+            help="train every loss at its recipe's learning rate instead of tuning it",
+        )
+    else:
+        add(
+            "--tune",
+            choices=("lr",),
+            help="fair protocol: give every loss the same tuning budget — train it at each "
+            "learning rate of --tune-grid on --tune-seeds seeds, keep the rate with the best "
+            "mean validation accuracy (the test set is not read), then run --seeds at that "
+            "rate; the grid, the scores and the choice are saved in results.json and shown in "
+            "the report",
+        )
+        add(
+            "--tune-grid",
+            metavar="LR,LR,...",
+            help="learning rates --tune lr tries, the same for every loss (default: the "
+            "preset's rate times 0.1, 0.3, 1 and 3)",
+        )
     add("--tune-seeds", type=positive_int, metavar="N", help="seeds per tuning run (default 1)")
     add(
         "--threads",
@@ -215,6 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(reproduce, main_task.presets, job.get("preset", "standard"))
     reproduce.set_defaults(task=MAIN_JOB)
 
+    from .paper import PAGE_PRESETS
+
+    paper = commands.add_parser(
+        "paper",
+        help="the paper page: each family's paper settings, every loss tuned alike, one "
+        "table beside the paper's numbers with verdicts",
+        description="Run every task's paper settings (or --tasks) at the page preset, each loss "
+        "tuned over the same learning-rate grid on validation, and write DIR/report.md: the "
+        "paper's numbers beside ours, the paired difference with its 95% interval and a "
+        "verdict, the three claims per setting, and the departures from the paper. Settings "
+        "that need a GPU are listed, not run, below --preset gpu.",
+    )
+    paper.add_argument(
+        "--tasks", metavar="A,B", help=f"comma-separated tasks (default: all of {', '.join(TASKS)})"
+    )
+    page_help = (
+        "page size: quick (a smoke run, minutes), cpu (the page on this machine kind: about "
+        "90 minutes on 2 cores), gpu (adds the GPU-size settings)"
+    )
+    _add_common(paper, PAGE_PRESETS, "cpu", page_help, page=True)
+    paper.add_argument(
+        "--seeds", type=positive_int, help="seeds per loss (default: each setting's)"
+    )
+
     rebuild = commands.add_parser(
         "report",
         help="rebuild report.md, CSV and plots from saved result folders",
@@ -267,6 +308,18 @@ def _run(args: argparse.Namespace) -> int:
 _JOB_KEYS = ("losses", "dataset", "out", "preset")
 
 
+def _paper(args: argparse.Namespace, argv: list[str]) -> int:
+    from .paper import run_page
+
+    common = {k: v for k, v in vars(args).items() if k not in ("command", "preset", "tasks")}
+    common = {k: v for k, v in common.items() if v is not None}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    out = common.pop("out", "runs/paper")
+    path = run_page(args.preset, out, tasks, command=shlex.join([PROG, *argv]), **common)
+    print(f"report: {path}")
+    return 0
+
+
 def _installed(module: str) -> bool:
     """Whether ``module`` can be imported (a broken or hidden install counts as missing)."""
     try:
@@ -303,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "reproduce"):
             return _run(args)
+        if args.command == "paper":
+            return _paper(args, sys.argv[1:] if argv is None else argv)
         from .report import load_results, rebuild_report, summary_table
 
         path = rebuild_report(args.dirs, args.out)

@@ -120,10 +120,24 @@ def _differences_table(results: dict, pairs: list[tuple[str, str]], table_metric
 
 
 def _claims_section(results: dict, spec: dict, pairs: list[tuple[str, str]], rows) -> list[str]:
-    all_diverged = {r["loss"]: r["n_ok"] == 0 and r["n_diverged"] > 0 for r in rows}
     heading = "three claims" if spec["claims"] is CLAIMS else "direction"
     lines = ["", f"## The paper's {heading}, checked on these runs", ""]
-    for claim, metric, direction, wording in spec["claims"]:
+    return [*lines, *claim_lines(results, spec["claims"], pairs, rows), ""]
+
+
+def claim_lines(results: dict, claims, pairs: list[tuple[str, str]], rows) -> list[str]:
+    """One Markdown bullet per (claim, pair): the verdict from the paired differences.
+
+    Args:
+        results: loaded results.
+        claims: ``(claim, metric, direction, wording)`` rows (see ``report_spec``); claims
+            whose metric no run measured are skipped.
+        pairs: ``(loss, baseline)`` pairs to check.
+        rows: :func:`~.results.summary_rows` of ``results`` (to tell "diverged in every run").
+    """
+    all_diverged = {r["loss"]: r["n_ok"] == 0 and r["n_diverged"] > 0 for r in rows}
+    lines = []
+    for claim, metric, direction, wording in claims:
         if not any(metric in r["metrics"] for r in results["runs"]):
             continue  # the task does not measure it (e.g. no probe for translation)
         for loss, base in pairs:
@@ -136,7 +150,7 @@ def _claims_section(results: dict, spec: dict, pairs: list[tuple[str, str]], row
                 mean, low, high = paired_interval(diffs)
                 detail = f" (Δ {mean:+.4f}, 95% CI [{_fmt(low)}, {_fmt(high)}], n={len(diffs)})"
             lines.append(f"- **{claim}** — `{loss}` vs `{base}`: {wording}: **{verdict}**{detail}")
-    return [*lines, ""]
+    return lines
 
 
 def markdown_report(results: dict) -> str:
