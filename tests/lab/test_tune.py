@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from encouraging_loss.lab import experiment
 from encouraging_loss.lab.cli import main
 from encouraging_loss.lab.experiment import TUNE_FACTORS, Options
 
@@ -63,6 +64,23 @@ def test_resume_reuses_the_tuning_runs(tuned, data_root):
         main([*TUNE_RUN, *grid, "--data-root", str(data_root), "--out", str(tuned), *TINY_RUN]) == 0
     )
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_tuning_and_final_runs_share_one_worker_pool(tuned, data_root, tmp_path, monkeypatch):
+    started = []
+
+    class CountedPool(experiment.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            started.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "ProcessPoolExecutor", CountedPool)
+    more = ["--tune-grid", "0.01,0.2", "--jobs", "2", "--data-root", str(data_root)]
+    assert main([*TUNE_RUN, *more, "--out", str(tmp_path), *TINY_RUN]) == 0
+    assert started == [2]
+    in_workers, in_process = load_results(tmp_path), load_results(tuned)
+    assert in_workers["config"]["tuning"] == in_process["config"]["tuning"]
+    assert [r["metrics"] for r in in_workers["runs"]] == [r["metrics"] for r in in_process["runs"]]
 
 
 def test_default_grid_is_the_presets_rate_times_the_factors():

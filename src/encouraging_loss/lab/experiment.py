@@ -25,6 +25,8 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -230,15 +232,18 @@ class RunContext:
     lr: float | None = None
     tuning: bool = False
 
+    def config(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with this run's seed and, when set, its learning rate."""
+        return replace(config, seed=self.seed, lr=config.lr if self.lr is None else self.lr)
+
     def train(self, model, criterion, data, config: TrainConfig, **hooks) -> TrainResult:
-        """:func:`trainer.train` with this run's seed, learning rate, checkpoint, resume, stop
-        and progress bar."""
-        lr = config.lr if self.lr is None else self.lr
+        """:func:`trainer.train` with this run's :meth:`config`, checkpoint, resume, stop and
+        progress bar."""
         return train(
             model,
             criterion,
             data,
-            replace(config, seed=self.seed, lr=lr),
+            self.config(config),
             checkpoint_path=io.checkpoint_path(self.out_dir, self.loss, self.seed),
             resume=self.resume,
             stop_after_epochs=self.stop_after_epochs,
@@ -253,14 +258,12 @@ class RunResult:
     """What a task's run returns: the training outcome and the task's measurements.
 
     Attributes:
-        outcome: :func:`trainer.train`'s result.
-        lr: the learning rate the run trained with.
+        outcome: :func:`trainer.train`'s result (with the learning rate it trained with).
         metrics: measurements of the trained model (empty when it diverged).
         extra: further fields of the run's record (e.g. ``reliability``).
     """
 
     outcome: TrainResult
-    lr: float
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -270,7 +273,7 @@ class RunResult:
             "loss": loss,
             "seed": seed,
             "status": "diverged" if self.outcome.diverged else "ok",
-            "lr": self.lr,
+            "lr": self.outcome.lr,
             "metrics": {**self.outcome.outcome_metrics(), **self.metrics},
             "history": self.outcome.history,
             **self.extra,
@@ -316,15 +319,16 @@ def run_experiment(options: Options) -> dict | None:
 
     lr_by_loss = {s.name: task.lr_for(prepared, s) for s in specs}
     tuning, failed = None, []
-    if options.tune:
-        tuning, failed = _tune(task, prepared, options, specs, out_dir)
-        lr_by_loss = {name: chosen["lr"] for name, chosen in tuning["by_loss"].items()}
-    runs = [
-        Run(s, seed, out_dir, lr_by_loss[s.name] if tuning else None)
-        for s in specs
-        for seed in seeds
-    ]
-    records, jobs, failed_final = _run_all(task, prepared, options, runs)
+    with _Workers(task, prepared, options) as workers:  # one pool for tuning and final runs
+        if options.tune:
+            tuning, failed = _tune(workers, specs, out_dir)
+            lr_by_loss = {name: chosen["lr"] for name, chosen in tuning["by_loss"].items()}
+        runs = [
+            Run(s, seed, out_dir, lr_by_loss[s.name] if tuning else None)
+            for s in specs
+            for seed in seeds
+        ]
+        records, jobs, failed_final = _run_all(workers, runs)
     failed += failed_final
     finish_distributed()
     if rank() != 0:
@@ -362,7 +366,7 @@ def run_experiment(options: Options) -> dict | None:
     return results
 
 
-def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
+def _tune(workers: _Workers, specs, out_dir: Path):
     """``--tune lr``: every loss trains at every rate of the same grid on the tuning seeds and
     keeps the rate of the best mean validation accuracy (the test set is not read).
 
@@ -373,7 +377,8 @@ def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
     Returns:
         ``(tuning, failed)``: ``results["config"]["tuning"]`` and the failed tuning runs.
     """
-    grid = options.tune_values(prepared.config["train"]["lr"])
+    options = workers.options
+    grid = options.tune_values(workers.prepared.config["train"]["lr"])
     seeds = list(range(options.tune_seeds or 1))
     runs = [
         Run(s, seed, out_dir / "tuning" / f"lr={lr:g}", lr, tuning=True)
@@ -381,7 +386,7 @@ def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
         for lr in grid
         for seed in seeds
     ]
-    records, _, failed = _run_all(task, prepared, options, runs)
+    records, _, failed = _run_all(workers, runs)
     by_loss = {}
     for spec in specs:
         scores = {}  # rate -> mean validation accuracy, None where a run diverged or failed
@@ -401,23 +406,50 @@ def _tune(task, prepared: Prepared, options: Options, specs, out_dir: Path):
     return {**config, "by_loss": by_loss}, failed
 
 
-def _run_all(task, prepared: Prepared, options: Options, runs: list[Run]):
-    """Do ``runs`` (here or in workers), reusing the records ``--resume`` finds.
+class _Workers:
+    """An experiment's task, prepared data and options, and its worker pool: started by the
+    first phase that runs in parallel and kept for the next (tuning, then the final runs)."""
+
+    def __init__(self, task, prepared: Prepared, options: Options):
+        self.task, self.prepared, self.options = task, prepared, options
+        self._stack, self._pool, self.size, self.broken = ExitStack(), None, 0, False
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()  # the pool shuts down before its folder is removed
+
+    def pool(self, jobs: int) -> ProcessPoolExecutor:
+        if self._pool is None or self.broken:  # a crashed worker breaks its whole pool
+            self.broken = False
+            folder = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="el-")))
+            context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+            shipped = _ship(self.task, self.prepared, folder)
+            pool = ProcessPoolExecutor(jobs, context, _worker_init, (self.options, shipped))
+            self._pool, self.size = self._stack.enter_context(pool), jobs
+        return self._pool
+
+
+def _run_all(workers: _Workers, runs: list[Run]):
+    """Do ``runs`` (here or in the workers), reusing the records ``--resume`` finds.
 
     Returns:
         ``(records, jobs, failed)``: the finished runs' records by index in ``runs``, the
         worker processes used, and the failed runs.
     """
+    options = workers.options
     records = {  # --resume: the runs already recorded
         i: record
         for i, r in enumerate(runs)
         if options.resume and (record := io.load_record(r.out_dir, r.spec.name, r.seed))
     }
     pending = {i: r for i, r in enumerate(runs) if i not in records}
-    jobs = _jobs(options, prepared, len(pending))
-    run = _run_parallel if jobs > 1 else _run_here
-    failed = run(task, prepared, options, pending, records, jobs)
-    return records, jobs, failed
+    jobs = _jobs(options, workers.prepared, len(pending))
+    if jobs > 1:
+        return records, workers.size or jobs, _run_parallel(workers, jobs, pending, records)
+    task, prepared = workers.task, workers.prepared
+    return records, jobs, _run_here(task, prepared, options, pending, records)
 
 
 def _jobs(options: Options, prepared: Prepared, pending: int) -> int:
@@ -451,8 +483,6 @@ def _run_one(task, prepared: Prepared, options: Options, run: Run, progress: boo
         )
     if rank() != 0:
         return None
-    if run.lr is not None:
-        result.lr = run.lr
     record = result.record(spec.name, seed)
     io.save_record(run.out_dir, record)
     return record
@@ -466,7 +496,7 @@ def _failure(run: Run, error: BaseException) -> dict:
     return {**failure, "tuning_lr": run.lr} if run.tuning else failure
 
 
-def _run_here(task, prepared, options, pending: dict, records: dict, jobs) -> list[dict]:
+def _run_here(task, prepared, options, pending: dict, records: dict) -> list[dict]:
     """Run the pending runs one after another in this process (records by index)."""
     failed = []
     for i, run in pending.items():
@@ -526,30 +556,24 @@ def _worker_run(run: Run) -> dict:
     return _run_one(w["task"], w["prepared"], w["options"], run, False)
 
 
-def _run_parallel(task, prepared, options, pending: dict, records: dict, jobs) -> list[dict]:
-    """Run the pending runs in ``jobs`` worker processes, one at a time each."""
-    failed = []
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with (
-        tempfile.TemporaryDirectory(prefix="encouraging-loss-") as folder,
-        ProcessPoolExecutor(
-            jobs, context, _worker_init, (options, _ship(task, prepared, Path(folder)))
-        ) as pool,
-    ):
-        futures = {pool.submit(_worker_run, run): i for i, run in pending.items()}
+def _run_parallel(workers: _Workers, jobs: int, pending: dict, records: dict) -> list[dict]:
+    """Run the pending runs in the workers' pool (``jobs`` processes if it starts here)."""
+    failed, options, pool = [], workers.options, workers.pool(jobs)
+    futures = {pool.submit(_worker_run, run): i for i, run in pending.items()}
+    if options.progress:
+        print(f"{len(futures)} runs in {workers.size} worker processes", file=sys.stderr)
+    for finished, future in enumerate(as_completed(futures), 1):
+        i = futures[future]
+        try:
+            record = future.result()
+        except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+            workers.broken |= isinstance(error, BrokenProcessPool)
+            failed.append(_failure(pending[i], error))
+            continue
+        records[i] = record
         if options.progress:
-            print(f"{len(futures)} runs in {jobs} worker processes", file=sys.stderr)
-        for finished, future in enumerate(as_completed(futures), 1):
-            i = futures[future]
-            try:
-                record = future.result()
-            except Exception as error:  # noqa: BLE001 - reported; the other runs go on
-                failed.append(_failure(pending[i], error))
-                continue
-            records[i] = record
-            if options.progress:
-                tag = f" (tuning, lr {pending[i].lr:g})" if pending[i].tuning else ""
-                print(f"[{finished}/{len(futures)}] {_summary(record)}{tag}", file=sys.stderr)
+            tag = f" (tuning, lr {pending[i].lr:g})" if pending[i].tuning else ""
+            print(f"[{finished}/{len(futures)}] {_summary(record)}{tag}", file=sys.stderr)
     return failed
 
 

@@ -116,6 +116,7 @@ class TrainResult:
         diverged_epoch: 1-based epoch of that step.
         interrupted: stopped early on purpose (``stop_after_epochs``); a checkpoint remains.
         train_seconds: wall time spent in this call.
+        lr: the peak learning rate it trained with (``config.lr``).
     """
 
     model: nn.Module
@@ -127,6 +128,7 @@ class TrainResult:
     diverged_epoch: int | None = None
     interrupted: bool = False
     train_seconds: float = 0.0
+    lr: float = float("nan")
 
     def outcome_metrics(self) -> dict:
         """The run's outcome as result metrics: divergence, selected epoch, its val accuracy."""
@@ -459,7 +461,7 @@ def train(
     # Called before every step with training progress in [0, 1].
     hooks = [hook for hook in (getattr(criterion, "step", None), progress_hook) if hook is not None]
 
-    result = TrainResult(model=model)
+    result = TrainResult(model=model, lr=config.lr)
     best_state: dict | None = None
     start_epoch, global_step = 0, 0
     setup = {"config": asdict(config), "n_train": n_train, "world_batch": batch}

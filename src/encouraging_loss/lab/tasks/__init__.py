@@ -165,15 +165,14 @@ class ClassificationTask(Task):
     record_fields: tuple[str, ...] = ()
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
-        lr = self.lr_for(prepared, spec) if run.lr is None else run.lr
-        config = replace(prepared.state[0].train, seed=seed, lr=lr)
+        config = run.config(replace(prepared.state[0].train, lr=self.lr_for(prepared, spec)))
         set_seed(seed, config.deterministic)
         splits = self.splits(prepared, seed)
         model, batches = self.build(prepared, splits)
         criterion = build_criterion(spec, prepared.class_counts, self.loss_families)
         hooks = self.train_hooks(prepared, spec, model, criterion, config)
         outcome = run.train(model, criterion, batches, config, **hooks)
-        result = RunResult(outcome, config.lr, extra=dict.fromkeys(self.record_fields))
+        result = RunResult(outcome, extra=dict.fromkeys(self.record_fields))
         if not outcome.diverged and not run.tuning:  # tuning never reads the test set
             self.measure(prepared, result, model, splits, run)
         return result

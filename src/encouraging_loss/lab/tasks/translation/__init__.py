@@ -17,7 +17,7 @@ vocabularies train through the core's fused linear + EL path (``--fused-linear``
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from ... import diagnostics
@@ -154,7 +154,7 @@ class TranslationTask(Task):
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
         recipe, tokenizer, (train_data, val_data, test_data) = prepared.state
-        config = replace(recipe.train, seed=seed)
+        config = run.config(recipe.train)
         set_seed(seed, config.deterministic)
         vocab = tokenizer.get_vocab_size()
         model = Seq2SeqTransformer(
@@ -170,7 +170,7 @@ class TranslationTask(Task):
         batches = TranslationBatches(train_data, val_data, fused_linear=fused)
         outcome = run.train(model, criterion, batches, config)
         extra = {"reliability": None, "bleu_signature": None, "fused_linear": fused}
-        result = RunResult(outcome, config.lr, extra=extra)
+        result = RunResult(outcome, extra=extra)
         if outcome.diverged or outcome.interrupted or run.tuning or rank() != 0:
             return result  # only rank 0 decodes and writes; tuning never reads the test set
         result.metrics, extra["bleu_signature"] = _measure(model, tokenizer, test_data, recipe, run)
