@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from encouraging_loss.lab import paper
@@ -27,6 +29,7 @@ SETTINGS = (
         "ce,el",
         {"gpu": dict(preset="full", dataset="cifar10")},
         (PaperRow("best test accuracy (%)", "test_accuracy", paper=(95.0, 95.5)),),
+        cost_case="image-cifar10",
     ),
 )
 
@@ -37,7 +40,11 @@ def page(tmp_path_factory, data_root):
     saved = task.paper
     type(task).paper = SETTINGS
     out = tmp_path_factory.mktemp("paper") / "page"
+    costs = out.parent / "bench_presets.json"  # as benchmarks/bench_presets.py writes it
+    runs = [{"case": "image-cifar10", "projected_run_seconds": 7200.0}, {"case": "x", "error": "1"}]
+    costs.write_text(json.dumps({"benchmark": "bench_presets", "results": runs}))
     args = ["paper", "--preset", "quick", "--tasks", "image", "--data-root", str(data_root)]
+    args += ["--costs", str(costs)]
     try:
         with torch_globals_restored():
             assert main([*args, "--out", str(out), "--no-progress", "--jobs", "1"]) == 0
@@ -57,7 +64,7 @@ def test_the_page_has_a_row_per_paper_number_with_ours_and_a_verdict(page):
     assert f"{100 * sum(diffs) / 2:+.2f}" in accuracy
     assert f"**{paper.verdict(diffs, +1)}**" in accuracy
     gpu_row = next(line for line in text.splitlines() if "best test accuracy" in line)
-    assert "not run here: needs a GPU" in gpu_row
+    assert "not run here: needs a GPU**; cost here: 2.0 h per (loss, seed) run" in gpu_row
     assert not (out / "image" / "cifar-10-resnet").exists()
     assert "a tiny run for the test" in text and "margin grows" in text
     assert "fashion-mnist-tiny-mlp/report.md" in text
@@ -103,3 +110,7 @@ def test_bad_page_options_are_named(tmp_path, capsys):
         main(["paper", "--preset", "standard"])
     with pytest.raises(ValueError, match="preset"):
         paper.run_page("standard", tmp_path)
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "bench_loss", "results": []}))
+    for path in (tmp_path / "missing.json", tmp_path / "other.json"):
+        with pytest.raises(ValueError, match="costs"):
+            paper.run_page("quick", tmp_path, costs=path)

@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument(
         "--seeds", type=positive_int, help="seeds per loss (default: each setting's)"
     )
+    paper.add_argument(
+        "--costs",
+        metavar="FILE",
+        help="results of benchmarks/bench_presets.py: the page quotes what each setting it "
+        "does not run (a GPU recipe) costs per run on this machine",
+    )
 
     rebuild = commands.add_parser(
         "report",

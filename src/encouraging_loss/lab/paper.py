@@ -88,6 +88,7 @@ def run_page(
     tasks: list[str] | None = None,
     tune: bool = True,
     command: str | None = None,
+    costs: str | Path | None = None,
     **common,
 ) -> Path:
     """Run every setting of the page at ``preset`` and write ``out/report.md``.
@@ -98,6 +99,8 @@ def run_page(
         tasks: the tasks to run (default all).
         tune: give every loss the same learning-rate tuning (``--tune lr``).
         command: the command line to print on the page.
+        costs: a ``benchmarks/bench_presets.py`` results file: the page quotes the measured
+            cost here of each setting it does not run (``PaperSetting.cost_case``).
         **common: :class:`~.experiment.Options` fields every run shares (``data_root``,
             ``resume``, ``jobs``, ``progress``, ``device``, ``tune_seeds``).
 
@@ -110,6 +113,7 @@ def run_page(
     if preset not in PAGE_PRESETS:
         raise ValueError(f"preset: expected one of {', '.join(PAGE_PRESETS)}, got {preset!r}")
     entries = page_entries(out, tasks)
+    measured = load_costs(costs)
     started = time.perf_counter()
     for entry in entries:
         fields = entry.setting.runs.get(preset)
@@ -126,8 +130,30 @@ def run_page(
         )
         run_experiment(options)
     wall = time.perf_counter() - started
-    text = page_markdown(entries, preset, wall, tune, command)
+    text = page_markdown(entries, preset, wall, tune, command, measured)
     return atomic_write_text(Path(out) / "report.md", text)
+
+
+def load_costs(path: str | Path | None) -> dict[str, float]:
+    """Seconds of one run by ``bench_presets.py`` case, from its results file (``{}``: none).
+
+    Raises:
+        ValueError: naming ``costs`` for a file that is missing or not that benchmark's.
+    """
+    if path is None:
+        return {}
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = payload["results"] if payload.get("benchmark") == "bench_presets" else None
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"costs: cannot read {path}: {error}") from None
+    if rows is None:
+        raise ValueError(f"costs: {path} is not a bench_presets.py results file")
+    return {r["case"]: r["projected_run_seconds"] for r in rows if "projected_run_seconds" in r}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 # --- the page --------------------------------------------------------------------------------
@@ -173,10 +199,11 @@ def _number(values: list[float], scale: float) -> str:
     return f"{mean * scale:.2f} ± {std * scale:.2f} (n={len(values)})"
 
 
-def _row_cells(row: PaperRow, results: dict | None, ran: bool) -> list[str]:
+def _row_cells(row: PaperRow, results: dict | None, ran: bool, cost: float | None) -> list[str]:
     paper = "—" if row.paper is None else f"{row.paper[0]:g} → {row.paper[1]:g}"
     if not ran:
-        return [paper, "—", "—", "**not run here: needs a GPU**"]
+        measured = "" if cost is None else f"; cost here: {_duration(cost)} per (loss, seed) run"
+        return [paper, "—", "—", f"**not run here: needs a GPU**{measured}"]
     if results is None:
         return [paper, "—", "—", "not measured (no results)"]
     baseline = _number(_values(results, row.baseline, row.metric), row.scale)
@@ -198,7 +225,7 @@ def _results(entry: PageEntry) -> dict | None:
 
 
 def page_markdown(
-    entries: list[PageEntry], preset: str, wall_seconds: float, tune: bool, command=None
+    entries: list[PageEntry], preset: str, wall_seconds: float, tune: bool, command=None, costs=None
 ) -> str:
     """``report.md`` of the page from the settings' saved results (no number typed by hand)."""
     protocol = (
@@ -225,7 +252,8 @@ def page_markdown(
     for entry in entries:
         ran = preset in entry.setting.runs
         for row in entry.setting.rows:
-            cells = _row_cells(row, loaded[entry.folder], ran)
+            cost = (costs or {}).get(entry.setting.cost_case)
+            cells = _row_cells(row, loaded[entry.folder], ran, cost)
             label = f"{row.label} (`{row.treatment}` vs `{row.baseline}`)"
             lines.append(
                 f"| {entry.task.name} | {entry.setting.name} | {label} | "

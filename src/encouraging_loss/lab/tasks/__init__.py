@@ -63,6 +63,8 @@ class PaperSetting:
             "not run here: needs a GPU" at that preset.
         rows: the paper's numbers compared.
         departures: how our setup departs from the paper's, in one or two sentences.
+        cost_case: the case of ``benchmarks/bench_presets.py`` that times one run of the
+            setting's largest recipe here (the page shows it for a setting it does not run).
     """
 
     name: str
@@ -70,6 +72,7 @@ class PaperSetting:
     runs: dict[str, dict]
     rows: tuple[PaperRow, ...]
     departures: str = ""
+    cost_case: str | None = None
 
 
 class Task:
