@@ -53,6 +53,7 @@ class Case:
 
     task: str
     arguments: tuple[str, ...] = ()
+    preset: str | None = None  # this preset instead of --preset (the paper's GPU recipes)
     dataset: str | None = None  # image only: the PRESETS[preset][dataset] key
     test_size: int | None = None  # score this many test examples instead of all ...
     full_test: int | None = None  # ... of the split's this many, the preset's (then scaled)
@@ -81,7 +82,7 @@ CASES = {
 
 def recipe_of(case: Case, preset: str):
     module = import_module(f"encouraging_loss.lab.tasks.{case.task}")
-    recipe = module.PRESETS[preset]
+    recipe = module.PRESETS[case.preset or preset]
     return recipe[case.dataset] if case.dataset is not None else recipe
 
 
@@ -89,7 +90,7 @@ def run_case(name: str, case: Case, args, scratch: str) -> dict:
     out = os.path.join(scratch, name)
     command = [
         sys.executable, "-m", "encouraging_loss.lab", "run", case.task, *case.arguments,
-        "--preset", args.preset, "--epochs", "1", "--seeds", "1", "--losses", "ce",
+        "--preset", case.preset or args.preset, "--epochs", "1", "--seeds", "1", "--losses", "ce",
         "--data-root", args.data_root, "--out", out, "--no-progress",
     ]  # fmt: skip
     if case.test_size is not None:
