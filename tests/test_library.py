@@ -276,6 +276,18 @@ def test_linear_equals_function(name, frozen_weight):
         torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_retained_graph(reduction):
+    # The first backward scales the precomputed gradients in place; the second recomputes them.
+    tensors, options = linear_case()
+    loss = linear_encouraging_loss_op(**tensors, **options, reduction=reduction).sum()
+    leaves = [tensors["hidden"], tensors["weight"], tensors["bias"]]
+    first = torch.autograd.grad(loss * 2.0, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss * 2.0, leaves)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("reduction, backend", [("mean", "inductor"), ("none", "aot_eager")])
 def test_linear_compile_fullgraph(fresh_dynamo, reduction, backend):
     tensors, options = linear_case(dtype=torch.float32)

@@ -167,20 +167,57 @@ def _encouraging_loss_and_grad_fake(
     return input.new_empty(_loss_shape(input, reduction)), torch.empty_like(input)
 
 
+def _keep_gradients(ctx, grads) -> None:
+    """Keep the operator's unit gradients for backward, which scales them.
+
+    Eagerly they are held on ``ctx`` (not saved), so the first backward scales them in place,
+    as the library's Functions scale their buffers: no second gradient-sized tensor. A later
+    backward through a retained graph finds none and recomputes them. While compiling they are
+    saved as usual and scaled out of place (the compiler fuses that into what follows).
+    """
+    ctx.set_materialize_grads(False)  # no zeros for the gradients' own (unused) gradients
+    ctx.mark_non_differentiable(*grads)
+    ctx.eager = not torch.compiler.is_compiling() and all(type(g) is Tensor for g in grads)
+    ctx.kept = list(grads) if ctx.eager else None
+    ctx.num_kept = len(grads)
+
+
+def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
+    grad_loss = grad_loss.to(grad.dtype)
+    return grad.mul_(grad_loss) if ctx.eager else grad_loss * grad
+
+
 def _encouraging_loss_setup(ctx, inputs, output):
-    input, reduction = inputs[0], inputs[4]
+    input, target, weight, *_ = inputs
     _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
+    _keep_gradients(ctx, [grad])
+    if ctx.eager:
+        ctx.save_for_backward(input, target, weight, inputs[6])
+        ctx.scalars = inputs[3:6] + inputs[7:]
+    else:
+        ctx.save_for_backward(grad)
     # "none" gives one loss per row of (N, C, d...): its incoming gradient broadcasts over C.
-    ctx.per_row = reduction == "none" and input.dim() > 1
+    ctx.per_row = inputs[4] == "none" and input.dim() > 1
 
 
 def _encouraging_loss_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
+    nothing = [None] * 13
+    if grad_loss is None:
+        return (None, *nothing)
+    if not ctx.eager:
+        (grad,) = ctx.saved_tensors
+    elif ctx.kept is not None:
+        (grad,), ctx.kept = ctx.kept, None
+    else:
+        # A second backward through a retained graph: the first one scaled the gradient.
+        input, target, weight, bonus_weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, *bonus = ctx.scalars
+        _, grad = torch.ops.encouraging_loss.encouraging_loss_and_grad(
+            input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, *bonus
+        )
     if ctx.per_row:
         grad_loss = grad_loss.unsqueeze(1)
-    return (grad_loss.to(grad.dtype) * grad, *([None] * 13))
+    return (_scale_gradient(ctx, grad, grad_loss), *nothing)
 
 
 _encouraging_loss_and_grad.register_autograd(
@@ -427,27 +464,34 @@ def _linear_setup(ctx, inputs, output):
     ctx.options_args = tuple(rest[:-3])
     ctx.precomputed = tuple(rest[-3:])
     _, *grads = output
-    ctx.mark_non_differentiable(*grads)
-    ctx.save_for_backward(hidden, weight, target, bias, class_weight, bonus_weight, *grads)
+    _keep_gradients(ctx, grads)
+    saved = (hidden, weight, target, bias, class_weight, bonus_weight)
+    ctx.save_for_backward(*saved, *([] if ctx.eager else grads))
 
 
 def _linear_backward(ctx, grad_loss, *_grads_of_grads):
+    nothing = [None] * 17
+    if grad_loss is None:
+        return (None, None, None, None, *nothing)
     hidden, weight, target, bias, class_weight, bonus_weight, *grads = ctx.saved_tensors
+    if ctx.eager:
+        grads, ctx.kept = ctx.kept, None
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3])  # fmt: skip
-    if all(p or not n for p, n in zip(ctx.precomputed, needs, strict=True)):
+    precomputed = all(p or not n for p, n in zip(ctx.precomputed, needs, strict=True))
+    if grads is not None and precomputed:
         # "mean"/"sum": the gradients for a unit incoming gradient, scaled by the scalar one.
-        scaled = [
-            grad_loss.to(g.dtype) * g if n else None for g, n in zip(grads, needs, strict=True)
-        ]
+        scaled = [_scale_gradient(ctx, g, grad_loss) if n else None
+                  for g, n in zip(grads, needs, strict=True)]  # fmt: skip
     else:
+        # "none" (per-row incoming gradients), or a second backward: recompute chunk by chunk.
         scaled = torch.ops.encouraging_loss.linear_encouraging_loss_backward(
             grad_loss, hidden, weight, target, bias, class_weight, bonus_weight,
             *ctx.options_args, *needs,
         )  # fmt: skip
         scaled = [g if n else None for g, n in zip(scaled, needs, strict=True)]
     grad_hidden, grad_weight, grad_bias = scaled
-    return (grad_hidden, grad_weight, None, grad_bias, *([None] * 17))
+    return (grad_hidden, grad_weight, None, grad_bias, *nothing)
 
 
 _linear_loss_and_grads.register_autograd(_linear_backward, setup_context=_linear_setup)
