@@ -158,6 +158,19 @@ def test_compile_fullgraph(fresh_dynamo, backend, name):
     torch.testing.assert_close(grad, expected_grad)
 
 
+def test_export_keeps_one_node():
+    class Criterion(torch.nn.Module):
+        def forward(self, logits, target):
+            return OPS.encouraging_loss(logits, target, label_smoothing=0.1)
+
+    logits, target, _ = build("f32-hard-mean", requires_grad=False)
+    exported = torch.export.export(Criterion(), (logits, target))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets == [OPS.encouraging_loss.default]
+    expected = encouraging_loss(logits, target, label_smoothing=0.1)
+    torch.testing.assert_close(exported.module()(logits, target), expected, rtol=0, atol=0)
+
+
 def test_compile_checks_target_range(fresh_dynamo):
     # The op's eager kernel runs inside the compiled graph, with its value checks.
     logits, target, _ = build("f32-hard-mean")
