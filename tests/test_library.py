@@ -51,6 +51,7 @@ CASES = {
     "f64-rows-plain-log-ignore": ((6,), 5, torch.float64, False,
                                   dict(log_end=1.0, label_smoothing=0.1, weight=True)),
     "f64-single-sample-none": ((), 5, torch.float64, False, dict(reduction="none")),
+    "bf16-hard-none": ((6,), 5, torch.bfloat16, False, dict(reduction="none")),
 }  # fmt: skip
 
 
