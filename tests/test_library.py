@@ -107,9 +107,12 @@ def test_equals_function(name, entry):
 
 def test_without_grad_and_retained_graph():
     logits, target, options = build("f64-kdim-none-weight-ignore")
-    with torch.no_grad():
-        value = encouraging_loss_op(logits, target, **options)
-    assert not value.requires_grad
+    expected = encouraging_loss(logits, target, **options)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            value = encouraging_loss_op(logits, target, **options)
+        assert not value.requires_grad
+        torch.testing.assert_close(value, expected.detach(), rtol=0, atol=0)
     x = logits.detach().clone().requires_grad_()
     loss = encouraging_loss_op(x, target, **options).sum()
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
@@ -288,6 +291,16 @@ def test_linear_equals_function(name, frozen_weight):
     assert len(grads) == len(expected_grads)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+def test_linear_without_grad():
+    tensors, options = linear_case()
+    expected = linear_encouraging_loss(**tensors, **options).detach()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            value = linear_encouraging_loss_op(**tensors, **options)
+        assert not value.requires_grad
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
