@@ -12,6 +12,7 @@ from .bonus import Bonus
 from .functional import encouraging_loss
 from .linear import LinearEncouragingLoss, linear_encouraging_loss
 from .modules import BinaryEncouragingLoss, EncouragingLoss, FocalLoss, Poly1Loss
+from .ops.library import encouraging_loss_op, linear_encouraging_loss_op
 from .peers import focal_loss, poly1_loss
 from .schedules import BonusSchedule
 
@@ -25,8 +26,10 @@ __all__ = [
     "Poly1Loss",
     "binary_encouraging_loss_with_logits",
     "encouraging_loss",
+    "encouraging_loss_op",
     "focal_loss",
     "linear_encouraging_loss",
+    "linear_encouraging_loss_op",
     "poly1_loss",
 ]
 

@@ -1,0 +1,605 @@
+"""The encouraging loss as PyTorch custom operators (``torch.library``).
+
+Registered when :mod:`encouraging_loss` is imported, in the ``encouraging_loss`` namespace:
+
+* ``torch.ops.encouraging_loss.encouraging_loss(input, target, weight=None, ignore_index=-100,
+  reduction="mean", label_smoothing=0.0, *, bonus_weight=None, log_end=0.75, bonus_scale=1.0,
+  bonus="log", bonus_gamma=1.0, bonus_start=0.0, validate_args=True, backend="auto")``: the
+  arguments and result of :func:`encouraging_loss.encouraging_loss`;
+* ``torch.ops.encouraging_loss.linear_encouraging_loss(hidden, weight, target, bias=None, *,
+  class_weight=None, bonus_weight=None, ..., chunk_size=None, accumulation_dtype=None)``: those of
+  :func:`encouraging_loss.linear_encouraging_loss`.
+
+:func:`encouraging_loss_op` and :func:`linear_encouraging_loss_op` call them with the signatures
+(and checks) of the Python functions. An operator is one node in ``torch.compile``,
+``torch.export`` and FX graphs: the compiled graph calls the eager implementation, so its
+checks (the target range with ``validate_args``) and, on CUDA, the Triton kernels
+(``backend="auto"``, launched eagerly inside the operator) run inside compiled code too, where
+the plain functions trace into the graph as torch operations. The kernels are not registered
+through ``torch.library.triton_op``: under ``TRITON_INTERPRET=1`` (the only way to run them on
+a CPU) ``wrap_triton`` hands back the interpreted kernel unwrapped, so such an operator's fake
+and compiled forms cannot be checked without a GPU.
+
+How: each public operator is ``CompositeImplicitAutograd`` over a ``custom_op`` that returns the
+loss *and* its gradient for a unit incoming gradient, computed by the library's own autograd
+Functions (:mod:`.small`, :mod:`.rowwise`, :mod:`.smoothed`, :mod:`.fused_linear`), which build
+the gradient in the forward pass anyway. The registered backward only scales that gradient by
+the incoming one (in place when eager; per row for ``reduction="none"``: each row's loss depends
+on its own logits only), so values and gradients are those of the functions and so is the cost,
+plus the custom-operator dispatch (a few hundred microseconds a call in eager mode). The fused
+linear operator precomputes its gradients only when one is needed and the reduction is
+``"mean"`` or ``"sum"``; with ``"none"`` its backward recomputes the chunks (a backward operator),
+one more chunked forward than the function's. Second derivatives are not supported (as for the
+functions, whose gradients are ``once_differentiable``).
+
+Example:
+    >>> import torch
+    >>> import encouraging_loss  # registers the operators
+    >>> logits = torch.randn(8, 5, requires_grad=True)
+    >>> target = torch.randint(0, 5, (8,))
+    >>> loss = torch.ops.encouraging_loss.encouraging_loss(logits, target, label_smoothing=0.1)
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from torch._library.infer_schema import infer_schema
+
+from ..functional import encouraging_loss_with_options
+from ..linear import linear_loss_with_options
+from ..options import LinearLossOptions, LossOptions, takes_options
+
+__all__ = ["NAMESPACE", "encouraging_loss_op", "linear_encouraging_loss_op"]
+
+#: The operators' namespace: ``torch.ops.encouraging_loss.<name>``.
+NAMESPACE = "encouraging_loss"
+
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _schema(function) -> str:
+    """The schema of ``function``'s signature, with plain ``int`` where torch infers
+    ``SymInt``: ``ignore_index`` and ``chunk_size`` are options, never sizes to trace."""
+    return infer_schema(function, mutates_args=()).replace("SymInt", "int")
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op`` in this namespace, with :func:`_schema`'s schema."""
+
+    def register(function):
+        return torch.library.custom_op(f"{NAMESPACE}::{name}", function, mutates_args=(),
+                                       schema=_schema(function))  # fmt: skip
+
+    return register
+
+
+def _loss_options(
+    ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus, bonus_gamma,
+    bonus_start, validate_args, backend,
+) -> LossOptions:  # fmt: skip
+    # Built (and checked, naming the argument) from the schema's scalars; cached per set.
+    return LossOptions.of(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        log_end=log_end, bonus_scale=bonus_scale, bonus=bonus, bonus_gamma=bonus_gamma,
+        bonus_start=bonus_start, validate_args=validate_args, backend=backend,
+    )  # fmt: skip
+
+
+def _loss_shape(input: Tensor, reduction: str) -> tuple:
+    """The loss's shape: () for "mean"/"sum", else the input's without the class dimension."""
+    if reduction != "none" or input.dim() < 2:
+        return ()
+    return (input.shape[0], *input.shape[2:])
+
+
+def _in_layout_of(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` with the strides ``torch.empty_like(like)`` has (what the fake kernel says)."""
+    target = torch.empty_like(like)
+    return grad if grad.stride() == target.stride() else target.copy_(grad)
+
+
+@contextlib.contextmanager
+def _autograd_recording():
+    """Autograd on inside an operator's kernel, where torch turned it off.
+
+    A custom operator's kernel runs below the autograd dispatch keys (they are excluded), so
+    torch operations record no graph even with grad mode on; only Python autograd Functions
+    would. The kernels here compute their gradients with the library's autograd Functions and
+    the torch operations around them: this guard lifts the exclusion (autocast stays off).
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKey.AutogradFunctionality,
+    torch._C.DispatchKey.AutogradOther,
+    torch._C.DispatchKey.AutogradNestedTensor,
+)
+
+
+def _unit_gradients(loss: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """The gradients of ``loss`` for a unit incoming gradient (each row's, for a row loss)."""
+    return list(torch.autograd.grad(loss, leaves, torch.ones_like(loss)))
+
+
+# --- encouraging_loss -------------------------------------------------------------------------
+
+
+@_custom_op("encouraging_loss_and_grad")
+def _encouraging_loss_and_grad(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    bonus_weight: Tensor | None,
+    log_end: float,
+    bonus_scale: float,
+    bonus: str,
+    bonus_gamma: float,
+    bonus_start: float,
+    validate_args: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d input for a unit incoming gradient) by :func:`encouraging_loss`."""
+    options = _loss_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
+                            bonus, bonus_gamma, bonus_start, validate_args, backend)  # fmt: skip
+    with _autograd_recording():
+        leaf = input.detach().requires_grad_()
+        loss = encouraging_loss_with_options(leaf, target, options, weight, bonus_weight)
+        (grad,) = _unit_gradients(loss, [leaf])
+    return loss.detach().contiguous(), _in_layout_of(grad, input)
+
+
+@_encouraging_loss_and_grad.register_fake
+def _encouraging_loss_and_grad_fake(
+    input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, log_end,
+    bonus_scale, bonus, bonus_gamma, bonus_start, validate_args, backend,
+):  # fmt: skip
+    from .._validate import check_class_vector, check_input_and_target
+
+    # The checks that need no values run while tracing, so a compiled call fails where it is
+    # written rather than when the graph runs.
+    _loss_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus,
+                  bonus_gamma, bonus_start, validate_args, backend)  # fmt: skip
+    check_input_and_target(input, target)
+    num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    check_class_vector("weight", weight, num_classes, input)
+    check_class_vector("bonus_weight", bonus_weight, num_classes, input)
+    return input.new_empty(_loss_shape(input, reduction)), torch.empty_like(input)
+
+
+def _keep_gradients(ctx, grads) -> None:
+    """Keep the operator's unit gradients for backward, which scales them.
+
+    Eagerly they are held on ``ctx`` (not saved), so the first backward scales them in place,
+    as the library's Functions scale their buffers: no second gradient-sized tensor. A later
+    backward through a retained graph finds none and recomputes them. While compiling they are
+    saved as usual and scaled out of place (the compiler fuses that into what follows).
+    """
+    ctx.set_materialize_grads(False)  # no zeros for the gradients' own (unused) gradients
+    ctx.mark_non_differentiable(*grads)
+    ctx.eager = not torch.compiler.is_compiling() and all(type(g) is Tensor for g in grads)
+    ctx.kept = list(grads) if ctx.eager else None
+    ctx.num_kept = len(grads)
+
+
+def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
+    grad_loss = grad_loss.to(grad.dtype)
+    return grad.mul_(grad_loss) if ctx.eager else grad_loss * grad
+
+
+def _encouraging_loss_setup(ctx, inputs, output):
+    input, target, weight, *_ = inputs
+    _, grad = output
+    _keep_gradients(ctx, [grad])
+    if ctx.eager:
+        ctx.save_for_backward(input, target, weight, inputs[6])
+        ctx.scalars = inputs[3:6] + inputs[7:]
+    else:
+        ctx.save_for_backward(grad)
+    # "none" gives one loss per row of (N, C, d...): its incoming gradient broadcasts over C.
+    ctx.per_row = inputs[4] == "none" and input.dim() > 1
+
+
+def _encouraging_loss_backward(ctx, grad_loss, _grad_of_grad):
+    nothing = [None] * 13
+    if grad_loss is None:
+        return (None, *nothing)
+    if not ctx.eager:
+        (grad,) = ctx.saved_tensors
+    elif ctx.kept is not None:
+        (grad,), ctx.kept = ctx.kept, None
+    else:
+        # A second backward through a retained graph: the first one scaled the gradient.
+        input, target, weight, bonus_weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, *bonus = ctx.scalars
+        _, grad = torch.ops.encouraging_loss.encouraging_loss_and_grad(
+            input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, *bonus
+        )
+    if ctx.per_row:
+        grad_loss = grad_loss.unsqueeze(1)
+    return (_scale_gradient(ctx, grad, grad_loss), *nothing)
+
+
+_encouraging_loss_and_grad.register_autograd(
+    _encouraging_loss_backward, setup_context=_encouraging_loss_setup
+)
+
+
+def _encouraging_loss_signature(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    bonus_weight: Tensor | None = None,
+    log_end: float = 0.75,
+    bonus_scale: float = 1.0,
+    bonus: str = "log",
+    bonus_gamma: float = 1.0,
+    bonus_start: float = 0.0,
+    validate_args: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """The public operator: the loss of :func:`_encouraging_loss_and_grad`."""
+    loss, _ = torch.ops.encouraging_loss.encouraging_loss_and_grad(
+        input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, log_end,
+        bonus_scale, bonus, bonus_gamma, bonus_start, validate_args, backend,
+    )  # fmt: skip
+    return loss
+
+
+_LIBRARY.define("encouraging_loss" + _schema(_encouraging_loss_signature))
+_LIBRARY.impl("encouraging_loss", _encouraging_loss_signature, "CompositeImplicitAutograd")
+
+
+@takes_options(LossOptions)
+def encouraging_loss_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    bonus_weight: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """:func:`~encouraging_loss.encouraging_loss` through the custom operator
+    ``torch.ops.encouraging_loss.encouraging_loss``: one node in compiled and exported graphs.
+
+    Same arguments, result and gradient as :func:`~encouraging_loss.encouraging_loss` (see
+    there). Use it where the loss should stay one operator: ``torch.export``, graphs that must
+    keep the Triton kernels under ``torch.compile`` on CUDA, or the target-range check inside
+    compiled code. Elsewhere :func:`~encouraging_loss.encouraging_loss` is the same loss (and
+    under ``torch.compile`` it traces into the graph, which the compiler can fuse).
+
+    Args:
+        input: logits (C), (N, C) or (N, C, d1, ..., dK).
+        target: class indices or class probabilities, as ``F.cross_entropy`` takes them.
+        weight: optional (C,) class weights.
+        ignore_index: class-index target value that contributes nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in [0, 1].
+        bonus_weight: optional (C,) per-class bonus weights.
+        **options: the other options of :class:`~encouraging_loss.options.LossOptions`
+            (``log_end``, ``bonus_scale``, ``bonus``, ``bonus_gamma``, ``bonus_start``,
+            ``validate_args``, ``backend``).
+
+    Returns:
+        The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape.
+
+    Raises:
+        TypeError, ValueError: naming the argument that is wrong.
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss import encouraging_loss_op
+        >>> logits = torch.tensor([[4.0, 1.0, 0.0], [0.5, 2.0, 0.1]], requires_grad=True)
+        >>> loss = encouraging_loss_op(logits, torch.tensor([0, 1]), log_end=0.75)
+        >>> loss.backward()
+        >>> round(loss.item(), 4)
+        -1.5262
+    """
+    # Checked here too, so that an unknown option or a bad value is named before dispatch.
+    options = LossOptions.of(ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, **options)  # fmt: skip
+    return torch.ops.encouraging_loss.encouraging_loss(
+        input, target, weight, options.ignore_index, options.reduction,
+        options.label_smoothing, bonus_weight=bonus_weight, log_end=options.log_end,
+        bonus_scale=options.bonus_scale, bonus=options.bonus, bonus_gamma=options.bonus_gamma,
+        bonus_start=options.bonus_start, validate_args=options.validate_args,
+        backend=options.backend,
+    )  # fmt: skip
+
+
+# --- linear_encouraging_loss ------------------------------------------------------------------
+
+
+def _linear_options(
+    ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus, bonus_gamma,
+    bonus_start, validate_args, backend, chunk_size, accumulation_dtype,
+) -> LinearLossOptions:  # fmt: skip
+    return LinearLossOptions.of(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        log_end=log_end, bonus_scale=bonus_scale, bonus=bonus, bonus_gamma=bonus_gamma,
+        bonus_start=bonus_start, validate_args=validate_args, backend=backend,
+        chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
+    )  # fmt: skip
+
+
+def _linear_loss_and_gradients(
+    hidden, weight, target, bias, class_weight, bonus_weight, options, wanted, grad_loss=None
+) -> tuple[Tensor, list[Tensor]]:
+    """(loss, gradients of hidden, weight and bias) by :func:`linear_loss_with_options`, for
+    the incoming ``grad_loss`` (None: a unit one); an empty tensor where not ``wanted``."""
+    tensors = (hidden, weight, bias)
+    with _autograd_recording():
+        leaves = [None if t is None else t.detach().requires_grad_(want)
+                  for t, want in zip(tensors, wanted, strict=True)]  # fmt: skip
+        loss = linear_loss_with_options(leaves[0], leaves[1], target, leaves[2], options,
+                                        class_weight, bonus_weight)  # fmt: skip
+        differentiated = [leaf for leaf, want in zip(leaves, wanted, strict=True) if want]
+        if grad_loss is None:
+            grads = _unit_gradients(loss, differentiated) if differentiated else []
+        else:
+            grads = list(torch.autograd.grad(loss, differentiated, grad_loss))
+    grads.reverse()
+    out = [_in_layout_of(grads.pop(), tensor) if want else hidden.new_empty(0)
+           for tensor, want in zip(tensors, wanted, strict=True)]  # fmt: skip
+    return loss.detach().contiguous(), out
+
+
+def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, options_args):
+    from .._validate import check_class_vector
+    from ..linear import _check_linear_inputs
+
+    _linear_options(*options_args)
+    _check_linear_inputs(hidden, weight, target, bias)
+    check_class_vector("class_weight", class_weight, weight.shape[0], hidden)
+    check_class_vector("bonus_weight", bonus_weight, weight.shape[0], hidden)
+
+
+def _fake_gradients(tensors, wanted) -> list[Tensor]:
+    return [torch.empty_like(t) if want else tensors[0].new_empty(0)
+            for t, want in zip(tensors, wanted, strict=True)]  # fmt: skip
+
+
+@_custom_op("linear_encouraging_loss_and_grads")
+def _linear_loss_and_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    bonus_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    log_end: float,
+    bonus_scale: float,
+    bonus: str,
+    bonus_gamma: float,
+    bonus_start: float,
+    validate_args: bool,
+    backend: str,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, and for a unit incoming gradient the gradients of hidden, weight and bias that
+    ``grad_*`` ask for, each an empty tensor when not asked) by :func:`linear_encouraging_loss`.
+    """
+    options = _linear_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
+                              bonus, bonus_gamma, bonus_start, validate_args, backend,
+                              chunk_size, accumulation_dtype)  # fmt: skip
+    wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
+    # LinearEL computes the loss and the unit gradients in one chunked pass.
+    loss, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
+                                             bonus_weight, options, wanted)  # fmt: skip
+    return (loss, *grads)
+
+
+@_linear_loss_and_grads.register_fake
+def _linear_loss_and_grads_fake(
+    hidden, weight, target, bias, class_weight, bonus_weight, *args
+):  # fmt: skip
+    *options_args, grad_hidden, grad_weight, grad_bias = args
+    _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, options_args)
+    reduction = options_args[1]
+    loss = hidden.new_empty(target.shape if reduction == "none" else ())
+    wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
+    return (loss, *_fake_gradients((hidden, weight, bias), wanted))
+
+
+@_custom_op("linear_encouraging_loss_backward")
+def _linear_loss_backward(
+    grad_loss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    bonus_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    log_end: float,
+    bonus_scale: float,
+    bonus: str,
+    bonus_gamma: float,
+    bonus_start: float,
+    validate_args: bool,
+    backend: str,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of hidden, weight and bias for ``grad_loss`` (empty where not asked),
+    recomputed chunk by chunk (the backward of ``reduction="none"``). It has no autograd
+    formula of its own: a second derivative through it raises."""
+    options = _linear_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
+                              bonus, bonus_gamma, bonus_start, False, backend, chunk_size,
+                              accumulation_dtype)  # fmt: skip
+    wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
+    _, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
+                                          bonus_weight, options, wanted, grad_loss)  # fmt: skip
+    return tuple(grads)
+
+
+@_linear_loss_backward.register_fake
+def _linear_loss_backward_fake(grad_loss, hidden, weight, target, bias, *args):
+    *_, grad_hidden, grad_weight, grad_bias = args
+    wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
+    return tuple(_fake_gradients((hidden, weight, bias), wanted))
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, target, bias, class_weight, bonus_weight, *rest = inputs
+    ctx.options_args = tuple(rest[:-3])
+    ctx.precomputed = tuple(rest[-3:])
+    _, *grads = output
+    _keep_gradients(ctx, grads)
+    saved = (hidden, weight, target, bias, class_weight, bonus_weight)
+    ctx.save_for_backward(*saved, *([] if ctx.eager else grads))
+
+
+def _linear_backward(ctx, grad_loss, *_grads_of_grads):
+    nothing = [None] * 17
+    if grad_loss is None:
+        return (None, None, None, None, *nothing)
+    hidden, weight, target, bias, class_weight, bonus_weight, *grads = ctx.saved_tensors
+    if ctx.eager:
+        grads, ctx.kept = ctx.kept, None
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[3])  # fmt: skip
+    precomputed = all(p or not n for p, n in zip(ctx.precomputed, needs, strict=True))
+    if grads is not None and precomputed:
+        # "mean"/"sum": the gradients for a unit incoming gradient, scaled by the scalar one.
+        scaled = [_scale_gradient(ctx, g, grad_loss) if n else None
+                  for g, n in zip(grads, needs, strict=True)]  # fmt: skip
+    else:
+        # "none" (per-row incoming gradients), or a second backward: recompute chunk by chunk.
+        scaled = torch.ops.encouraging_loss.linear_encouraging_loss_backward(
+            grad_loss, hidden, weight, target, bias, class_weight, bonus_weight,
+            *ctx.options_args, *needs,
+        )  # fmt: skip
+        scaled = [g if n else None for g, n in zip(scaled, needs, strict=True)]
+    grad_hidden, grad_weight, grad_bias = scaled
+    return (grad_hidden, grad_weight, None, grad_bias, *nothing)
+
+
+_linear_loss_and_grads.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_encouraging_loss_signature(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    bonus_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    log_end: float = 0.75,
+    bonus_scale: float = 1.0,
+    bonus: str = "log",
+    bonus_gamma: float = 1.0,
+    bonus_start: float = 0.0,
+    validate_args: bool = True,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    accumulation_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The public operator: the loss of :func:`_linear_loss_and_grads`, which computes the
+    gradients with it where they will be needed and the reduction allows."""
+    precompute = torch.is_grad_enabled() and reduction != "none"
+    wanted = [precompute and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, *_ = torch.ops.encouraging_loss.linear_encouraging_loss_and_grads(
+        hidden, weight, target, bias, class_weight, bonus_weight, ignore_index, reduction,
+        label_smoothing, log_end, bonus_scale, bonus, bonus_gamma, bonus_start, validate_args,
+        backend, chunk_size, accumulation_dtype, *wanted,
+    )  # fmt: skip
+    return loss
+
+
+_LIBRARY.define("linear_encouraging_loss" + _schema(_linear_encouraging_loss_signature))
+_LIBRARY.impl(
+    "linear_encouraging_loss", _linear_encouraging_loss_signature, "CompositeImplicitAutograd"
+)
+
+
+@takes_options(LinearLossOptions)
+def linear_encouraging_loss_op(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    bonus_weight: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """:func:`~encouraging_loss.linear_encouraging_loss` through the custom operator
+    ``torch.ops.encouraging_loss.linear_encouraging_loss``: one node in compiled graphs.
+
+    Same arguments, result and gradients as :func:`~encouraging_loss.linear_encouraging_loss`
+    (see there). ``"mean"`` and ``"sum"`` cost what the function costs; with
+    ``reduction="none"`` the backward recomputes the loss's chunks once more than the function
+    does (one more chunked forward pass).
+
+    Args:
+        hidden: (..., H) hidden states.
+        weight: (C, H) projection.
+        target: (...) class indices (``hidden``'s shape without H), or ``ignore_index``.
+        bias: optional (C,) bias.
+        class_weight: optional (C,) class weights.
+        bonus_weight: optional (C,) per-class bonus weights.
+        **options: the options of :class:`~encouraging_loss.options.LinearLossOptions`.
+
+    Returns:
+        The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``.
+
+    Raises:
+        TypeError, ValueError: naming the argument that is wrong.
+
+    Example:
+        >>> import torch
+        >>> from encouraging_loss import linear_encouraging_loss, linear_encouraging_loss_op
+        >>> hidden = torch.randn(6, 4, requires_grad=True)
+        >>> projection = torch.randn(10, 4, requires_grad=True)
+        >>> target = torch.tensor([1, 0, 9, -100, 3, 3])
+        >>> loss = linear_encouraging_loss_op(hidden, projection, target, chunk_size=4)
+        >>> loss.backward()
+        >>> bool(torch.allclose(loss, linear_encouraging_loss(hidden, projection, target)))
+        True
+    """
+    options = LinearLossOptions.of(**options)
+    return torch.ops.encouraging_loss.linear_encouraging_loss(
+        hidden, weight, target, bias, class_weight=class_weight, bonus_weight=bonus_weight,
+        ignore_index=options.ignore_index, reduction=options.reduction,
+        label_smoothing=options.label_smoothing, log_end=options.log_end,
+        bonus_scale=options.bonus_scale, bonus=options.bonus, bonus_gamma=options.bonus_gamma,
+        bonus_start=options.bonus_start, validate_args=options.validate_args,
+        backend=options.backend, chunk_size=options.chunk_size,
+        accumulation_dtype=options.accumulation_dtype,
+    )  # fmt: skip
