@@ -1,14 +1,9 @@
 """The encouraging loss as PyTorch custom operators (``torch.library``).
 
-Registered when :mod:`encouraging_loss` is imported, in the ``encouraging_loss`` namespace:
-
-* ``torch.ops.encouraging_loss.encouraging_loss(input, target, weight=None, ignore_index=-100,
-  reduction="mean", label_smoothing=0.0, *, bonus_weight=None, log_end=0.75, bonus_scale=1.0,
-  bonus="log", bonus_gamma=1.0, bonus_start=0.0, validate_args=True, backend="auto")``: the
-  arguments and result of :func:`encouraging_loss.encouraging_loss`;
-* ``torch.ops.encouraging_loss.linear_encouraging_loss(hidden, weight, target, bias=None, *,
-  class_weight=None, bonus_weight=None, ..., chunk_size=None, accumulation_dtype=None)``: those of
-  :func:`encouraging_loss.linear_encouraging_loss`.
+Registered when :mod:`encouraging_loss` is imported: ``torch.ops.encouraging_loss.encouraging_loss``
+and ``torch.ops.encouraging_loss.linear_encouraging_loss`` take the arguments (keyword-only after
+the cross-entropy ones) and give the results of :func:`encouraging_loss.encouraging_loss` and
+:func:`encouraging_loss.linear_encouraging_loss`.
 
 :func:`encouraging_loss_op` and :func:`linear_encouraging_loss_op` call them with the signatures
 (and checks) of the Python functions. An operator is one node in ``torch.compile``,
