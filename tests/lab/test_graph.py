@@ -36,7 +36,8 @@ def _run(out, **settings) -> dict:
     """``run graph`` on 60 staged MUTAG graphs (``settings``: :class:`Options` fields)."""
     shared_dataset("tu/MUTAG")
     settings.setdefault("jobs", 1)  # the runner's parallel workers are tested in test_cli
-    options = Options(task="graph", data_root=str(SHARED_DATA), out=str(out), **TINY, **settings)
+    settings = {**TINY, **settings}
+    options = Options(task="graph", data_root=str(SHARED_DATA), out=str(out), **settings)
     with torch_globals_restored():
         return run_experiment(options)
 
@@ -219,3 +220,100 @@ def test_torchrun_two_processes(tmp_path):
     results = load_results(out)
     assert results["config"]["world_size"] == 2
     assert 0.0 <= results["runs"][0]["metrics"]["test_accuracy"] <= 1.0
+
+
+# --- the paper preset and setting ---------------------------------------------------------
+def test_paper_setting_quick_run_has_every_row_metric(tmp_path):
+    """The setting's quick run, as the paper page runs it (without tuning): every row's metric
+    is in every run's record, for the losses the rows compare."""
+    shared_dataset("tu/PROTEINS")
+    (setting,) = graph.TASK.paper
+    options = Options(
+        task="graph",
+        losses=setting.losses,
+        data_root=str(SHARED_DATA),
+        out=str(tmp_path / "paper"),
+        progress=False,
+        jobs=1,
+        **setting.runs["quick"],
+    )
+    with torch_globals_restored():
+        results = run_experiment(options)
+    assert results["config"]["model"] == "sagpool" and results["config"]["pool_ratio"] == 0.5
+    assert results["config"]["train"]["patience"] == 50
+    for row in setting.rows:
+        for loss in (row.baseline, row.treatment):
+            runs = [r for r in results["runs"] if r["loss"] == loss]
+            assert len(runs) == setting.runs["quick"]["seeds"], loss
+            assert all(0.0 <= r["metrics"][row.metric] <= 1.0 for r in runs), loss
+
+
+def test_paper_el_defers_the_bonus_for_25_epochs():
+    """The bonus schedule's start is a fraction of the epoch cap, which early stopping does not
+    change: the bonus is 0 through epoch 25 and on from the first step of epoch 26."""
+    from encouraging_loss.lab.losses import build_criterion
+
+    recipe = graph.PRESETS["paper"]
+    steps_per_epoch, cap = 7, recipe.train.epochs
+    criterion = build_criterion(graph.PAPER_EL)
+    scales = []
+    for step in range(steps_per_epoch * 30):
+        criterion.step(step / (steps_per_epoch * cap))  # the trainer's progress
+        scales.append(float(criterion.bonus_scale))
+    last_off = graph.BONUS_DEFERRED_EPOCHS * steps_per_epoch - 1
+    assert max(scales[: last_off + 1]) == 0.0 and min(scales[last_off + 1 :]) == 1.0
+    assert graph.PAPER_LOSSES.split(",", 1) == ["ce", graph.PAPER_EL]
+
+
+def test_sagpool_network_shapes_and_errors():
+    from torch_geometric.data import Batch, Data
+
+    recipe = graph.PRESETS["paper"]
+    model = graph.build_graph_model(recipe, in_features=3, num_classes=2)
+    assert isinstance(model, graph.SAGPoolClassifier) and len(model.pools) == 3
+    widths = [(m.in_features, m.out_features) for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert widths == [(256, 128), (128, 64)] and model.classifier.in_features == 64
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.head)
+    graphs = [
+        Data(x=torch.randn(n, 3), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.tensor([0]))
+        for n in (2, 5, 9)
+    ]
+    batch = Batch.from_data_list(graphs)
+    assert model(batch).shape == (3, 2) and model.features(batch).shape == (3, 64)
+    for kwargs, name in (
+        ({"ratio": 0.0}, "ratio"),
+        ({"hidden": 1}, "hidden"),
+        ({"levels": 0}, "levels"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            graph.SAGPoolClassifier(3, 2, **kwargs)
+
+
+def test_patience_option(tmp_path):
+    def recipe(patience, preset="paper"):
+        extra = {"patience": patience}
+        return graph.resolve_recipe(Options(task="graph", preset=preset, extra=extra))[1]
+
+    assert graph.PRESETS["quick"].train.patience is None
+    assert recipe(None).train.patience == 50 and recipe(0).train.patience is None
+    assert recipe(7, preset="quick").train.patience == 7
+    with pytest.raises(ValueError, match="patience"):
+        recipe(-1)
+    options = Options(task="graph", data_root=str(tmp_path), out=str(tmp_path / "o"))
+    options.extra["patience"] = -3
+    with pytest.raises(ValueError, match="patience"):
+        run_experiment(options)
+
+
+def test_early_stopping_resumes_to_the_same_epoch(tmp_path):
+    """A tiny run that early stopping ends before its cap stops at the same epoch, with the same
+    numbers, when interrupted and resumed."""
+    settings = dict(seeds=1, losses="ce", epochs=20, extra={"patience": 2})
+    whole = _run(tmp_path / "whole", **settings)["runs"][0]
+    assert whole["metrics"]["epochs_trained"] == len(whole["history"]) < 20
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        _run(out, stop_after_epochs=1, **settings)
+    resumed = _run(out, resume=True, **settings)["runs"][0]
+    assert len(resumed["history"]) == len(whole["history"])
+    assert resumed["metrics"]["test_accuracy"] == whole["metrics"]["test_accuracy"]

@@ -444,3 +444,56 @@ def test_task_options_from_the_command_line():
     assert options.get("fused_linear") == "off" and options.get("val_size") == 50
     with pytest.raises(SystemExit):
         parser.parse_args(["--fused-linear", "yes"])
+
+
+# --- the paper presets and setting ---------------------------------------------------------
+def test_paper_setting_quick_run_has_every_row_metric(tmp_path):
+    """The setting's quick run, as the paper page runs it (without tuning): the row's metric is
+    in every run's record, for the losses the row compares."""
+    shared_dataset("multi30k")
+    (setting,) = TASK.paper
+    runs = dict(setting.runs["quick"])
+    options = Options(
+        task="translation",
+        losses=setting.losses,
+        data_root=str(SHARED_DATA),
+        out=str(tmp_path / "paper"),
+        progress=False,
+        jobs=1,
+        **runs,
+    )
+    with torch_globals_restored():
+        results = run_experiment(options)
+    assert results["config"]["preset"] == "paper"
+    for row in setting.rows:
+        for loss in (row.baseline, row.treatment):
+            found = [r for r in results["runs"] if r["loss"] == loss]
+            assert len(found) == runs["seeds"], loss
+            assert all(0.0 <= r["metrics"][row.metric] <= 100.0 for r in found), loss
+    assert setting.runs["gpu"]["preset"] == "paper-gpu"
+
+
+def test_paper_gpu_preset_takes_its_first_steps_on_cpu(tmp_path):
+    """The paper-sized model (not run here) trains its first epoch on a sliver of the data."""
+    recipe = recipes.PRESETS["paper-gpu"]
+    sizes = (recipe.d_model, recipe.encoder_layers, recipe.decoder_layers, recipe.heads)
+    assert sizes == (512, 6, 6, 4) and recipe.feedforward == 1024 and recipe.max_train is None
+    out = tmp_path / "gpu"
+    with pytest.raises(Interrupted):
+        _run(
+            out,
+            preset="paper-gpu",
+            losses=LS_EL,
+            train_size=16,
+            test_size=10,
+            epochs=2,
+            batch_size=16,  # one update of the 512-wide, 6+6-layer model
+            stop_after_epochs=1,
+            device="cpu",
+            threads=1,
+            extra={"val_size": 10},
+        )
+    (checkpoint,) = (out / "checkpoints").glob("*.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
+    assert state["setup"]["config"]["lr"] == recipe.train.lr

@@ -56,6 +56,9 @@ class TrainConfig:
         deterministic: ask torch for deterministic kernels.
         eval_batch_size: batch size of evaluation passes.
         augment: random 4-pixel-padded crops and horizontal flips (the CIFAR recipe).
+        patience: early stopping: end training once this many epochs have passed since the
+            epoch with the best validation accuracy (the selected one); ``None`` = train all
+            ``epochs``. Progress (lr schedule, bonus schedules) stays relative to ``epochs``.
     """
 
     epochs: int = 5
@@ -75,6 +78,7 @@ class TrainConfig:
     deterministic: bool = True
     eval_batch_size: int = 1024
     augment: bool = False
+    patience: int | None = None
 
     def validate(self) -> None:
         """Check every field.
@@ -100,6 +104,16 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs: must be non-negative, got {self.warmup_epochs}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: must be positive or None, got {self.clip_grad_norm}")
+        if self.patience is not None and not (
+            isinstance(self.patience, int) and self.patience >= 1
+        ):
+            raise ValueError(f"patience: must be a positive int or None, got {self.patience!r}")
+
+    def patience_spent(self, epochs_done: int, best_epoch: int) -> bool:
+        """Whether early stopping ends training after ``epochs_done`` epochs whose best
+        (selected) epoch is ``best_epoch``: a pure function of the history, so a resumed run
+        stops at the same epoch."""
+        return self.patience is not None and epochs_done - best_epoch >= self.patience
 
 
 @dataclass
@@ -115,6 +129,7 @@ class TrainResult:
         diverged_step: global step (1-based) of the first non-finite loss.
         diverged_epoch: 1-based epoch of that step.
         interrupted: stopped early on purpose (``stop_after_epochs``); a checkpoint remains.
+        stopped_early: training ended before ``epochs`` by early stopping (``patience``).
         train_seconds: wall time spent in this call.
         lr: the peak learning rate it trained with (``config.lr``).
     """
@@ -127,6 +142,7 @@ class TrainResult:
     diverged_step: int | None = None
     diverged_epoch: int | None = None
     interrupted: bool = False
+    stopped_early: bool = False
     train_seconds: float = 0.0
     lr: float = float("nan")
 
@@ -479,6 +495,10 @@ def train(
 
     bar = _progress_bar(progress and my_rank == 0, config.epochs, start_epoch, description)
     for epoch in range(start_epoch, config.epochs):
+        # At the top, so a run resumed from its stopping epoch's checkpoint stops there too.
+        if config.patience_spent(epoch, result.best_epoch):
+            result.stopped_early = True
+            break
         ddp_model.train()
         batches = data.epoch_batches(batch, config.seed * 1_000_003 + epoch)
         sums: dict[str, float] = {}
@@ -550,7 +570,8 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_accuracy:.3f}")
         if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
-            result.interrupted = epoch + 1 < config.epochs
+            done = epoch + 1 == config.epochs or config.patience_spent(epoch + 1, result.best_epoch)
+            result.interrupted = not done
             if result.interrupted:
                 break
     if bar is not None:
