@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -245,3 +247,45 @@ def test_interrupted_drw_run_resumes_to_identical_metrics(tmp_path):
     assert [h["train_loss"] for h in resumed["history"]] == [
         h["train_loss"] for h in straight["history"]
     ]
+
+
+PAPER = {setting.name: setting for setting in task.TASK.paper}
+
+
+def test_paper_settings_compare_losses_they_run():
+    assert "paper" in task.TASK.presets
+    # The paper preset is the standard view, trained twice as long.
+    standard, paper = task.PRESETS["standard"], task.PRESETS["paper"]
+    assert replace(paper, train=standard.train) == standard and paper.train.epochs == 30
+    for setting in PAPER.values():
+        losses = setting.losses.split(",")
+        parse_loss_list(setting.losses, FAMILIES)
+        assert "gpu" in setting.runs and setting.departures
+        for fields in setting.runs.values():  # every run's options resolve
+            task.resolve_recipe(Options(task="imbalanced", **fields))
+        for row in setting.rows:
+            assert row.baseline in losses and row.treatment in losses, row
+            assert row.paper is None and row.direction == +1
+    pairs = {(r.baseline, r.treatment, r.metric) for s in PAPER.values() for r in s.rows}
+    assert ("ce-drw", "el-drw", "test_accuracy") in pairs
+    assert ("ce", "el:bonus_weight=balanced", "test_accuracy") in pairs
+    assert ("ce", "el", "crt_accuracy") in pairs
+
+
+def test_the_long_tailed_fashion_mnist_setting_runs_quick():
+    assert [s.name for s in PAPER.values() if "quick" in s.runs] == [next(iter(PAPER))]
+
+
+@pytest.mark.parametrize("name", [name for name, s in PAPER.items() if "quick" in s.runs])
+def test_quick_run_of_each_paper_setting_has_every_row_metric(tmp_path, name):
+    setting = PAPER[name]
+    fields = setting.runs["quick"]
+    dataset = task.PRESETS[fields["preset"]].dataset
+    shared_dataset(dataset)
+    results = _run(tmp_path / "out", losses=setting.losses, **fields)
+    assert results["dataset"] == f"{dataset}-lt"
+    assert len(results["runs"]) == len(setting.losses.split(",")) * fields["seeds"]
+    for run in results["runs"]:
+        assert run["status"] == "ok", run["loss"]
+        for row in setting.rows:
+            assert 0.0 <= run["metrics"][row.metric] <= 1.0, (run["loss"], row.metric)

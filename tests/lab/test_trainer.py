@@ -150,3 +150,39 @@ def test_task_batches_drive_the_same_loop(tiny_splits):
             perturb=lambda model, x, y: x,
             progress=False,
         )
+
+
+def test_epoch_hook_entries_join_the_history_and_leave_training_unchanged(tiny_splits):
+    calls = []
+
+    def hook(model, epoch):
+        calls.append((epoch, model.training))
+        return {"probe": float(epoch)}
+
+    def once(**hooks):
+        set_seed(4)
+        model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+        config = TrainConfig(epochs=2, batch_size=64, seed=4)
+        return train(model, build_criterion("ce"), tiny_splits, config, progress=False, **hooks)
+
+    plain, hooked = once(), once(epoch_hook=hook)
+    assert calls == [(1, True), (2, True)]
+    assert [h.pop("probe") for h in hooked.history] == [1.0, 2.0]
+    assert hooked.history == plain.history  # the hook changes nothing else
+
+
+@pytest.mark.parametrize(
+    ("hook", "match"),
+    [(3, "callable"), (lambda model, epoch: {"val_accuracy": 1.0}, "new history keys")],
+)
+def test_epoch_hook_validation(tiny_splits, hook, match):
+    model = build_model("mlp", tiny_splits.input_shape, tiny_splits.num_classes)
+    with pytest.raises(ValueError, match=match):
+        train(
+            model,
+            build_criterion("ce"),
+            tiny_splits,
+            TrainConfig(epochs=1, batch_size=64),
+            epoch_hook=hook,
+            progress=False,
+        )

@@ -408,6 +408,7 @@ def train(
     *,
     progress_hook: Callable[[float], None] | None = None,
     perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    epoch_hook: Callable[[nn.Module, int], dict] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after_epochs: int | None = None,
@@ -429,6 +430,11 @@ def train(
             it must be a pure function of progress so that resumed runs stay identical.
         perturb: for tensor data, ``perturb(model, x, y)`` returns the batch the model trains
             on (see :class:`ClassificationBatches`).
+        epoch_hook: called after each epoch's validation as ``epoch_hook(model, epoch)``
+            (``epoch`` 1-based, the model holding that epoch's weights); the dict it returns is
+            merged into the epoch's history entry, so it is checkpointed and survives resume
+            (e.g. the image task's test accuracy per epoch). It must not change the model or
+            draw from the global random generators, so that training is the same without it.
         checkpoint_path: where the per-epoch checkpoint is written (atomically); ``None`` = none.
         resume: continue from ``checkpoint_path`` if it exists.
         stop_after_epochs: return after this many epochs of *this call* as if killed (the
@@ -448,6 +454,8 @@ def train(
         raise ValueError("checkpoint_path: resume=True needs a checkpoint path")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise ValueError(f"stop_after_epochs: must be at least 1, got {stop_after_epochs}")
+    if epoch_hook is not None and not callable(epoch_hook):
+        raise ValueError(f"epoch_hook: must be callable or None, got {type(epoch_hook).__name__}")
     if not hasattr(data, "epoch_batches"):
         data = ClassificationBatches(data, augment=config.augment, perturb=perturb)
     elif perturb is not None:
@@ -545,6 +553,11 @@ def train(
             sums = dict(zip(sums, totals.tolist(), strict=True))
         validation = data.validate(model, config.eval_batch_size, device)
         record = _epoch_record(sums, validation, epoch + 1, global_step, lr, criterion)
+        if epoch_hook is not None:
+            measured = epoch_hook(model, epoch + 1)
+            if not isinstance(measured, dict) or measured.keys() & record.keys():
+                raise ValueError("epoch_hook: must return a dict of new history keys")
+            record.update(measured)
         result.history.append(record)
         val_accuracy = validation["val_accuracy"]
         if best_state is None or val_accuracy > result.best_val_accuracy:

@@ -158,8 +158,8 @@ class ClassificationTask(Task):
     ``prepared.state`` starts with the recipe (its ``train`` and ``model``) and, unless
     :meth:`splits` is overridden, the ``data.Splits`` every run shares. A run seeds torch,
     builds the model (:meth:`build`), trains it on ``spec``'s criterion with the task's
-    :meth:`train_hooks`, and, unless it diverged or is a tuning run (``run.tuning``), lets
-    :meth:`measure` fill the result.
+    :meth:`train_hooks` (and, unless it is a tuning run, ``run.tuning``, :meth:`epoch_hook`),
+    and, unless it diverged or is a tuning run, lets :meth:`measure` fill the result.
 
     Attributes:
         record_fields: fields each run's record adds (``None`` when it diverged).
@@ -174,6 +174,9 @@ class ClassificationTask(Task):
         model, batches = self.build(prepared, splits)
         criterion = build_criterion(spec, prepared.class_counts, self.loss_families)
         hooks = self.train_hooks(prepared, spec, model, criterion, config)
+        epoch_hook = None if run.tuning else self.epoch_hook(prepared, splits, run)
+        if epoch_hook is not None:  # tuning runs never read the test set, even per epoch
+            hooks["epoch_hook"] = epoch_hook
         outcome = run.train(model, criterion, batches, config, **hooks)
         result = RunResult(outcome, extra=dict.fromkeys(self.record_fields))
         if not outcome.diverged and not run.tuning:  # tuning never reads the test set
@@ -193,6 +196,11 @@ class ClassificationTask(Task):
     def train_hooks(self, prepared, spec: LossSpec, model, criterion, config: TrainConfig) -> dict:
         """Keyword hooks of ``run.train`` (``progress_hook``, ``perturb``); default none."""
         return {}
+
+    def epoch_hook(self, prepared: Prepared, splits, run: RunContext):
+        """The trainer's ``epoch_hook(model, epoch) -> dict`` of a run that is not a tuning
+        run (e.g. test accuracy after every epoch), merged into its history; default none."""
+        return None
 
     def measure(self, prepared: Prepared, result: RunResult, model, splits, run: RunContext):
         """Fill ``result.metrics`` (and :attr:`record_fields`) from the trained model."""

@@ -11,8 +11,16 @@ from .. import data as lab_data
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..models import MODELS
-from ..trainer import TrainConfig
-from . import ClassificationTask, apply_options, load_splits, run_config, split_sizes
+from ..trainer import TrainConfig, predict_logits
+from . import (
+    ClassificationTask,
+    PaperRow,
+    PaperSetting,
+    apply_options,
+    load_splits,
+    run_config,
+    split_sizes,
+)
 
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
 _SGD_NOTE = (
@@ -41,6 +49,9 @@ class Recipe:
         threads: CPU threads for torch (``None`` = torch's default). The CPU presets use 1:
             their small models gain little from intra-op threads, and on a busy 2-core machine
             two spinning threads measured ~50x slower per epoch than one.
+        best_test_over_epochs: also score the test set after every epoch (never in tuning
+            runs) and record ``best_test_accuracy_over_epochs``, the paper's optimistic MNIST
+            and CIFAR protocol, beside the validation-selected ``test_accuracy``.
     """
 
     model: str
@@ -52,6 +63,7 @@ class Recipe:
     diagnostics_train: int = 5000
     val_fraction: float = 0.1
     threads: int | None = 1
+    best_test_over_epochs: bool = False
 
     def __post_init__(self):
         if not self.lr_note:  # a frozen dataclass: set once, at construction
@@ -60,6 +72,27 @@ class Recipe:
 
 # TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 _GPU = {"diagnostics_train": 50000, "threads": None}
+_CIFAR_RESNET = Recipe(
+    "resnet18",
+    None,
+    None,
+    TrainConfig(200, lr=0.1, augment=True, device="auto"),
+    lr_note=(
+        "The standard CIFAR ResNet-18 recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine, "
+        "200 epochs, crop+flip) for every loss, as in the paper's setting adapted; "
+        "el:log_end=1 may diverge at 0.1 and is then reported as diverged — rerun it "
+        "with --clip-grad-norm 5 or --lr 0.05."
+    ),
+    **_GPU,
+)
+# Evaluation batches of 256: the small CNN's forward pass on one thread measured twice as fast
+# as at 1,024 (cache), which matters where the whole test set is scored after every epoch.
+_PAPER_TRAIN = TrainConfig(4, eval_batch_size=256)
+_PAPER_CPU = {
+    "best_test_over_epochs": True,
+    "lr_note": "lr 0.05 for every loss unless --tune lr picks one per loss (the paper page "
+    "tunes every loss over the same grid, on validation).",
+}
 PRESETS: dict[str, dict[str, Recipe]] = {
     # ≤ 3 minutes for `reproduce --preset quick` on 2 CPU cores (5 losses × 3 seeds).
     "quick": {
@@ -77,29 +110,130 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     },
     # GPU recipes (not timed on this machine).
     "full": {
-        "cifar10": Recipe(
-            "resnet18",
-            None,
-            None,
-            TrainConfig(200, lr=0.1, augment=True, device="auto"),
-            lr_note=(
-                "The standard CIFAR ResNet-18 recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine, "
-                "200 epochs, crop+flip) for every loss, as in the paper's setting adapted; "
-                "el:log_end=1 may diverge at 0.1 and is then reported as diverged — rerun it "
-                "with --clip-grad-norm 5 or --lr 0.05."
-            ),
-            **_GPU,
-        ),
+        "cifar10": _CIFAR_RESNET,
         "mnist": Recipe("cnn", None, None, TrainConfig(30, device="auto"), **_GPU),
         "fashion-mnist": Recipe("cnn", None, None, TrainConfig(30, device="auto"), **_GPU),
     },
+    # The paper's MNIST and CIFAR-10 settings (see ImageTask.paper): test accuracy after every
+    # epoch as well. The CPU recipes are the small CNN on 10,000 training digits (all our MNIST
+    # has) for 4 epochs, lr 0.05 at batch 128 (the paper's 0.1 at 256, scaled linearly).
+    "paper": {
+        "mnist": Recipe("cnn", None, None, _PAPER_TRAIN, **_PAPER_CPU),
+        "fashion-mnist": Recipe("cnn", 10000, None, _PAPER_TRAIN, **_PAPER_CPU),
+        "cifar10": replace(_CIFAR_RESNET, best_test_over_epochs=True),  # GPU, as full's
+    },
 }
-DEFAULT_DATASET = {"quick": "fashion-mnist", "standard": "fashion-mnist", "full": "cifar10"}
+DEFAULT_DATASET = {
+    "quick": "fashion-mnist",
+    "standard": "fashion-mnist",
+    "full": "cifar10",
+    "paper": "mnist",
+}
+# The paper's MNIST used the plain log bonus (log_end = 1, per the project's notes on the paper).
+# On the lab's CNN it collapsed to chance at every rate of the tuning grid (0.005 to 0.15,
+# measured here), so the conservative bonus (log_end 0.75) is compared as well.
+PAPER_MNIST_LOSSES = "ce,el:log_end=1,el"
+# The quick page's runs: the pipeline end to end in seconds (numbers meaningless).
+_PAPER_QUICK = {"preset": "paper", "seeds": 2, "epochs": 1, "train_size": 300, "test_size": 100}
+# A GPU's run of the MNIST-sized settings: the paper's 100 epochs at batch 256, torch's threads.
+_PAPER_GPU = {"preset": "paper", "seeds": 5, "epochs": 100, "batch_size": 256}
+_PAPER_GPU |= {"device": "auto", "threads": 0}
+
+
+def _paper_rows(
+    treatment: str, paper_best: tuple[float, float] | None = None, what: str = ""
+) -> tuple[PaperRow, ...]:
+    """An image setting's two rows for ``treatment`` vs CE: the best test accuracy over epochs
+    (the paper's numbers ``paper_best``) and the validation-selected one; ``what`` names the
+    treatment in the labels."""
+    return (
+        PaperRow(
+            f"best test accuracy over epochs (%; the paper's optimistic protocol){what}",
+            "best_test_accuracy_over_epochs",
+            treatment=treatment,
+            paper=paper_best,
+            direction=None if paper_best else +1,
+        ),
+        PaperRow(
+            f"test accuracy of the validation-selected epoch (%){what}",
+            "test_accuracy",
+            treatment=treatment,
+            direction=+1,
+        ),
+    )
+
+
+_CONSERVATIVE = ", conservative bonus (log_end 0.75)"
+PAPER_SETTINGS = (
+    PaperSetting(
+        "MNIST, small CNN (paper: 10-conv PReLU/BN net)",
+        PAPER_MNIST_LOSSES,
+        {
+            "quick": {**_PAPER_QUICK, "dataset": "mnist"},
+            "cpu": {"preset": "paper", "dataset": "mnist", "seeds": 3},
+            "gpu": {**_PAPER_GPU, "dataset": "mnist"},
+        },
+        (
+            *_paper_rows("el:log_end=1", (99.42, 99.56), ", plain log bonus (the paper's)"),
+            *_paper_rows("el", None, _CONSERVATIVE),
+        ),
+        "The lab's 2-conv BN/ReLU CNN instead of the paper's 10-conv PReLU/BN net; 10,000 "
+        "training digits (9,000 + 1,000 validation; the other 50,000 are not available "
+        "offline) instead of 60,000; 4 epochs at lr 0.05, batch 128 (the paper: 100 epochs, "
+        "0.1 at 256) on CPU, the learning rate tuned per loss on validation; 3 seeds. The "
+        "paper's plain log bonus collapsed to chance here at every rate tried, so the "
+        "conservative bonus is compared too (no paper number).",
+    ),
+    PaperSetting(
+        "Fashion-MNIST, small CNN (the MNIST recipe; not in the paper)",
+        "ce,el",
+        {
+            "quick": {**_PAPER_QUICK, "dataset": "fashion-mnist"},
+            "cpu": {"preset": "paper", "dataset": "fashion-mnist", "seeds": 3},
+            "gpu": {**_PAPER_GPU, "dataset": "fashion-mnist"},
+        },
+        _paper_rows("el", None, _CONSERVATIVE),
+        "Not a setting of the paper: the MNIST recipe on a harder set of the same size (10,000 "
+        "of the 60,000 training images; the full test set), with the conservative bonus only "
+        "(the plain one collapses on MNIST).",
+    ),
+    PaperSetting(
+        "CIFAR-10, ResNet-18",
+        "ce,el",
+        {
+            # The pipeline end to end in seconds: the small CNN stands in for ResNet-18.
+            "quick": {**_PAPER_QUICK, "dataset": "cifar10", "model": "cnn", "threads": 1},
+            "gpu": {"preset": "paper", "dataset": "cifar10", "seeds": 3},
+        },
+        _paper_rows("el", None, _CONSERVATIVE),
+        "ResNet-18 with the CIFAR stem, 200 epochs of SGD 0.1, cosine, crop+flip (a GPU run, "
+        "not run here); EL with the conservative bonus log_end = 0.75 (the core's choice for "
+        "high-accuracy tasks); the paper's CIFAR-10 numbers are not recorded here.",
+    ),
+)
 LR_HELP = (
     "Every loss uses its recipe's lr unless listed: one rate keeps the comparison paired; "
     "el:log_end=1 (unbounded bonus) may diverge at it, which is reported as a result. "
     "--lr and --clip-grad-norm change it for all losses."
 )
+
+
+def best_test_accuracy_over_epochs(history: list[dict]) -> float | None:
+    """The best of the per-epoch ``test_accuracy`` entries of a run's ``history`` (the paper's
+    optimistic protocol); ``None`` if some epoch was not scored (e.g. resumed from a run
+    that did not score them).
+
+    Raises:
+        ValueError: for an empty history or one that is not a list of dicts.
+    """
+    if (
+        not isinstance(history, list)
+        or not history
+        or not all(isinstance(h, dict) for h in history)
+    ):
+        raise ValueError(f"history: expected a non-empty list of epoch dicts, got {history!r}")
+    scores = [h.get("test_accuracy") for h in history]
+    return None if None in scores else max(scores)
 
 
 def resolve_recipe(options: Options) -> tuple[str, Recipe]:
@@ -145,6 +279,8 @@ class ImageTask(ClassificationTask):
         "seeds": 3,
     }
     record_fields = ("reliability",)
+    presets = tuple(PRESETS)
+    paper = PAPER_SETTINGS
 
     def prepare(self, options: Options) -> Prepared:
         dataset_name, recipe = resolve_recipe(options)
@@ -153,6 +289,8 @@ class ImageTask(ClassificationTask):
         data = {"source": str(dataset.source), **split_sizes(splits)}
         data.update(val_fraction=recipe.val_fraction, diagnostics_train=recipe.diagnostics_train)
         config = run_config(options, recipe, lr_note=recipe.lr_note, data=data)
+        if recipe.best_test_over_epochs:  # only where on: older presets' results stay as they were
+            config["best_test_over_epochs"] = True
         out_name = f"{self.name}-{options.preset}-{dataset_name}"
         return Prepared(dataset_name, out_name, config, (recipe, splits), threads)
 
@@ -164,6 +302,24 @@ class ImageTask(ClassificationTask):
         self.measure_classifier(
             prepared, result, model, splits, run, train, retrain_classifier=True
         )
+        if recipe.best_test_over_epochs:
+            best = best_test_accuracy_over_epochs(result.outcome.history)
+            result.metrics["best_test_accuracy_over_epochs"] = best
+
+    def epoch_hook(self, prepared, splits, run):
+        """With the recipe's ``best_test_over_epochs``: the test accuracy after every epoch
+        (``history[i]["test_accuracy"]``; the runner never asks for it in tuning runs)."""
+        recipe = prepared.state[0]
+        if not recipe.best_test_over_epochs:
+            return None
+        batch_size = recipe.train.eval_batch_size
+
+        def test_accuracy(model, epoch: int) -> dict:
+            device = next(model.parameters()).device
+            logits = predict_logits(model, splits.test_x, batch_size, device)
+            return {"test_accuracy": (logits.argmax(1) == splits.test_y).float().mean().item()}
+
+        return test_accuracy
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
         """The recipe's learning rate for ``spec`` (by exact name, then family, else base).
@@ -185,6 +341,7 @@ class ImageTask(ClassificationTask):
             f"{r.model}, train {r.max_train or 'all'}, test {r.max_test or 'all'}, {t.epochs} "
             f"epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} ({t.schedule})"
             + "".join(f", {loss} lr {lr:g}" for loss, lr in r.lr_by_loss.items())
+            + (", test accuracy after every epoch" if r.best_test_over_epochs else "")
         )
 
     def describe_presets(self) -> str:
