@@ -129,3 +129,92 @@ def test_interrupted_adversarial_training_resumes_to_identical_metrics(tmp_path)
     assert (tmp_path / "resumed" / "checkpoints" / "el__seed0.pt").is_file()
     resumed = _run(tmp_path / "resumed", resume=True, **common)
     assert resumed["runs"][0]["metrics"] == straight
+
+
+def test_pgd_alpha_sets_the_step_size():
+    model = _toy_model().eval()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(1)
+    adv = task.make_attack("pgd", model, 0.3, steps=3, backend="builtin", alpha=1e-3)(x, y)
+    torch.manual_seed(1)  # the same random start
+    start = (x + torch.empty_like(x).uniform_(-0.3, 0.3)).clamp(0.0, 1.0)
+    moved = (adv - start).abs().max().item()
+    assert 0 < moved <= 3e-3 + 1e-6, "3 steps of 1e-3 from the random start"
+    torch.manual_seed(1)
+    default = task.make_attack("pgd", model, 0.3, steps=3, backend="builtin")(x, y)
+    assert (default - start).abs().max().item() > 0.05, "2.5 ε / steps = 0.25 per step"
+    with pytest.raises(ValueError, match="pgd_alpha"):
+        task.make_attack("pgd", model, 0.3, 3, alpha=0.0)
+
+
+def test_builtin_pgd_with_alpha_matches_torchattacks():
+    pytest.importorskip("torchattacks")
+    model = _toy_model().eval()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    images = []
+    for backend in ("builtin", "torchattacks"):
+        torch.manual_seed(3)
+        images.append(task.make_attack("pgd", model, 0.1, 4, backend, alpha=2 / 255)(x, y))
+    assert torch.allclose(*images)
+
+
+@pytest.mark.parametrize("alpha", ["0", "0.1,0.2", "abc", "2"])
+def test_bad_pgd_alpha_names_the_option(alpha):
+    with pytest.raises(ValueError, match="pgd_alpha"):
+        task.resolve_recipe(Options(task="adversarial", preset="paper", extra={"pgd_alpha": alpha}))
+
+
+def test_paper_preset_is_the_torchattacks_demo():
+    recipe = task.resolve_recipe(Options(task="adversarial", preset="paper"))
+    assert (recipe.model, recipe.standardize, recipe.attacks) == (
+        "demo-cnn",
+        False,
+        ("fgsm", "pgd"),
+    )
+    train = recipe.train
+    assert (train.optimizer, train.lr, train.weight_decay, train.schedule) == (
+        "adamw",
+        1e-3,
+        0.0,
+        "constant",
+    )
+    assert (train.epochs, train.batch_size) == (5, 128)
+    assert recipe.epsilons == (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+    assert (recipe.pgd_steps, recipe.pgd_alpha) == (40, pytest.approx(2 / 255))
+    override = task.resolve_recipe(
+        Options(task="adversarial", preset="paper", extra={"pgd_alpha": "1/255"})
+    )
+    assert override.pgd_alpha == pytest.approx(1 / 255)
+    # The other presets keep the standardising model and Madry's step rule.
+    quick = task.resolve_recipe(Options(task="adversarial", preset="quick"))
+    assert quick.standardize and quick.pgd_alpha is None
+
+
+def test_every_paper_run_resolves_and_measures_each_rows_metric():
+    for setting in task.TASK.paper:
+        losses = setting.losses.split(",")
+        for preset, fields in setting.runs.items():
+            recipe = task.resolve_recipe(Options(task="adversarial", **fields))
+            produced = {"clean_accuracy"} | {
+                task.robust_key(a, e) for a in recipe.attacks for e in recipe.epsilons
+            }
+            for row in setting.rows:
+                assert row.metric in produced, (preset, row.label)
+                assert {row.baseline, row.treatment} <= set(losses), row.label
+
+
+def test_paper_quick_run_has_every_rows_metric(tmp_path):
+    (setting,) = task.TASK.paper
+    fields = setting.runs["quick"]
+    results = _run(tmp_path, losses=setting.losses, **fields)
+    config = results["config"]
+    assert config["standardized_inputs"] is False
+    assert config["pgd"]["step_size"] == pytest.approx(2 / 255)
+    assert config["data"]["n_test"] == fields["test_size"]
+    runs = results["runs"]
+    assert sorted({r["loss"] for r in runs}) == sorted(setting.losses.split(","))
+    assert len(runs) == 2 * fields["seeds"]
+    for run in runs:
+        assert run["status"] == "ok"
+        for row in setting.rows:
+            assert 0.0 <= run["metrics"][row.metric] <= 1.0, row.metric

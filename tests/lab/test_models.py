@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encouraging_loss.lab.models import MLP, ResNet18, SmallCNN, build_model
+from encouraging_loss.lab.models import MLP, DemoCNN, ResNet18, SmallCNN, build_model
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,19 @@ def test_invalid_arguments():
         SmallCNN(1, 10, image_size=30)
     with pytest.raises(ValueError, match="input_shape"):
         build_model("mlp", (784,), 10)
+
+
+def test_demo_cnn_is_the_torchattacks_demo_network():
+    model = build_model("demo-cnn", (1, 28, 28), 10)
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x).shape == (2, 10) and model.features(x).shape == (2, 100)
+    # Conv(1,16,5), Conv(16,32,5), Conv(32,64,5), FC(64*3*3,100), FC(100,10): weights + biases.
+    expected = (16 * 25 + 16) + (32 * 16 * 25 + 32) + (64 * 32 * 25 + 64) + (576 * 100 + 100)
+    expected += 100 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert build_model("demo-cnn", (3, 32, 32), 10)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        DemoCNN(1, 10, image_size=19)
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("demo-cnn", (1, 28, 30), 10)

@@ -112,3 +112,43 @@ def test_unknown_ood_set_fails_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="ood_sets"):
         _run(tmp_path, train_size=100, epochs=1, extra={"ood_sets": "nowhere"})
     assert not (tmp_path / "runs").exists()
+
+
+def test_paper_preset_is_the_papers_sgd_recipe_shortened():
+    recipe = task.resolve_recipe(Options(task="ood", preset="paper"))
+    assert (recipe.model, recipe.scores, recipe.max_test) == ("cnn", task.SCORES[:3], None)
+    train = recipe.train
+    assert (train.optimizer, train.lr, train.momentum, train.weight_decay) == ("sgd", 0.1, 0.9, 0)
+    assert (train.batch_size, train.schedule, train.milestones) == (256, "multistep", (0.5, 0.65))
+    assert recipe.ood_sets == ("fashion-mnist", "notmnist")
+
+
+def test_every_paper_run_resolves_and_measures_each_rows_metric():
+    for setting in task.TASK.paper:
+        for preset, fields in setting.runs.items():
+            recipe = task.resolve_recipe(Options(task="ood", **fields))
+            produced = {"test_accuracy"} | {
+                f"ood/{name}/{score}/{metric}"
+                for name in recipe.ood_sets
+                for score in recipe.scores
+                for metric in ("auroc", "aupr_in", "aupr_out", "fpr95")
+            }
+            for row in setting.rows:
+                assert row.metric in produced, (preset, row.label)
+                assert {row.baseline, row.treatment} <= set(setting.losses.split(",")), row.label
+
+
+def test_paper_quick_run_has_every_rows_metric(tmp_path):
+    shared_dataset("fashion-mnist")
+    shared_dataset("notmnist")
+    (setting,) = task.TASK.paper
+    fields = setting.runs["quick"]
+    results = _run(tmp_path, losses=setting.losses, **fields)
+    assert results["config"]["data"]["ood_sets"] == {"fashion-mnist": 200, "notmnist": 200}
+    runs = results["runs"]
+    assert sorted({r["loss"] for r in runs}) == sorted(setting.losses.split(","))
+    assert len(runs) == 2 * fields["seeds"]
+    for run in runs:
+        assert run["status"] == "ok"
+        for row in setting.rows:
+            assert 0.0 <= run["metrics"][row.metric] <= 1.0, row.metric

@@ -1,4 +1,4 @@
-"""Architectures shared by the lab's tasks: an MLP, a small CNN and ResNet-18 with a CIFAR stem.
+"""Architectures shared by the lab's tasks: an MLP, two small CNNs and ResNet-18 with a CIFAR stem.
 
 Every model exposes ``features(x)`` (the penultimate representation, used by the linear probe
 and classifier re-training) and ``classifier`` (the last ``nn.Linear``), so diagnostics need not
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "resnet18")
+MODELS = ("mlp", "cnn", "demo-cnn", "resnet18")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -91,6 +91,39 @@ class SmallCNN(_Classifier):
         self.classifier = nn.Linear(128, num_classes)
 
 
+class DemoCNN(_Classifier):
+    """The MNIST CNN of the torchattacks demos, on which the paper attacks CE and EL models.
+
+    Three 5x5 convolutions without padding or batch norm (16, 32, 64 channels, ReLU, a 2x2
+    max-pool after the second and the third), a 100-unit layer, classifier: on 28x28 images
+    ``Conv(1,16,5)-Conv(16,32,5)-MaxPool-Conv(32,64,5)-MaxPool-FC(64*3*3,100)-FC(100,10)``.
+
+    Args:
+        in_channels: input channels.
+        image_size: input height (= width); at least 20, so that the last map is not empty.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
+        super().__init__(num_classes, in_channels=in_channels)
+        if image_size < 20:
+            raise ValueError(f"image_size: must be at least 20, got {image_size}")
+        side = ((image_size - 8) // 2 - 4) // 2  # two unpadded 5x5 convs, pool, conv, pool
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 100),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(100, num_classes)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
 
@@ -143,7 +176,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     """Build a freshly initialised model (following the global torch seed) by name.
 
     Args:
-        name: ``"mlp"``, ``"cnn"`` or ``"resnet18"``.
+        name: ``"mlp"``, ``"cnn"``, ``"demo-cnn"`` or ``"resnet18"``.
         input_shape: shape of one example, ``(C, H, W)``.
 
     Raises:
@@ -158,6 +191,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         if height != width:
             raise ValueError(f"input_shape: cnn needs square images, got {input_shape}")
         return SmallCNN(channels, num_classes, image_size=height)
+    if name == "demo-cnn":
+        if height != width:
+            raise ValueError(f"input_shape: demo-cnn needs square images, got {input_shape}")
+        return DemoCNN(channels, num_classes, image_size=height)
     if name == "resnet18":
         return ResNet18(channels, num_classes)
     raise ValueError(f"name: unknown model {name!r}; known: {', '.join(MODELS)}")
