@@ -34,16 +34,9 @@ from typing import Any
 import torch
 
 from . import io, report
+from .distributed import finish_distributed, rank, resolve_device, world_size
 from .losses import LossSpec, baselines, build_criterion, parse_loss_list
-from .trainer import (
-    TrainConfig,
-    TrainResult,
-    finish_distributed,
-    rank,
-    resolve_device,
-    train,
-    world_size,
-)
+from .trainer import TrainConfig, TrainResult, train
 
 
 @dataclass
