@@ -321,9 +321,12 @@ def _paper(args: argparse.Namespace, argv: list[str]) -> int:
     common = {k: v for k, v in common.items() if v is not None}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     out = common.pop("out", "runs/paper")
-    path = run_page(args.preset, out, tasks, command=shlex.join([PROG, *argv]), **common)
+    path, failed = run_page(args.preset, out, tasks, command=shlex.join([PROG, *argv]), **common)
     print(f"report: {path}")
-    return 0
+    for run in failed:
+        where = f"{run['setting']}: {run['loss']} seed {run['seed']}"
+        print(f"{PROG}: run {where} failed: {run['error']}", file=sys.stderr)
+    return EXIT_FAILED_RUNS if failed else 0
 
 
 def _installed(module: str) -> bool:

@@ -90,7 +90,7 @@ def run_page(
     command: str | None = None,
     costs: str | Path | None = None,
     **common,
-) -> Path:
+) -> tuple[Path, list[dict]]:
     """Run every setting of the page at ``preset`` and write ``out/report.md``.
 
     Args:
@@ -105,7 +105,8 @@ def run_page(
             ``resume``, ``jobs``, ``progress``, ``device``, ``tune_seeds``).
 
     Returns:
-        The path of the page.
+        ``(path, failed)``: the page, and the failed runs of every setting (each with its
+        ``setting``).
 
     Raises:
         ValueError: naming a bad argument (before any run starts).
@@ -114,7 +115,7 @@ def run_page(
         raise ValueError(f"preset: expected one of {', '.join(PAGE_PRESETS)}, got {preset!r}")
     entries = page_entries(out, tasks)
     measured = load_costs(costs)
-    started = time.perf_counter()
+    started, failed = time.perf_counter(), []
     for entry in entries:
         fields = entry.setting.runs.get(preset)
         if fields is None:
@@ -128,10 +129,12 @@ def run_page(
             tune="lr" if tune else None,
             **{**fields, **common},
         )
-        run_experiment(options)
+        results = run_experiment(options)
+        failures = (results or {}).get("config", {}).get("failed_runs", [])
+        failed += [{**failure, "setting": entry.title} for failure in failures]
     wall = time.perf_counter() - started
     text = page_markdown(entries, preset, wall, tune, command, measured)
-    return atomic_write_text(Path(out) / "report.md", text)
+    return atomic_write_text(Path(out) / "report.md", text), failed
 
 
 def load_costs(path: str | Path | None) -> dict[str, float]:
