@@ -63,7 +63,7 @@ PAPER_SETTING = PaperSetting(
         "quick": dict(
             preset="paper", seeds=2, epochs=1, train_size=64, test_size=10, extra={"val_size": 10}
         ),
-        "cpu": dict(preset="paper", seeds=2),
+        "cpu": dict(preset="paper", seeds=3),
         "gpu": dict(preset="paper-gpu", seeds=3),
     },
     rows=(
