@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
 from encouraging_loss.lab import paper
 from encouraging_loss.lab.cli import main
-from encouraging_loss.lab.tasks import PaperRow, PaperSetting, load_task
+from encouraging_loss.lab.tasks import TASKS, PaperRow, PaperSetting, load_task
 
 from .helpers import load_results, torch_globals_restored
 
@@ -114,3 +116,18 @@ def test_bad_page_options_are_named(tmp_path, capsys):
     for path in (tmp_path / "missing.json", tmp_path / "other.json"):
         with pytest.raises(ValueError, match="costs"):
             paper.run_page("quick", tmp_path, costs=path)
+
+
+def test_every_setting_the_cpu_page_skips_names_a_timed_benchmark_case():
+    # The page quotes "cost here" from benchmarks/bench_presets.py by the setting's cost_case.
+    source = (Path(__file__).parents[2] / "benchmarks" / "bench_presets.py").read_text("utf-8")
+    cases = next(
+        node.value
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CASES"
+    )
+    names = {key.value for key in cases.keys}
+    skipped = [s for t in TASKS for s in load_task(t).paper if "cpu" not in s.runs]
+    assert skipped, "the page has GPU-only settings"
+    for setting in skipped:
+        assert setting.cost_case in names, setting.name

@@ -209,6 +209,7 @@ PAPER_SETTINGS = (
         "ResNet-18 with the CIFAR stem, 200 epochs of SGD 0.1, cosine, crop+flip (a GPU run, "
         "not run here); EL with the conservative bonus log_end = 0.75 (the core's choice for "
         "high-accuracy tasks); the paper's CIFAR-10 numbers are not recorded here.",
+        cost_case="image-cifar10",
     ),
 )
 LR_HELP = (
