@@ -17,7 +17,7 @@ from encouraging_loss import (
 )
 
 OPS = torch.ops.encouraging_loss
-#: The scalar options in the inner operator's order, after ``bonus_weight``.
+#: The bonus options in the inner operator's order, after the cross-entropy ones.
 BONUS_DEFAULTS = dict(log_end=0.75, bonus_scale=1.0, bonus="log", bonus_gamma=1.0,
                       bonus_start=0.0, validate_args=True, backend="auto")  # fmt: skip
 
@@ -26,7 +26,7 @@ def inner_args(input, target, weight=None, bonus_weight=None, ignore_index=-100,
                reduction="mean", label_smoothing=0.0, **bonus):  # fmt: skip
     """The positional arguments of ``encouraging_loss_and_grad``."""
     options = {**BONUS_DEFAULTS, **bonus}
-    return (input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight,
+    return (input, target, weight, bonus_weight, ignore_index, reduction, label_smoothing,
             *options.values())  # fmt: skip
 
 

@@ -39,10 +39,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import Tensor
-from torch._library.infer_schema import infer_schema
 
 from ..functional import encouraging_loss_with_options
 from ..linear import linear_loss_with_options
@@ -56,32 +56,74 @@ NAMESPACE = "encouraging_loss"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def _schema(function) -> str:
-    """The schema of ``function``'s signature, with plain ``int`` where torch infers
-    ``SymInt``: ``ignore_index`` and ``chunk_size`` are options, never sizes to trace."""
-    return infer_schema(function, mutates_args=()).replace("SymInt", "int")
+# Schema types of the options' annotations (``from __future__ import annotations``: strings).
+_SCHEMA_TYPES = {"int": "int", "str": "str", "float": "float", "bool": "bool",
+                 "int | None": "int?", "torch.dtype | None": "ScalarType?"}  # fmt: skip
 
 
-def _custom_op(name: str):
-    """``torch.library.custom_op`` in this namespace, with :func:`_schema`'s schema."""
+def _schema_default(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)  # None, True/False, ints and floats read the same in a schema
+
+
+def _option_arguments(options_type: type[LossOptions], names=None, defaults=True) -> str:
+    """Schema arguments for the fields ``names`` (default: all) of ``options_type``.
+
+    The options are written once, in :mod:`..options`; every operator's schema and every
+    unpacking of its arguments below follows the options class's field order.
+    """
+    fields = {f.name: f for f in dataclasses.fields(options_type) if f.init}
+    arguments = []
+    for name in names or fields:
+        field = fields[name]
+        argument = f"{_SCHEMA_TYPES[field.type]} {name}"
+        arguments.append(argument + ("=" + _schema_default(field.default) if defaults else ""))
+    return ", ".join(arguments)
+
+
+def _defaults(options_type: type[LossOptions]) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(options_type) if f.init}
+
+
+# Read once here: torch.compile traces the public operators' bodies and the wrappers, and
+# cannot trace dataclasses.fields of a class.
+_DEFAULTS = {
+    options_type: _defaults(options_type) for options_type in (LossOptions, LinearLossOptions)
+}
+
+
+def _option_values(options_type: type[LossOptions], given: dict) -> tuple:
+    """The options in field order, defaults where not ``given`` (the dispatcher leaves out an
+    argument that equals its default)."""
+    return tuple(given.get(name, default) for name, default in _DEFAULTS[options_type].items())
+
+
+def _options_of(options_type: type[LossOptions], values, **changes) -> LossOptions:
+    """The options object of an operator's option arguments (checked, cached per set)."""
+    given = dict(zip(_DEFAULTS[options_type], values, strict=True))
+    return options_type.of(**{**given, **changes})
+
+
+def _keywords(options: LossOptions) -> dict:
+    return {name: getattr(options, name) for name in _DEFAULTS[type(options)]}
+
+
+#: Where ``reduction`` is among the option arguments.
+_REDUCTION = {
+    options_type: list(names).index("reduction") for options_type, names in _DEFAULTS.items()
+}
+
+
+def _custom_op(name: str, arguments: str, returns: str):
+    """``torch.library.custom_op`` in this namespace with the schema ``(arguments) -> returns``
+    (no keyword-only arguments: the kernels receive them in schema order)."""
 
     def register(function):
         return torch.library.custom_op(f"{NAMESPACE}::{name}", function, mutates_args=(),
-                                       schema=_schema(function))  # fmt: skip
+                                       schema=f"({arguments}) -> {returns}")  # fmt: skip
 
     return register
-
-
-def _loss_options(
-    ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus, bonus_gamma,
-    bonus_start, validate_args, backend,
-) -> LossOptions:  # fmt: skip
-    # Built (and checked, naming the argument) from the schema's scalars; cached per set.
-    return LossOptions.of(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        log_end=log_end, bonus_scale=bonus_scale, bonus=bonus, bonus_gamma=bonus_gamma,
-        bonus_start=bonus_start, validate_args=validate_args, backend=backend,
-    )  # fmt: skip
 
 
 def _loss_shape(input: Tensor, reduction: str) -> tuple:
@@ -129,26 +171,16 @@ def _unit_gradients(loss: Tensor, leaves: list[Tensor]) -> list[Tensor]:
 # --- encouraging_loss -------------------------------------------------------------------------
 
 
-@_custom_op("encouraging_loss_and_grad")
-def _encouraging_loss_and_grad(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    bonus_weight: Tensor | None,
-    log_end: float,
-    bonus_scale: float,
-    bonus: str,
-    bonus_gamma: float,
-    bonus_start: float,
-    validate_args: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+# (input, target, weight, bonus_weight, the options in field order) -> (loss, unit gradient)
+_ARGUMENTS = "Tensor input, Tensor target, Tensor? weight, Tensor? bonus_weight, " + (
+    _option_arguments(LossOptions, defaults=False)
+)
+
+
+@_custom_op("encouraging_loss_and_grad", _ARGUMENTS, "(Tensor, Tensor)")
+def _encouraging_loss_and_grad(input, target, weight, bonus_weight, *option_values):
     """(loss, d loss / d input for a unit incoming gradient) by :func:`encouraging_loss`."""
-    options = _loss_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
-                            bonus, bonus_gamma, bonus_start, validate_args, backend)  # fmt: skip
+    options = _options_of(LossOptions, option_values)
     with _autograd_recording():
         leaf = input.detach().requires_grad_()
         loss = encouraging_loss_with_options(leaf, target, options, weight, bonus_weight)
@@ -157,21 +189,17 @@ def _encouraging_loss_and_grad(
 
 
 @_encouraging_loss_and_grad.register_fake
-def _encouraging_loss_and_grad_fake(
-    input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, log_end,
-    bonus_scale, bonus, bonus_gamma, bonus_start, validate_args, backend,
-):  # fmt: skip
+def _encouraging_loss_and_grad_fake(input, target, weight, bonus_weight, *option_values):
     from .._validate import check_class_vector, check_input_and_target
 
     # The checks that need no values run while tracing, so a compiled call fails where it is
     # written rather than when the graph runs.
-    _loss_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus,
-                  bonus_gamma, bonus_start, validate_args, backend)  # fmt: skip
+    options = _options_of(LossOptions, option_values)
     check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     check_class_vector("weight", weight, num_classes, input)
     check_class_vector("bonus_weight", bonus_weight, num_classes, input)
-    return input.new_empty(_loss_shape(input, reduction)), torch.empty_like(input)
+    return input.new_empty(_loss_shape(input, options.reduction)), torch.empty_like(input)
 
 
 def _keep_gradients(ctx, grads) -> None:
@@ -195,20 +223,22 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
 
 
 def _encouraging_loss_setup(ctx, inputs, output):
-    input, target, weight, *_ = inputs
+    input, target, weight, bonus_weight, *option_values = inputs
     _, grad = output
     _keep_gradients(ctx, [grad])
+    ctx.num_inputs = len(inputs)
     if ctx.eager:
-        ctx.save_for_backward(input, target, weight, inputs[6])
-        ctx.scalars = inputs[3:6] + inputs[7:]
+        ctx.save_for_backward(input, target, weight, bonus_weight)
+        ctx.option_values = option_values
     else:
         ctx.save_for_backward(grad)
     # "none" gives one loss per row of (N, C, d...): its incoming gradient broadcasts over C.
-    ctx.per_row = inputs[4] == "none" and input.dim() > 1
+    reduction = option_values[_REDUCTION[LossOptions]]
+    ctx.per_row = reduction == "none" and input.dim() > 1
 
 
 def _encouraging_loss_backward(ctx, grad_loss, _grad_of_grad):
-    nothing = [None] * 13
+    nothing = [None] * (ctx.num_inputs - 1)
     if grad_loss is None:
         return (None, *nothing)
     if not ctx.eager:
@@ -217,10 +247,8 @@ def _encouraging_loss_backward(ctx, grad_loss, _grad_of_grad):
         (grad,), ctx.kept = ctx.kept, None
     else:
         # A second backward through a retained graph: the first one scaled the gradient.
-        input, target, weight, bonus_weight = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, *bonus = ctx.scalars
         _, grad = torch.ops.encouraging_loss.encouraging_loss_and_grad(
-            input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, *bonus
+            *ctx.saved_tensors, *ctx.option_values
         )
     if ctx.per_row:
         grad_loss = grad_loss.unsqueeze(1)
@@ -231,34 +259,30 @@ _encouraging_loss_and_grad.register_autograd(
     _encouraging_loss_backward, setup_context=_encouraging_loss_setup
 )
 
+# torch.nn.functional.cross_entropy's arguments, then the bonus's (keyword-only).
+_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing")
+_BONUS_OPTIONS = tuple(n for n in _DEFAULTS[LossOptions] if n not in _CROSS_ENTROPY_OPTIONS)
 
-def _encouraging_loss_signature(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    bonus_weight: Tensor | None = None,
-    log_end: float = 0.75,
-    bonus_scale: float = 1.0,
-    bonus: str = "log",
-    bonus_gamma: float = 1.0,
-    bonus_start: float = 0.0,
-    validate_args: bool = True,
-    backend: str = "auto",
-) -> Tensor:
+
+def _encouraging_loss_public(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+    bonus_weight=None, **options,
+):  # fmt: skip
     """The public operator: the loss of :func:`_encouraging_loss_and_grad`."""
+    given = dict(options, ignore_index=ignore_index, reduction=reduction,
+                 label_smoothing=label_smoothing)  # fmt: skip
     loss, _ = torch.ops.encouraging_loss.encouraging_loss_and_grad(
-        input, target, weight, ignore_index, reduction, label_smoothing, bonus_weight, log_end,
-        bonus_scale, bonus, bonus_gamma, bonus_start, validate_args, backend,
-    )  # fmt: skip
+        input, target, weight, bonus_weight, *_option_values(LossOptions, given)
+    )
     return loss
 
 
-_LIBRARY.define("encouraging_loss" + _schema(_encouraging_loss_signature))
-_LIBRARY.impl("encouraging_loss", _encouraging_loss_signature, "CompositeImplicitAutograd")
+_LIBRARY.define(
+    f"encouraging_loss(Tensor input, Tensor target, Tensor? weight=None, "
+    f"{_option_arguments(LossOptions, _CROSS_ENTROPY_OPTIONS)}, *, Tensor? bonus_weight=None, "
+    f"{_option_arguments(LossOptions, _BONUS_OPTIONS)}) -> Tensor"
+)
+_LIBRARY.impl("encouraging_loss", _encouraging_loss_public, "CompositeImplicitAutograd")
 
 
 @takes_options(LossOptions)
@@ -313,27 +337,11 @@ def encouraging_loss_op(
     options = LossOptions.of(ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, **options)  # fmt: skip
     return torch.ops.encouraging_loss.encouraging_loss(
-        input, target, weight, options.ignore_index, options.reduction,
-        options.label_smoothing, bonus_weight=bonus_weight, log_end=options.log_end,
-        bonus_scale=options.bonus_scale, bonus=options.bonus, bonus_gamma=options.bonus_gamma,
-        bonus_start=options.bonus_start, validate_args=options.validate_args,
-        backend=options.backend,
-    )  # fmt: skip
+        input, target, weight, bonus_weight=bonus_weight, **_keywords(options)
+    )
 
 
 # --- linear_encouraging_loss ------------------------------------------------------------------
-
-
-def _linear_options(
-    ignore_index, reduction, label_smoothing, log_end, bonus_scale, bonus, bonus_gamma,
-    bonus_start, validate_args, backend, chunk_size, accumulation_dtype,
-) -> LinearLossOptions:  # fmt: skip
-    return LinearLossOptions.of(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        log_end=log_end, bonus_scale=bonus_scale, bonus=bonus, bonus_gamma=bonus_gamma,
-        bonus_start=bonus_start, validate_args=validate_args, backend=backend,
-        chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
-    )  # fmt: skip
 
 
 def _linear_loss_and_gradients(
@@ -358,11 +366,11 @@ def _linear_loss_and_gradients(
     return loss.detach().contiguous(), out
 
 
-def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, options_args):
+def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, option_values):
     from .._validate import check_class_vector
     from ..linear import _check_linear_inputs
 
-    _linear_options(*options_args)
+    _options_of(LinearLossOptions, option_values)
     _check_linear_inputs(hidden, weight, target, bias)
     check_class_vector("class_weight", class_weight, weight.shape[0], hidden)
     check_class_vector("bonus_weight", bonus_weight, weight.shape[0], hidden)
@@ -373,36 +381,23 @@ def _fake_gradients(tensors, wanted) -> list[Tensor]:
             for t, want in zip(tensors, wanted, strict=True)]  # fmt: skip
 
 
-@_custom_op("linear_encouraging_loss_and_grads")
-def _linear_loss_and_grads(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    class_weight: Tensor | None,
-    bonus_weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    log_end: float,
-    bonus_scale: float,
-    bonus: str,
-    bonus_gamma: float,
-    bonus_start: float,
-    validate_args: bool,
-    backend: str,
-    chunk_size: int | None,
-    accumulation_dtype: torch.dtype | None,
-    grad_hidden: bool,
-    grad_weight: bool,
-    grad_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# (hidden, weight, target, bias, class_weight, bonus_weight, the options in field order, and
+# which of the gradients of hidden, weight and bias to compute)
+_LINEAR_ARGUMENTS = (
+    "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+    f"Tensor? bonus_weight, {_option_arguments(LinearLossOptions, defaults=False)}, "
+    "bool grad_hidden, bool grad_weight, bool grad_bias"
+)
+
+
+@_custom_op("linear_encouraging_loss_and_grads", _LINEAR_ARGUMENTS,
+            "(Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
+def _linear_loss_and_grads(hidden, weight, target, bias, class_weight, bonus_weight, *args):
     """(loss, and for a unit incoming gradient the gradients of hidden, weight and bias that
     ``grad_*`` ask for, each an empty tensor when not asked) by :func:`linear_encouraging_loss`.
     """
-    options = _linear_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
-                              bonus, bonus_gamma, bonus_start, validate_args, backend,
-                              chunk_size, accumulation_dtype)  # fmt: skip
+    *option_values, grad_hidden, grad_weight, grad_bias = args
+    options = _options_of(LinearLossOptions, option_values)
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
     # LinearEL computes the loss and the unit gradients in one chunked pass.
     loss, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
@@ -411,48 +406,24 @@ def _linear_loss_and_grads(
 
 
 @_linear_loss_and_grads.register_fake
-def _linear_loss_and_grads_fake(
-    hidden, weight, target, bias, class_weight, bonus_weight, *args
-):  # fmt: skip
-    *options_args, grad_hidden, grad_weight, grad_bias = args
-    _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, options_args)
-    reduction = options_args[1]
+def _linear_loss_and_grads_fake(hidden, weight, target, bias, class_weight, bonus_weight, *args):
+    *option_values, grad_hidden, grad_weight, grad_bias = args
+    _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, option_values)
+    reduction = option_values[_REDUCTION[LinearLossOptions]]
     loss = hidden.new_empty(target.shape if reduction == "none" else ())
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
     return (loss, *_fake_gradients((hidden, weight, bias), wanted))
 
 
-@_custom_op("linear_encouraging_loss_backward")
-def _linear_loss_backward(
-    grad_loss: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    class_weight: Tensor | None,
-    bonus_weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    log_end: float,
-    bonus_scale: float,
-    bonus: str,
-    bonus_gamma: float,
-    bonus_start: float,
-    validate_args: bool,
-    backend: str,
-    chunk_size: int | None,
-    accumulation_dtype: torch.dtype | None,
-    grad_hidden: bool,
-    grad_weight: bool,
-    grad_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+@_custom_op("linear_encouraging_loss_backward", f"Tensor grad_loss, {_LINEAR_ARGUMENTS}",
+            "(Tensor, Tensor, Tensor)")  # fmt: skip
+def _linear_loss_backward(grad_loss, hidden, weight, target, bias, class_weight, bonus_weight,
+                          *args):  # fmt: skip
     """The gradients of hidden, weight and bias for ``grad_loss`` (empty where not asked),
     recomputed chunk by chunk (the backward of ``reduction="none"``). It has no autograd
     formula of its own: a second derivative through it raises."""
-    options = _linear_options(ignore_index, reduction, label_smoothing, log_end, bonus_scale,
-                              bonus, bonus_gamma, bonus_start, False, backend, chunk_size,
-                              accumulation_dtype)  # fmt: skip
+    *option_values, grad_hidden, grad_weight, grad_bias = args
+    options = _options_of(LinearLossOptions, option_values, validate_args=False)
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
     _, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
                                           bonus_weight, options, wanted, grad_loss)  # fmt: skip
@@ -477,7 +448,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *_grads_of_grads):
-    nothing = [None] * 17
+    nothing = [None] * (len(ctx.options_args) + 5)  # target, the weights, options, the flags
     if grad_loss is None:
         return (None, None, None, None, *nothing)
     hidden, weight, target, bias, class_weight, bonus_weight, *grads = ctx.saved_tensors
@@ -504,42 +475,28 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
 _linear_loss_and_grads.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _linear_encouraging_loss_signature(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None = None,
-    *,
-    class_weight: Tensor | None = None,
-    bonus_weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    log_end: float = 0.75,
-    bonus_scale: float = 1.0,
-    bonus: str = "log",
-    bonus_gamma: float = 1.0,
-    bonus_start: float = 0.0,
-    validate_args: bool = True,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    accumulation_dtype: torch.dtype | None = None,
-) -> Tensor:
+def _linear_encouraging_loss_public(
+    hidden, weight, target, bias=None, *, class_weight=None, bonus_weight=None, **options
+):
     """The public operator: the loss of :func:`_linear_loss_and_grads`, which computes the
     gradients with it where they will be needed and the reduction allows."""
+    values = _option_values(LinearLossOptions, options)
+    reduction = values[_REDUCTION[LinearLossOptions]]
     precompute = torch.is_grad_enabled() and reduction != "none"
     wanted = [precompute and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, *_ = torch.ops.encouraging_loss.linear_encouraging_loss_and_grads(
-        hidden, weight, target, bias, class_weight, bonus_weight, ignore_index, reduction,
-        label_smoothing, log_end, bonus_scale, bonus, bonus_gamma, bonus_start, validate_args,
-        backend, chunk_size, accumulation_dtype, *wanted,
-    )  # fmt: skip
+        hidden, weight, target, bias, class_weight, bonus_weight, *values, *wanted
+    )
     return loss
 
 
-_LIBRARY.define("linear_encouraging_loss" + _schema(_linear_encouraging_loss_signature))
+_LIBRARY.define(
+    "linear_encouraging_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, "
+    "Tensor? class_weight=None, Tensor? bonus_weight=None, "
+    f"{_option_arguments(LinearLossOptions)}) -> Tensor"
+)
 _LIBRARY.impl(
-    "linear_encouraging_loss", _linear_encouraging_loss_signature, "CompositeImplicitAutograd"
+    "linear_encouraging_loss", _linear_encouraging_loss_public, "CompositeImplicitAutograd"
 )
 
 
@@ -591,10 +548,5 @@ def linear_encouraging_loss_op(
     options = LinearLossOptions.of(**options)
     return torch.ops.encouraging_loss.linear_encouraging_loss(
         hidden, weight, target, bias, class_weight=class_weight, bonus_weight=bonus_weight,
-        ignore_index=options.ignore_index, reduction=options.reduction,
-        label_smoothing=options.label_smoothing, log_end=options.log_end,
-        bonus_scale=options.bonus_scale, bonus=options.bonus, bonus_gamma=options.bonus_gamma,
-        bonus_start=options.bonus_start, validate_args=options.validate_args,
-        backend=options.backend, chunk_size=options.chunk_size,
-        accumulation_dtype=options.accumulation_dtype,
+        **_keywords(options),
     )  # fmt: skip

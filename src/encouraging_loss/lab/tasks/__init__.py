@@ -81,7 +81,6 @@ class Task:
     Attributes:
         name: the task's name on the command line.
         summary: one line for ``--help``.
-        presets: preset names (``--preset``).
         default_preset: the preset of ``run`` when none is given.
         default_losses: the ``--losses`` of ``run`` when none is given.
         datasets: dataset names it takes (for ``--help``; the first is the default).
@@ -97,7 +96,6 @@ class Task:
 
     name: str = ""
     summary: str = ""
-    presets: tuple[str, ...] = ("quick", "standard", "full")
     default_preset: str = "quick"
     default_losses: str = "ce,el"
     datasets: tuple[str, ...] = ()
@@ -108,6 +106,11 @@ class Task:
     recipes: dict = {}
     ship_prepared: bool = True
     paper: tuple[PaperSetting, ...] = ()
+
+    @property
+    def presets(self) -> tuple[str, ...]:
+        """Preset names: the ``recipes``' keys unless a task says otherwise."""
+        return tuple(self.recipes)
 
     def default_seeds(self, preset: str) -> int:
         """Seeds per loss when ``--seeds`` is not given."""
@@ -163,9 +166,11 @@ class ClassificationTask(Task):
 
     Attributes:
         record_fields: fields each run's record adds (``None`` when it diverged).
+        models: the lab's models (:data:`..models.MODELS`) unless the task has its own.
     """
 
     record_fields: tuple[str, ...] = ()
+    models: tuple[str, ...] = MODELS
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
         config = run.config(replace(prepared.state[0].train, lr=self.lr_for(prepared, spec)))

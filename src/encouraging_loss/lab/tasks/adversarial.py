@@ -27,7 +27,6 @@ from .. import data as lab_data
 from .. import diagnostics
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
-from ..models import MODELS
 from ..report import against_ce
 from ..trainer import TrainConfig, predict_logits
 from . import (
@@ -393,11 +392,9 @@ class AdversarialTask(ClassificationTask):
 
     name = "adversarial"
     recipes = PRESETS
-    presets = tuple(PRESETS)
     paper = PAPER
     summary = "adversarial robustness: FGSM / PGD-L∞ robust accuracy over an ε grid"
     datasets = ("mnist", "fashion-mnist", "cifar10")
-    models = MODELS
 
     def add_arguments(self, group) -> None:
         group.description = "attacks: fgsm, pgd, pgd-margin (L∞)"

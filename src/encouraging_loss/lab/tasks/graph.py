@@ -476,7 +476,6 @@ class GraphTask(ClassificationTask):
     name = "graph"
     recipes = PRESETS
     summary = "graph classification: TU datasets (PROTEINS, MUTAG ...) with GIN, GCN or SAGPool"
-    presets = tuple(PRESETS)
     default_losses = DEFAULT_LOSSES
     datasets = DATASETS
     models = MODELS

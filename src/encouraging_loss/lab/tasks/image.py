@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from .. import data as lab_data
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
-from ..models import MODELS
 from ..trainer import TrainConfig, predict_logits
 from . import (
     ClassificationTask,
@@ -267,7 +266,6 @@ class ImageTask(ClassificationTask):
     }
     summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
     datasets = lab_data.DATASETS[:2] + ("cifar10",)
-    models = MODELS
     downloads = True
     main_job = {
         "summary": "CE vs EL on Fashion-MNIST, 3 seeds",

@@ -34,7 +34,6 @@ from .. import data as lab_data
 from .. import diagnostics, io, losses
 from ..experiment import Options, Prepared
 from ..losses import FAMILIES, Family, LossSpec
-from ..models import MODELS
 from ..trainer import TrainConfig, resolve_device
 from . import (
     ClassificationTask,
@@ -111,6 +110,21 @@ _PAPER_NOTE = (
     "The balanced test set makes test accuracy the balanced accuracy; cRT re-trains the last "
     "layer on frozen features with class-balanced sampling (10 epochs, plain CE)."
 )
+_BALANCED_ROW = PaperRow("balanced test accuracy (%)", "test_accuracy", direction=+1)
+_DECOUPLING_ROWS = (  # DRW with the bonus, and cRT: the paper's "decoupling" argument
+    PaperRow(
+        "DRW with the bonus vs DRW: balanced test accuracy (%)",
+        "test_accuracy",
+        baseline="ce-drw",
+        treatment="el-drw",
+        direction=+1,
+    ),
+    PaperRow(
+        "cRT on the learned features (decoupling): balanced test accuracy (%)",
+        "crt_accuracy",
+        direction=+1,
+    ),
+)
 PAPER_SETTINGS = (
     PaperSetting(
         "Long-tailed Fashion-MNIST (ratio 100), MLP (paper: iNaturalist 2018, ResNet-50)",
@@ -123,7 +137,7 @@ PAPER_SETTINGS = (
             | {"device": "auto", "threads": 0},
         },
         (
-            PaperRow("balanced test accuracy (%)", "test_accuracy", direction=+1),
+            _BALANCED_ROW,
             PaperRow("few-class (tail) test accuracy (%)", "few_accuracy", direction=+1),
             PaperRow(
                 "class-weighted bonus: balanced test accuracy (%)",
@@ -131,18 +145,7 @@ PAPER_SETTINGS = (
                 treatment="el:bonus_weight=balanced",
                 direction=+1,
             ),
-            PaperRow(
-                "DRW with the bonus vs DRW: balanced test accuracy (%)",
-                "test_accuracy",
-                baseline="ce-drw",
-                treatment="el-drw",
-                direction=+1,
-            ),
-            PaperRow(
-                "cRT on the learned features (decoupling): balanced test accuracy (%)",
-                "crt_accuracy",
-                direction=+1,
-            ),
+            *_DECOUPLING_ROWS,
         ),
         "iNaturalist 2018 is not available offline: an exponentially long-tailed view of "
         "Fashion-MNIST (5,000 to 50 images per class, 12,403 in all) with the lab's MLP, 30 "
@@ -157,21 +160,7 @@ PAPER_SETTINGS = (
             # all of them) took 11.5 s of CPU, and 30 tiny runs made it ~40 s on 2 cores.
             "gpu": {"preset": "full", "seeds": 3},
         },
-        (
-            PaperRow("balanced test accuracy (%)", "test_accuracy", direction=+1),
-            PaperRow(
-                "DRW with the bonus vs DRW: balanced test accuracy (%)",
-                "test_accuracy",
-                baseline="ce-drw",
-                treatment="el-drw",
-                direction=+1,
-            ),
-            PaperRow(
-                "cRT on the learned features (decoupling): balanced test accuracy (%)",
-                "crt_accuracy",
-                direction=+1,
-            ),
-        ),
+        (_BALANCED_ROW, *_DECOUPLING_ROWS),
         "Cao et al.'s CIFAR-10-LT recipe (ResNet-18 with the CIFAR stem instead of ResNet-32, "
         "200 epochs, DRW at epoch 160, validation held out of the test split): a GPU run, not "
         f"run here. {_PAPER_NOTE}",
@@ -423,9 +412,7 @@ class ImbalancedTask(ClassificationTask):
     recipes = PRESETS
     summary = "imbalanced classification: long-tailed Fashion-MNIST, MNIST or CIFAR-10"
     datasets = ("fashion-mnist", "mnist", "cifar10")
-    models = MODELS
     loss_families = LOSS_FAMILIES
-    presets = tuple(PRESETS)
     paper = PAPER_SETTINGS
 
     def add_arguments(self, group) -> None:

@@ -22,7 +22,6 @@ from .. import data as lab_data
 from .. import diagnostics
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
-from ..models import MODELS
 from ..report import against_ce
 from ..trainer import TrainConfig
 from . import (
@@ -268,11 +267,9 @@ class OodTask(ClassificationTask):
 
     name = "ood"
     recipes = PRESETS
-    presets = tuple(PRESETS)
     paper = PAPER
     summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
     datasets = ("mnist", "fashion-mnist")
-    models = MODELS
 
     def add_arguments(self, group) -> None:
         group.description = "in-distribution --dataset (default mnist)"
