@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from encouraging_loss.lab import experiment
 from encouraging_loss.lab.cli import main
 from encouraging_loss.lab.experiment import TUNE_FACTORS, Options
+from encouraging_loss.lab.io import record_path
 
 from .helpers import TINY_RUN, load_results
 
@@ -66,6 +68,20 @@ def test_resume_reuses_the_tuning_runs(tuned, data_root):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_resume_reruns_a_final_run_recorded_at_another_rate(tuned, data_root, tmp_path):
+    # A record from an earlier tuning that chose another rate (e.g. a widened grid) is stale.
+    out = tmp_path / "copy"
+    shutil.copytree(tuned, out)
+    chosen = load_results(out)["config"]["lr_by_loss"]["el"]
+    stale, kept = record_path(out, "el", 1), record_path(out, "ce", 1)
+    record = json.loads(stale.read_text(encoding="utf-8"))
+    stale.write_text(json.dumps({**record, "lr": chosen * 7}), encoding="utf-8")
+    kept_before = kept.stat().st_mtime_ns
+    assert run_tuned(out, data_root, "--resume") == 0
+    assert json.loads(stale.read_text(encoding="utf-8"))["lr"] == chosen
+    assert kept.stat().st_mtime_ns == kept_before
+
+
 def test_tuning_and_final_runs_share_one_worker_pool(tuned, data_root, tmp_path, monkeypatch):
     started = []
 
@@ -84,8 +100,8 @@ def test_tuning_and_final_runs_share_one_worker_pool(tuned, data_root, tmp_path,
 
 
 def test_default_grid_is_the_presets_rate_times_the_factors():
-    assert Options(tune="lr").tune_values(0.05) == [0.005, 0.015, 0.05, 0.15]
-    assert len(TUNE_FACTORS) == 4
+    assert Options(tune="lr").tune_values(0.05) == [0.005, 0.015, 0.05, 0.15, 0.5]
+    assert len(TUNE_FACTORS) == 5
     assert Options(tune="lr", tune_grid="0.3, 0.1,0.1").tune_values(1.0) == [0.1, 0.3]
 
 

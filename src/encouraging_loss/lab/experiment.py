@@ -163,7 +163,7 @@ class Options:
 
 # What --tune can pick, and the default grid: these factors times the preset's learning rate.
 TUNABLE = ("lr",)
-TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0)
+TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 # The options that override the preset's TrainConfig field of the same name (``amp`` combines).
 TRAIN_OVERRIDES = tuple(
@@ -432,10 +432,12 @@ def _run_all(workers: _Workers, runs: list[Run]):
         worker processes used, and the failed runs.
     """
     options = workers.options
-    records = {  # --resume: the runs already recorded
+    records = {  # --resume: the runs already recorded (at the rate tuning chose, if it did)
         i: record
         for i, r in enumerate(runs)
-        if options.resume and (record := io.load_record(r.out_dir, r.spec.name, r.seed))
+        if options.resume
+        and (record := io.load_record(r.out_dir, r.spec.name, r.seed))
+        and (r.lr is None or record.get("lr") == r.lr)
     }
     pending = {i: r for i, r in enumerate(runs) if i not in records}
     jobs = _jobs(options, workers.prepared, len(pending))

@@ -232,9 +232,9 @@ def page_markdown(
 ) -> str:
     """``report.md`` of the page from the settings' saved results (no number typed by hand)."""
     protocol = (
-        "every loss tuned over the same learning-rate grid (the recipe's rate × 0.1, 0.3, 1, 3) "
-        "on a validation split carved from the training data, the test set read once by the "
-        "chosen rate"
+        "every loss tuned over the same learning-rate grid (the recipe's rate × 0.1, 0.3, 1, 3, "
+        "10) on a validation split carved from the training data, the test set read once by "
+        "the chosen rate"
         if tune
         else "no tuning (`--no-tune`): every loss at the recipe's learning rate"
     )
@@ -283,13 +283,26 @@ def page_markdown(
         results = loaded[entry.folder]
         if results is not None:
             config = results["config"]
-            rates = ", ".join(f"`{k}` {v:g}" for k, v in config.get("lr_by_loss", {}).items())
+            grid = config.get("tuning", {}).get("grid", [])
+            rates = ", ".join(
+                f"`{k}` {v:g}{_grid_edge(v, grid)}" for k, v in config.get("lr_by_loss", {}).items()
+            )
+            tried = f" (grid {', '.join(f'{lr:g}' for lr in grid)})" if grid else ""
             cost = f"{config['wall_seconds']:.0f} s" if "wall_seconds" in config else "—"
-            lines.append(f"- {entry.title}: {rates}; wall time of its last invocation {cost}")
+            lines.append(
+                f"- {entry.title}: {rates}{tried}; wall time of its last invocation {cost}"
+            )
     lines += ["", "## Settings run", "", "```json"]
     lines.append(json.dumps({e.title: e.setting.runs.get(preset) for e in entries}, indent=1))
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _grid_edge(lr: float, grid: list[float]) -> str:
+    """A mark for a rate at the end of its grid: the best may lie beyond what was tried."""
+    if len(grid) < 2 or lr not in (grid[0], grid[-1]):
+        return ""
+    return " (the grid's lowest)" if lr == grid[0] else " (the grid's highest)"
 
 
 def _failures(results: dict) -> list[str]:

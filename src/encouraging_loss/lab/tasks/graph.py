@@ -464,7 +464,7 @@ PAPER_SETTING = PaperSetting(
         "L2 1e-4; early stopping (patience 50, at most 200 epochs) and model selection on "
         "validation accuracy, not loss; splits stratified by class; the last incomplete batch "
         "of an epoch is dropped; every loss's rate tuned on validation (seed 0) over 5e-4 x "
-        "0.1, 0.3, 1, 3."
+        "0.1, 0.3, 1, 3, 10."
     ),
 )
 
