@@ -77,9 +77,12 @@ def test_resume_reruns_a_final_run_recorded_at_another_rate(tuned, data_root, tm
     record = json.loads(stale.read_text(encoding="utf-8"))
     stale.write_text(json.dumps({**record, "lr": chosen * 7}), encoding="utf-8")
     kept_before = kept.stat().st_mtime_ns
+    earlier = load_results(out)["config"]["wall_seconds_total"]
     assert run_tuned(out, data_root, "--resume") == 0
     assert json.loads(stale.read_text(encoding="utf-8"))["lr"] == chosen
     assert kept.stat().st_mtime_ns == kept_before
+    config = load_results(out)["config"]  # the cost counts every invocation
+    assert config["wall_seconds_total"] == pytest.approx(earlier + config["wall_seconds"])
 
 
 def test_tuning_and_final_runs_share_one_worker_pool(tuned, data_root, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -342,6 +343,8 @@ def run_experiment(options: Options) -> dict | None:
         "threads": prepared.threads or torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - started,
     }
+    # What the results cost, over every invocation that built them (--resume adds to it).
+    config["wall_seconds_total"] = config["wall_seconds"] + _earlier_wall_seconds(out_dir, options)
     if tuning:
         config["tuning"] = tuning
     if failed:
@@ -357,6 +360,15 @@ def run_experiment(options: Options) -> dict | None:
         results["report"] = spec
     report.write_report(out_dir, results)
     return results
+
+
+def _earlier_wall_seconds(out_dir: Path, options: Options) -> float:
+    """The wall time of the invocations before this ``--resume`` one (0 without one)."""
+    path = out_dir / "results.json"
+    if not options.resume or not path.is_file():
+        return 0.0
+    config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+    return float(config.get("wall_seconds_total", config.get("wall_seconds", 0.0)))
 
 
 def _tune(workers: _Workers, specs, out_dir: Path):

@@ -241,8 +241,8 @@ def page_markdown(
     lines = [
         "# The encouraging loss beside the paper",
         "",
-        f"Page preset `{preset}`; {protocol}. Wall time of this invocation: {wall_seconds:.0f} s "
-        "(resumed runs are not re-timed). Ours: mean ± std over seeds (n), in the paper's unit; "
+        f"Page preset `{preset}`; {protocol}. Wall time of this invocation: {wall_seconds:.0f} s"
+        f"{_total_wall(entries)}. Ours: mean ± std over seeds (n), in the paper's unit; "
         "Δ: the mean paired difference (same seed: same split, initialisation and batches) with "
         "its 95% t-interval.",
         "",
@@ -289,13 +289,21 @@ def page_markdown(
             )
             tried = f" (grid {', '.join(f'{lr:g}' for lr in grid)})" if grid else ""
             cost = f"{config['wall_seconds']:.0f} s" if "wall_seconds" in config else "—"
-            lines.append(
-                f"- {entry.title}: {rates}{tried}; wall time of its last invocation {cost}"
-            )
+            if "wall_seconds_total" in config:
+                cost = f"{config['wall_seconds_total']:.0f} s (its last invocation {cost})"
+            lines.append(f"- {entry.title}: {rates}{tried}; wall time {cost}")
     lines += ["", "## Settings run", "", "```json"]
     lines.append(json.dumps({e.title: e.setting.runs.get(preset) for e in entries}, indent=1))
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _total_wall(entries: list[PageEntry]) -> str:
+    """The settings' wall times over all their invocations, summed (``--resume`` adds up)."""
+    totals = [r["config"].get("wall_seconds_total") for e in entries if (r := _results(e))]
+    if not totals or None in totals:
+        return " (resumed runs are not re-timed)"
+    return f"; of every invocation, the settings' wall times summed: {sum(totals):.0f} s"
 
 
 def _grid_edge(lr: float, grid: list[float]) -> str:
