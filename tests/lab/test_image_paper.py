@@ -4,9 +4,11 @@ protocol), never in tuning runs, kept across resume; every setting's quick run h
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
 from encouraging_loss.lab.tasks import PaperSetting
@@ -127,3 +129,18 @@ def test_older_presets_do_not_score_test_per_epoch(tmp_path):
     assert "best_test_accuracy_over_epochs" not in run["metrics"]
     assert all("test_accuracy" not in h for h in run["history"])
     assert "best_test_over_epochs" not in results["config"]
+
+
+def test_cifar10_gpu_setting_takes_its_first_steps_on_cpu(tmp_path):
+    """The GPU-size setting (ResNet-18, not run here) trains its first batch on a sliver."""
+    shared_dataset("cifar10")
+    setting = SETTINGS["CIFAR-10, ResNet-18"]
+    fields = dict(setting.runs["gpu"], seeds=1, train_size=40, test_size=16, batch_size=32)
+    recipe = task.PRESETS[fields["preset"]][fields["dataset"]]
+    assert recipe.model == "resnet18" and recipe.train.epochs == 200
+    out = tmp_path / "gpu"
+    with pytest.raises(Interrupted):
+        _run(out, losses="el", stop_after_epochs=1, device="cpu", threads=1, **fields)
+    (checkpoint,) = (out / "checkpoints").glob("*.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
