@@ -49,13 +49,17 @@ SMALL_MAX_ELEMENTS = 1 << 17
 CLASS_MAJOR_BELOW = 16
 
 
-def small_path_supports(input: torch.Tensor, options: LossOptions) -> str | None:
+def small_path_supports(input: torch.Tensor, options: LossOptions,
+                        token_weight: torch.Tensor | None = None) -> str | None:  # fmt: skip
     """Why :func:`small_encouraging_loss` does not take this call, or None when it does.
 
     Args:
         input: the logits, (C), (N, C) or (N, C, d1, ..., dK).
         options: the loss options.
+        token_weight: the per-element weights of the call, or None.
     """
+    if token_weight is not None:
+        return "per-element weights (token_weight) take the row paths"
     if not input.is_cpu or torch.compiler.is_compiling():
         return "not an eager CPU call (GPU tensors and torch.compile take the row paths)"
     if input.numel() > SMALL_MAX_ELEMENTS:
