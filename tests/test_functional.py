@@ -309,15 +309,19 @@ def test_second_backward_through_retained_graph(smoothing):
     dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
     scale=st.sampled_from([0.5, 5.0, 30.0]),
     seed=st.integers(0, 10_000),
+    use_token_weight=st.booleans(),
 )
 def test_property_matches_reference(batch, extra, num_classes, probs, smoothing, use_weight,
                                     reduction, bonus, log_end, bonus_scale, bonus_start, dtype,
-                                    scale, seed):
+                                    scale, seed, use_token_weight):
     logits, target = make_case((batch, *extra), num_classes, dtype=dtype, probs=probs,
                                ignore_fraction=0.0 if probs else 0.25, scale=scale, seed=seed)
     weight = torch.rand(num_classes, dtype=torch.float64) + 0.1 if use_weight else None
+    token_weight = _token_weight((batch, *extra), seed=seed).to(dtype) if use_token_weight \
+        else None
     kwargs = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, bonus=bonus,
-                  log_end=log_end, bonus_scale=bonus_scale, bonus_start=bonus_start)
+                  log_end=log_end, bonus_scale=bonus_scale, bonus_start=bonus_start,
+                  token_weight=token_weight)
     value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
     expected, expected_grad = grad_of(reference_loss, logits.double(), target, **kwargs)
     assert value.dtype == dtype and grad.dtype == dtype
@@ -490,3 +494,4 @@ def test_token_weight_value_check_follows_validate_args():
                              reduction="sum")
     expected = (encouraging_loss(logits, target, reduction="none") * negative).sum()
     torch.testing.assert_close(value, expected)
+

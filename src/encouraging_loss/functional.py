@@ -181,8 +181,8 @@ def encouraging_loss_with_options(
     if use_triton_backend(input, target, options):
         return triton_loss_with_options(input, target, options, weight, bonus_weight,
                                         token_weight=token_weight)  # fmt: skip
-    if small_path_supports(input, options, token_weight) is None:
-        return small_encouraging_loss(input, target, weight, bonus_weight, options)
+    if small_path_supports(input, options) is None:
+        return small_encouraging_loss(input, target, weight, bonus_weight, options, token_weight)
     if is_index and options.validate_args and not torch.compiler.is_compiling():
         check_target_range(target, num_classes, options.ignore_index)
 
