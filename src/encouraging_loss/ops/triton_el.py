@@ -164,7 +164,7 @@ class TritonEL(torch.autograd.Function):
             row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
             row_scale = row_scale.expand(logits.shape[0])
             if token_weight is not None:
-                row_scale = token_weight.float()
+                row_scale = token_row_scale(token_weight, 1.0)
             denominator = None
         row_scale = row_scale.contiguous()
         # In place, the kernel writes through the raw pointer: autograd is not told (as in
