@@ -114,8 +114,10 @@ def check_token_weight(token_weight, index_shape, like: torch.Tensor, validate_a
             "is); pass token_weight.detach()"
         )
     if value_checks_enabled(validate_args) and token_weight.numel() > 0:
-        bad = ~(torch.isfinite(token_weight) & (token_weight >= 0))
-        if bool(bad.any()):
+        # One reduction and one read (NaN propagates into both bounds).
+        low, high = torch.aminmax(token_weight)
+        if not bool((low >= 0) & (high < math.inf)):
+            bad = ~(torch.isfinite(token_weight) & (token_weight >= 0))
             value = float(token_weight[bad].flatten()[0])
             raise ValueError(
                 f"token_weight must hold finite values >= 0 (one weight per element of the "
