@@ -373,8 +373,7 @@ def test_token_weight_matches_float64_reference(shape, probs, use_weight, option
                                ignore_fraction=0.0 if probs else 0.3,
                                ignore_index=options.get("ignore_index", -100))
     weight = _weight(use_weight, num_classes)
-    token_weight = _token_weight(target.shape[:1] + target.shape[2:] if probs and shape != ()
-                                 else target.shape if not probs else ())
+    token_weight = _token_weight(shape)  # the index shape, for probability targets too
     for reduction in REDUCTIONS:
         kwargs = dict(weight=weight, reduction=reduction, token_weight=token_weight, **options)
         value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
