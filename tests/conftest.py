@@ -88,7 +88,8 @@ def reference_loss(
     per_class = torch.where(q > 0, per_class, torch.zeros_like(per_class))
     rows = (w * q * per_class).sum(1)
     t = torch.ones_like(rows) if token_weight is None else token_weight.double().reshape(-1)
-    rows = rows * t if token_weight is not None else rows
+    if token_weight is not None:  # a weight 0 drops the element, as ignore_index does
+        rows = torch.where(t != 0, rows * t, 0.0)
     if reduction == "none":
         shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         return rows.reshape(shape)
