@@ -47,11 +47,14 @@ def reference_loss(
     bonus_gamma=1.0,
     bonus_start=0.0,
     bonus_weight=None,
+    token_weight=None,
 ):
     """EL = sum_j w_j q_j (-log p_j + rho v_j b(p_j)), reduced as F.cross_entropy, in float64.
 
     Written directly from the formula, independent of the library: log p from log_softmax, 1 - p as
-    the sum of the other probabilities (exact where p -> 1), autograd for gradients.
+    the sum of the other probabilities (exact where p -> 1), autograd for gradients. With
+    ``token_weight`` (the index shape) each element's loss is multiplied by its weight t and the
+    mean divides by sum t w_y over the non-ignored elements (sum t for probability targets).
     """
     x = input.double()
     if x.dim() == 1:
@@ -84,14 +87,17 @@ def reference_loss(
     per_class = -log_p + bonus_scale * v * b if bonus_scale != 0 else -log_p
     per_class = torch.where(q > 0, per_class, torch.zeros_like(per_class))
     rows = (w * q * per_class).sum(1)
+    t = torch.ones_like(rows) if token_weight is None else token_weight.double().reshape(-1)
+    if token_weight is not None:  # a weight 0 drops the element, as ignore_index does
+        rows = torch.where(t != 0, rows * t, 0.0)
     if reduction == "none":
         shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         return rows.reshape(shape)
     if reduction == "sum":
         return rows.sum()
     if target.is_floating_point():
-        return rows.sum() / rows.shape[0]
-    return rows.sum() / (w[torch.where(valid, target.reshape(-1), 0)] * valid).sum()
+        return rows.sum() / (rows.shape[0] if token_weight is None else t.sum())
+    return rows.sum() / (w[torch.where(valid, target.reshape(-1), 0)] * valid * t).sum()
 
 
 def make_case(shape, num_classes, *, dtype=torch.float64, probs=False, ignore_fraction=0.0,

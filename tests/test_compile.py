@@ -48,3 +48,20 @@ def test_compiled_probability_targets():
     y = logits.detach().clone().requires_grad_()
     encouraging_loss(y, target, label_smoothing=0.05).backward()
     torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, reduction="none")])
+def test_compiled_token_weight(backend, options):
+    logits, target = make_case((16,), 7, dtype=torch.float32, ignore_fraction=0.2)
+    token_weight = torch.rand(16)
+    criterion = EncouragingLoss(**options)
+    compiled = torch.compile(criterion, fullgraph=True, backend=backend)
+    x = logits.detach().clone().requires_grad_()
+    value = compiled(x, target, token_weight)
+    value.sum().backward()
+    y = logits.detach().clone().requires_grad_()
+    expected = encouraging_loss(y, target, token_weight=token_weight, **options)
+    expected.sum().backward()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)

@@ -309,15 +309,19 @@ def test_second_backward_through_retained_graph(smoothing):
     dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
     scale=st.sampled_from([0.5, 5.0, 30.0]),
     seed=st.integers(0, 10_000),
+    use_token_weight=st.booleans(),
 )
 def test_property_matches_reference(batch, extra, num_classes, probs, smoothing, use_weight,
                                     reduction, bonus, log_end, bonus_scale, bonus_start, dtype,
-                                    scale, seed):
+                                    scale, seed, use_token_weight):
     logits, target = make_case((batch, *extra), num_classes, dtype=dtype, probs=probs,
                                ignore_fraction=0.0 if probs else 0.25, scale=scale, seed=seed)
     weight = torch.rand(num_classes, dtype=torch.float64) + 0.1 if use_weight else None
+    token_weight = _token_weight((batch, *extra), seed=seed).to(dtype) if use_token_weight \
+        else None
     kwargs = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, bonus=bonus,
-                  log_end=log_end, bonus_scale=bonus_scale, bonus_start=bonus_start)
+                  log_end=log_end, bonus_scale=bonus_scale, bonus_start=bonus_start,
+                  token_weight=token_weight)
     value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
     expected, expected_grad = grad_of(reference_loss, logits.double(), target, **kwargs)
     assert value.dtype == dtype and grad.dtype == dtype
@@ -343,3 +347,150 @@ def test_single_class_rows_with_ignored_items(smoothing, log_end):
         torch.testing.assert_close(value, expected)
         assert not torch.isnan(value).any()
         assert (grad == 0).all()
+
+
+# --- per-element weights (token_weight) ---------------------------------------------------------
+
+
+def _token_weight(index_shape, seed=0, zeros=True):
+    """Weights in [0, 2) of the index shape, a few exactly 0."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = 2 * torch.rand(index_shape, generator=generator, dtype=torch.float64)
+    if zeros and weight.dim() > 0 and weight.numel() > 2:
+        weight.view(-1)[1] = 0.0
+    return weight
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(log_end=1.0),
+                                     dict(label_smoothing=0.2, bonus="power", bonus_gamma=2.0),
+                                     dict(ignore_index=1)], ids=_name)
+def test_token_weight_matches_float64_reference(shape, probs, use_weight, options):
+    num_classes = 4
+    logits, target = make_case(shape, num_classes, probs=probs, seed=2,
+                               ignore_fraction=0.0 if probs else 0.3,
+                               ignore_index=options.get("ignore_index", -100))
+    weight = _weight(use_weight, num_classes)
+    token_weight = _token_weight(shape)  # the index shape, for probability targets too
+    for reduction in REDUCTIONS:
+        kwargs = dict(weight=weight, reduction=reduction, token_weight=token_weight, **options)
+        value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
+        expected, expected_grad = grad_of(reference_loss, logits, target, **kwargs)
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.15), (True, 0.05)])
+def test_token_weight_gradcheck(probs, smoothing):
+    logits, target = make_case((4, 2), 5, probs=probs, scale=2.0, seed=3)
+    token_weight = _token_weight((4, 2), seed=4)
+    for reduction in ("mean", "none"):
+
+        def loss(x, reduction=reduction):
+            return encouraging_loss(x, target, label_smoothing=smoothing, reduction=reduction,
+                                    token_weight=token_weight)
+
+        assert torch.autograd.gradcheck(loss, (logits.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0)])
+def test_token_weight_of_ones_is_the_unweighted_loss(dtype, probs, smoothing):
+    logits, target = make_case((6, 3), 5, dtype=dtype, probs=probs, seed=6,
+                               ignore_fraction=0.0 if probs else 0.2)
+    ones = torch.ones(6, 3, dtype=dtype)
+    for reduction in REDUCTIONS:
+        options = dict(reduction=reduction, label_smoothing=smoothing)
+        value, grad = grad_of(encouraging_loss, logits, target, token_weight=ones, **options)
+        expected, expected_grad = grad_of(encouraging_loss, logits, target, **options)
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_zero_token_weights(smoothing):
+    """A zero weight drops its element as ignore_index would (loss and gradient 0); all zeros
+    give the mean over nothing (NaN, zero gradient), as an all-ignored batch does."""
+    logits, target = make_case((5,), 4, seed=9)
+    token_weight = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0], dtype=torch.float64)
+    ignored = torch.where(token_weight == 0, -100, target)
+    for reduction in REDUCTIONS:
+        options = dict(reduction=reduction, label_smoothing=smoothing, token_weight=token_weight)
+        value, grad = grad_of(encouraging_loss, logits, target, **options)
+        expected, expected_grad = grad_of(encouraging_loss, logits, ignored, **options)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+        assert (grad[2] == 0).all()
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    value, grad = grad_of(encouraging_loss, logits, target, label_smoothing=smoothing,
+                          token_weight=torch.zeros(5, dtype=torch.float64))
+    assert math.isnan(value.item())
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_token_weight_error_within_cross_entropy_error(dtype, smoothing):
+    """The weighted mean in each dtype errs no more than torch CE's weighted mean in that dtype
+    (its rows times the weights, over their sum) against float64, up to a sliver of one unit."""
+    logits, target = make_case((64,), 50, dtype=dtype, scale=10.0, seed=11)
+    token_weight = _token_weight((64,), seed=12).to(dtype)
+
+    def weighted_cross_entropy(x, t, **kwargs):
+        rows = F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+        weight = token_weight.to(rows.dtype)
+        return (rows * weight).sum() / weight.sum()
+
+    def errors(fn, reference, **kwargs):
+        value, grad = grad_of(fn, logits, target, **kwargs)
+        expected, expected_grad = grad_of(reference, logits.double(), target, **kwargs)
+        value_error = (value.double() - expected).abs().item() / (1 + expected.abs().item())
+        grad_error = (grad.double() - expected_grad).abs().max() / expected_grad.abs().max()
+        return value_error, grad_error.item()
+
+    el_value, el_grad = errors(encouraging_loss, reference_loss, label_smoothing=smoothing,
+                               token_weight=token_weight)  # fmt: skip
+    ce_value, ce_grad = errors(weighted_cross_entropy, _reference_cross_entropy,
+                               label_smoothing=smoothing, token_weight=token_weight)
+    eps = torch.finfo(dtype).eps
+    assert el_value <= ce_value + 0.5 * eps, (el_value, ce_value)
+    assert el_grad <= ce_grad + eps, (el_grad, ce_grad)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(token_weight=torch.ones(4)), ValueError, r"token_weight must have the target's"),
+        (dict(token_weight=torch.ones(5, 1)), ValueError, r"token_weight .* shape \(5,\)"),
+        (dict(token_weight=torch.ones(5, dtype=torch.long)), TypeError,
+         r"token_weight must be a floating-point tensor of shape \(5,\)"),
+        (dict(token_weight=torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])), ValueError,
+         r"token_weight must hold finite values >= 0"),
+        (dict(token_weight=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])), ValueError,
+         r"token_weight must hold finite values >= 0"),
+        (dict(token_weight=torch.tensor([1.0, float("inf"), 1.0, 1.0, 1.0])), ValueError,
+         r"token_weight must hold finite values >= 0"),
+        (dict(token_weight=torch.ones(5, device="meta")), ValueError, r"token_weight is on meta"),
+        (dict(token_weight=torch.ones(5, requires_grad=True)), ValueError,
+         r"token_weight must not require grad"),
+        (dict(token_weight=[1.0] * 5), TypeError, r"token_weight must be a torch.Tensor"),
+    ],
+)
+def test_token_weight_bad_inputs(change, error, match):
+    logits, target = make_case((5,), 3, dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        encouraging_loss(logits, target, **change)
+
+
+def test_token_weight_value_check_follows_validate_args():
+    logits, target = make_case((5,), 3, dtype=torch.float32)
+    negative = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])
+    # Without the value check (validate_args=False, the hot-path setting) the values are used.
+    value = encouraging_loss(logits, target, token_weight=negative, validate_args=False,
+                             reduction="sum")
+    expected = (encouraging_loss(logits, target, reduction="none") * negative).sum()
+    torch.testing.assert_close(value, expected)
+

@@ -306,3 +306,132 @@ def test_module_compiles_without_graph_breaks():
     torch.testing.assert_close(value, expected)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+# --- per-token weights (token_weight) -----------------------------------------------------------
+
+
+def make_token_weight(shape, seed=7, dtype=torch.float64):
+    """Weights in [0, 2) with a few exactly 0."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = 2 * torch.rand(shape, generator=generator, dtype=torch.float64)
+    weight.view(-1)[::5] = 0.0
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("chunk_size", [1, 8])
+@pytest.mark.parametrize("use_class_weight", [False, True])
+def test_token_weight_matches_materialised(options, chunk_size, use_class_weight):
+    tensors, target = make_linear_case()
+    class_weight = torch.rand(NUM_CLASSES, dtype=torch.float64) + 0.2 if use_class_weight \
+        else None
+    options = dict(options, target=target, token_weight=make_token_weight(target.shape),
+                   class_weight=class_weight)
+    expected, expected_grads = gradients(materialised(options), tensors)
+    value, grads = gradients(fused(dict(options, chunk_size=chunk_size)), tensors)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weight_against_float64_reference_with_3d_hidden(reduction):
+    (hidden, weight, _), target = make_linear_case(24, with_bias=False)
+    token_weight = make_token_weight((4, 6))
+    hidden3 = hidden.detach().reshape(4, 6, HIDDEN).requires_grad_()
+    value = linear_encouraging_loss(hidden3, weight, target.reshape(4, 6), chunk_size=5,
+                                    reduction=reduction, token_weight=token_weight)
+    value.sum().backward()
+    h_ref = hidden.detach().clone().requires_grad_()
+    w_ref = weight.detach().clone().requires_grad_()
+    expected = reference_loss(h_ref @ w_ref.T, target, reduction=reduction,
+                              token_weight=token_weight.reshape(24))
+    expected.sum().backward()
+    torch.testing.assert_close(value.reshape(expected.shape), expected)
+    torch.testing.assert_close(hidden3.grad.reshape(24, HIDDEN), h_ref.grad)
+    torch.testing.assert_close(weight.grad, w_ref.grad)
+
+
+def test_token_weight_gradcheck():
+    (hidden, weight, bias), target = make_linear_case(6, ignore_fraction=0.2)
+    token_weight = make_token_weight((6,))
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, r=reduction: linear_encouraging_loss(
+                h, w, target, b, reduction=r, label_smoothing=0.1, chunk_size=4,
+                token_weight=token_weight),
+            (hidden, weight, bias),
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weight_of_ones_and_zeros(reduction):
+    tensors, target = make_linear_case(9)
+    options = dict(target=target, reduction=reduction, chunk_size=4)
+    expected, expected_grads = gradients(fused(options), tensors)
+    value, grads = gradients(fused(dict(options, token_weight=torch.ones(9))), tensors)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    value, grads = gradients(fused(dict(options, token_weight=torch.zeros(9))), tensors)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    if reduction == "mean":
+        assert torch.isnan(value)  # the mean over zero weight, as over zero items
+    else:
+        assert (value == 0).all()
+
+
+def test_token_weight_retain_graph_no_grad_and_module():
+    (hidden, weight, bias), target = make_linear_case(11)
+    token_weight = make_token_weight((11,))
+    loss = linear_encouraging_loss(hidden, weight, target, bias, chunk_size=4,
+                                   token_weight=token_weight)
+    first = torch.autograd.grad(loss, (hidden, weight, bias), retain_graph=True)
+    second = torch.autograd.grad(2.0 * loss, (hidden, weight, bias))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(b, 2.0 * a)
+    with torch.no_grad():
+        rows = linear_encouraging_loss(hidden, weight, target, bias, reduction="none",
+                                       token_weight=token_weight)
+    expected = encouraging_loss(F.linear(hidden, weight, bias), target, reduction="none",
+                                token_weight=token_weight)
+    torch.testing.assert_close(rows, expected.detach())
+    criterion = LinearEncouragingLoss(label_smoothing=0.05, chunk_size=5)
+    torch.testing.assert_close(
+        criterion(hidden, weight, target, bias, token_weight=token_weight),
+        linear_encouraging_loss(hidden, weight, target, bias, label_smoothing=0.05,
+                                token_weight=token_weight),
+    )
+
+
+@pytest.mark.parametrize(
+    "token_weight, error, match",
+    [
+        (torch.ones(4), ValueError, r"token_weight must have the target's index shape \(3,\)"),
+        (torch.ones(3, dtype=torch.int32), TypeError, "token_weight must be a floating-point"),
+        (torch.tensor([1.0, -0.5, 1.0]), ValueError, "token_weight must hold finite values"),
+        (torch.tensor([1.0, float("inf"), 1.0]), ValueError, "token_weight must hold finite"),
+        (torch.ones(3, device="meta"), ValueError, "token_weight is on meta"),
+    ],
+)
+def test_token_weight_validation(token_weight, error, match):
+    with pytest.raises(error, match=match):
+        linear_encouraging_loss(torch.ones(3, HIDDEN), torch.ones(NUM_CLASSES, HIDDEN),
+                                torch.tensor([0, 1, 2]), token_weight=token_weight)
+
+
+def test_module_with_token_weight_compiles_without_graph_breaks():
+    (hidden, weight, bias), target = make_linear_case(10, dtype=torch.float32)
+    token_weight = make_token_weight((10,), dtype=torch.float32)
+    criterion = LinearEncouragingLoss(label_smoothing=0.1, chunk_size=4)
+    compiled = torch.compile(criterion, fullgraph=True, backend="aot_eager")
+
+    def call(module):
+        return lambda h, w, b: module(h, w, target, b, token_weight=token_weight)
+
+    value, grads = gradients(call(compiled), (hidden, weight, bias))
+    expected, expected_grads = gradients(call(criterion), (hidden, weight, bias))
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)

@@ -70,6 +70,35 @@ def test_shift_and_normalisation_match_encouraging_loss():
     assert encouraging_causal_lm_loss(logits, labels).shape == ()
 
 
+def test_token_weight_is_shifted_with_the_labels():
+    """token_weight (labels' shape) weighs each label: a weighted mean, or the weighted sum
+    over num_items_in_batch."""
+    logits = torch.randn(3, 7, 10, dtype=torch.float64)
+    labels = torch.randint(0, 10, (3, 7))
+    labels[2, 4] = -100
+    weights = torch.rand(3, 7, dtype=torch.float64)
+    weights[0, 3] = 0.0
+    shifted_logits = logits[:, :-1].reshape(-1, 10)
+    shifted_labels = labels[:, 1:].reshape(-1)
+    shifted_weights = weights[:, 1:].reshape(-1)
+    loss_fn = CausalLMEncouragingLoss(log_end=0.5, label_smoothing=0.1)
+    options = dict(log_end=0.5, label_smoothing=0.1, token_weight=shifted_weights)
+    mean = encouraging_loss(shifted_logits, shifted_labels, **options)
+    torch.testing.assert_close(loss_fn((logits,), labels, token_weight=weights), mean)
+    summed = encouraging_loss(shifted_logits, shifted_labels, reduction="sum", **options)
+    torch.testing.assert_close(
+        loss_fn({"logits": logits}, labels, num_items_in_batch=40, token_weight=weights),
+        summed / 40,
+    )
+    ones = loss_fn((logits,), labels, token_weight=torch.ones(3, 7, dtype=torch.float64))
+    torch.testing.assert_close(ones, loss_fn((logits,), labels))
+    with pytest.raises(ValueError, match=r"token_weight must be a tensor of the labels' shape"):
+        loss_fn((logits,), labels, token_weight=torch.ones(3, 6))
+    with pytest.raises(ValueError, match="token_weight must hold finite values >= 0"):
+        causal_lm_encouraging_loss(validate_args=True)((logits,), labels,
+                                                       token_weight=-torch.ones(3, 7))
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="reduction"):
         causal_lm_encouraging_loss(reduction="sum")

@@ -23,11 +23,11 @@ BONUS_DEFAULTS = dict(log_end=0.75, bonus_scale=1.0, bonus="log", bonus_gamma=1.
 
 
 def inner_args(input, target, weight=None, bonus_weight=None, ignore_index=-100,
-               reduction="mean", label_smoothing=0.0, **bonus):  # fmt: skip
+               reduction="mean", label_smoothing=0.0, token_weight=None, **bonus):  # fmt: skip
     """The positional arguments of ``encouraging_loss_and_grad``."""
     options = {**BONUS_DEFAULTS, **bonus}
-    return (input, target, weight, bonus_weight, ignore_index, reduction, label_smoothing,
-            *options.values())  # fmt: skip
+    return (input, target, weight, bonus_weight, token_weight, ignore_index, reduction,
+            label_smoothing, *options.values())  # fmt: skip
 
 
 def weights(num_classes, seed=1):
@@ -52,6 +52,10 @@ CASES = {
                                   dict(log_end=1.0, label_smoothing=0.1, weight=True)),
     "f64-single-sample-none": ((), 5, torch.float64, False, dict(reduction="none")),
     "bf16-hard-none": ((6,), 5, torch.bfloat16, False, dict(reduction="none")),
+    "f64-kdim-token-weight-ignore": ((4, 3), 6, torch.float64, False,
+                                     dict(token_weight=True, weight=True, label_smoothing=0.1)),
+    "f32-probs-token-weight-none": ((6,), 4, torch.float32, True,
+                                    dict(token_weight=True, reduction="none")),
 }  # fmt: skip
 
 
@@ -67,6 +71,9 @@ def build(name, requires_grad=True):
         options["weight"] = weights(num_classes).to(dtype)
     if options.pop("bonus_weight", False):
         options["bonus_weight"] = weights(num_classes, seed=2).to(dtype)
+    if options.pop("token_weight", False):
+        token_weight = torch.rand(index_shape, generator=torch.Generator().manual_seed(4))
+        options["token_weight"] = token_weight.masked_fill(token_weight < 0.2, 0.0).to(dtype)
     return logits.detach().requires_grad_(requires_grad), target, options
 
 
@@ -132,9 +139,12 @@ def test_second_derivative_raises():
 @pytest.fixture
 def fresh_dynamo():
     # Each case compiles the same code with other options: reset to stay under the recompile
-    # limit, which fullgraph=True turns into an error.
+    # limit, which fullgraph=True turns into an error. No AOTAutograd cache: its key (the Dynamo
+    # graph, which calls the public operators) does not cover their composite bodies, so an
+    # entry written for another version of the inner operators' schema would be served.
     torch._dynamo.reset()
-    yield
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -201,6 +211,10 @@ def test_compile_checks_target_range(fresh_dynamo):
         (lambda x, t: OPS.encouraging_loss(x, t[:3]), ValueError, "target"),
         (lambda x, t: OPS.encouraging_loss(x, t + 5), ValueError, "target holds class index"),
         (lambda x, t: encouraging_loss_op(x, t, gamma=2.0), TypeError, "gamma"),
+        (lambda x, t: OPS.encouraging_loss(x, t, token_weight=torch.ones(7)), ValueError,
+         r"token_weight must have the target's index shape \(8,\)"),
+        (lambda x, t: encouraging_loss_op(x, t, token_weight=-torch.ones(8)), ValueError,
+         "token_weight must hold finite values >= 0"),
     ],
 )  # fmt: skip
 def test_bad_inputs(call, error, match):
@@ -221,7 +235,7 @@ def test_bad_inputs_fail_while_tracing(fresh_dynamo):
 
 
 def linear_case(dtype=torch.float64, bias=True, class_weight=False, shape=(2, 5), classes=7,
-                hidden_size=4):  # fmt: skip
+                hidden_size=4, token_weight=False):  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(*shape, hidden_size, generator=generator, dtype=dtype)
     projection = torch.randn(classes, hidden_size, generator=generator, dtype=dtype)
@@ -234,6 +248,9 @@ def linear_case(dtype=torch.float64, bias=True, class_weight=False, shape=(2, 5)
     options = dict(chunk_size=3)
     if class_weight:
         options["class_weight"] = weights(classes).to(dtype)
+    if token_weight:
+        weight = torch.rand(shape, generator=generator, dtype=dtype)
+        options["token_weight"] = weight.masked_fill(weight < 0.2, 0.0)
     return tensors, options
 
 
@@ -242,6 +259,9 @@ LINEAR_CASES = {
     "f32-sum-class-weight": (dict(dtype=torch.float32, class_weight=True),
                              dict(reduction="sum", label_smoothing=0.1)),
     "f64-none-no-bias": (dict(bias=False), dict(reduction="none", log_end=1.0)),
+    "f64-mean-token-weight": (dict(class_weight=True, token_weight=True), dict()),
+    "f32-none-token-weight": (dict(dtype=torch.float32, token_weight=True),
+                              dict(reduction="none", label_smoothing=0.1)),
 }  # fmt: skip
 
 
@@ -250,7 +270,7 @@ def linear_inner_args(tensors, options, wanted):
               "chunk_size": None, "accumulation_dtype": None, **options}  # fmt: skip
     return (tensors["hidden"], tensors["weight"], tensors["target"], tensors.get("bias"),
             merged.pop("class_weight", None), merged.pop("bonus_weight", None),
-            *merged.values(), *wanted)  # fmt: skip
+            merged.pop("token_weight", None), *merged.values(), *wanted)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", LINEAR_CASES)
@@ -342,6 +362,10 @@ def test_linear_compile_fullgraph(fresh_dynamo, reduction, backend):
         (dict(bias=torch.ones(3)), ValueError, "bias"),
         (dict(weight=torch.ones(7, 5)), ValueError, "input features"),
         (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target"),
+        (dict(token_weight=torch.ones(10)), ValueError,
+         r"token_weight must have the target's index shape \(2, 5\)"),
+        (dict(token_weight=torch.ones(2, 5, dtype=torch.long)), TypeError,
+         "token_weight must be a floating-point tensor"),
     ],
 )  # fmt: skip
 def test_linear_bad_inputs(change, error, match):

@@ -36,6 +36,17 @@ def test_module_equals_function(options):
     torch.testing.assert_close(module(logits, target), expected)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, reduction="none")])
+def test_module_takes_token_weight_per_call(options):
+    logits, target = make_case((6, 2), 4, dtype=torch.float32, ignore_fraction=0.2)
+    weight, token_weight = torch.rand(4) + 0.1, torch.rand(6, 2)
+    module = EncouragingLoss(weight, **options)
+    expected = encouraging_loss(logits, target, weight, token_weight=token_weight, **options)
+    torch.testing.assert_close(module(logits, target, token_weight), expected)
+    torch.testing.assert_close(module(logits, target, token_weight=None),
+                               encouraging_loss(logits, target, weight, **options))
+
+
 def test_module_takes_cross_entropy_positional_arguments():
     logits, target = make_case((6,), 4, dtype=torch.float32)
     weight = torch.rand(4) + 0.1

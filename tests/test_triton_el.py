@@ -288,3 +288,84 @@ def test_a_new_bonus_shape_is_refused_by_the_kernels_and_runs_on_torch(monkeypat
             value, grad = grad_of(encouraging_loss, x, target, bonus="square", backend=backend)
             torch.testing.assert_close(value, expected)
             torch.testing.assert_close(grad, expected_grad)
+
+
+# --- per-row weights (token_weight) -------------------------------------------------------------
+
+
+def token_weights(num_rows, seed=8):
+    """Weights in [0, 2) with row 1 exactly 0."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = 2 * torch.rand(num_rows, generator=generator)
+    weight[1] = 0.0
+    return weight
+
+
+@pytest.mark.parametrize("options", [dict(), dict(log_end=1.0, bonus="power", bonus_gamma=2.0),
+                                     dict(label_smoothing=0.1), dict(label_smoothing=0.2,
+                                                                     log_end=1.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("use_weight", [False, True])
+def test_token_weight_matches_reference(options, reduction, use_weight):
+    logits, target = case(seed=3, ignore=(2,), confident=(4,))
+    weight = torch.rand(NUM_CLASSES, generator=torch.Generator().manual_seed(9)) + 0.2 \
+        if use_weight else None
+    value, grad, expected, expected_grad = triton_and_reference(
+        logits, target, weight=weight, token_weight=token_weights(6), reduction=reduction,
+        **options,
+    )  # fmt: skip
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_token_weight_of_ones_and_zeros(label_smoothing):
+    logits, target = case(4, ignore=(2,))
+    options = dict(label_smoothing=label_smoothing, backend="triton")
+    for reduction in ("mean", "sum", "none"):
+        value, grad = grad_of(encouraging_loss, logits.requires_grad_(), target,
+                              reduction=reduction, token_weight=torch.ones(4), **options)
+        expected, expected_grad = grad_of(encouraging_loss, logits, target, reduction=reduction,
+                                          **options)
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    x = logits.detach().clone().requires_grad_()
+    value = encouraging_loss(x, target, token_weight=torch.zeros(4), **options)
+    value.backward()
+    assert torch.isnan(value)  # the mean over zero weight, as over zero items
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_token_weight_through_triton_encouraging_loss_and_its_checks():
+    logits, target = case(5, ignore=())
+    weights = token_weights(5)
+    value = triton_encouraging_loss(logits, target, token_weight=weights, reduction="none")
+    torch.testing.assert_close(value, encouraging_loss(logits, target, token_weight=weights,
+                                                       reduction="none", backend="torch"))
+    with pytest.raises(ValueError, match=r"token_weight must have the target's index shape"):
+        triton_encouraging_loss(logits, target, token_weight=torch.ones(4))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", label_smoothing=0.1),
+                                     dict(reduction="sum")])
+def test_fused_linear_with_triton_chunks_and_token_weight(options):
+    """linear_encouraging_loss(backend="triton", token_weight=...) against the torch chunks."""
+    from encouraging_loss import linear_encouraging_loss
+
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(10, 8, generator=generator)
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator)
+    bias = torch.randn(NUM_CLASSES, generator=generator)
+    class_weight = torch.rand(NUM_CLASSES, generator=generator) + 0.5
+    target = torch.randint(0, NUM_CLASSES, (10,), generator=generator)
+    target[3] = -100
+    token_weight = token_weights(10)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, projection, bias)]
+        value = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2], chunk_size=4,
+                                        class_weight=class_weight, backend=backend,
+                                        token_weight=token_weight, **options)
+        results[backend] = (value, *torch.autograd.grad(value.sum(), leaves))
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

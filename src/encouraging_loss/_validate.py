@@ -85,6 +85,47 @@ def check_class_vector(name: str, value, num_classes: int, like: torch.Tensor):
     return value
 
 
+def check_token_weight(token_weight, index_shape, like: torch.Tensor, validate_args: bool):
+    """Optional per-element weights of the target's index shape (the input's shape without the
+    class dimension), on the input's device: a floating tensor, not requiring grad (a constant,
+    as the class weight is). With ``validate_args`` (and not while compiling) the values are
+    read too, and so synchronise the device: every weight must be finite and >= 0.
+    """
+    if token_weight is None:
+        return None
+    if not isinstance(token_weight, torch.Tensor):
+        raise TypeError(f"token_weight must be a torch.Tensor, got {type(token_weight).__name__}")
+    expected = tuple(index_shape)
+    if not token_weight.is_floating_point():
+        raise TypeError(
+            f"token_weight must be a floating-point tensor of shape {expected} (the target's "
+            f"index shape), got dtype {token_weight.dtype}"
+        )
+    if tuple(token_weight.shape) != expected:
+        raise ValueError(
+            f"token_weight must have the target's index shape {expected} (the input's shape "
+            f"without the class dimension), got shape {tuple(token_weight.shape)}"
+        )
+    if token_weight.device != like.device:
+        raise ValueError(f"token_weight is on {token_weight.device} but input is on {like.device}")
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "token_weight must not require grad (it is a constant weight, as the class weight "
+            "is); pass token_weight.detach()"
+        )
+    if value_checks_enabled(validate_args) and token_weight.numel() > 0:
+        # One reduction and one read (NaN propagates into both bounds).
+        low, high = torch.aminmax(token_weight)
+        if not bool((low >= 0) & (high < math.inf)):
+            bad = ~(torch.isfinite(token_weight) & (token_weight >= 0))
+            value = float(token_weight[bad].flatten()[0])
+            raise ValueError(
+                f"token_weight must hold finite values >= 0 (one weight per element of the "
+                f"target's index shape), got {value}"
+            )
+    return token_weight
+
+
 def check_input_and_target(input: torch.Tensor, target: torch.Tensor) -> bool:
     """Check the shapes of a cross-entropy style (input, target) pair.
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_class_vector, check_input_and_target, check_target_range
-from .ops.index_targets import IndexTargetRows
+from ._validate import (
+    check_class_vector,
+    check_input_and_target,
+    check_target_range,
+    check_token_weight,
+)
+from .ops.index_targets import IndexTargetRows, row_token_weight
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
 from .ops.small import small_encouraging_loss, small_path_supports
 from .ops.small_common import hard_log_bonus_loss
@@ -64,6 +69,7 @@ def encouraging_loss(
     label_smoothing: float = 0.0,
     *,
     bonus_weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     r"""The encouraging loss: cross-entropy plus a bonus for confident correct predictions.
@@ -93,6 +99,15 @@ def encouraging_loss(
         label_smoothing: in [0, 1]; applied to the cross-entropy and the bonus alike.
         bonus_weight: optional per-class bonus weights of shape (C,), separate from ``weight``
             (e.g. the class-balanced bonus for imbalanced data).
+        token_weight: optional per-element weights t >= 0 of the target's index shape (the
+            input's shape without the class dimension: (), (N) or (N, d1, ..., dK), for
+            probability targets too), a floating tensor on the input's device that does not
+            require grad. Each element's loss (after the class ``weight``) is multiplied by its
+            t: ``"none"`` returns the weighted losses, ``"sum"`` their sum and ``"mean"`` their
+            sum over ``sum_i t_i w_{y_i}`` for the non-ignored elements i (``sum_i t_i`` for
+            probability targets): the class-weighted mean of torch with each element counted
+            t_i times. All ones give the unweighted loss. The values (finite, >= 0) are checked
+            with ``validate_args``.
         **options: the bonus and dispatch options of :class:`~encouraging_loss.options.LossOptions`
             (where each is described): ``log_end=0.75``, ``bonus_scale=1.0``, ``bonus="log"``,
             ``bonus_gamma``, ``bonus_start``, ``validate_args=True``, ``backend="auto"``. Each
@@ -113,11 +128,20 @@ def encouraging_loss(
         >>> loss.backward()
         >>> round(loss.item(), 4)
         -1.5262
+
+        Per-token weights, e.g. half weight for the second element (a weighted mean):
+
+        >>> token_weight = torch.tensor([1.0, 0.5])
+        >>> weighted = encouraging_loss(logits, target, token_weight=token_weight)
+        >>> rows = encouraging_loss(logits, target, reduction="none")
+        >>> bool(torch.allclose(weighted, (rows * token_weight).sum() / token_weight.sum()))
+        True
     """
     options = LossOptions.of(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **options
     )
-    return encouraging_loss_with_options(input, target, options, weight, bonus_weight)
+    return encouraging_loss_with_options(input, target, options, weight, bonus_weight,
+                                         token_weight)  # fmt: skip
 
 
 def encouraging_loss_with_options(
@@ -126,6 +150,7 @@ def encouraging_loss_with_options(
     options: LossOptions,
     weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`encouraging_loss` with its options already built (what the modules call).
 
@@ -138,22 +163,26 @@ def encouraging_loss_with_options(
         options: the loss options.
         weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
+        token_weight: optional per-element weights (the target's index shape).
 
     Returns:
         The loss, as :func:`encouraging_loss` returns it.
     """
-    if weight is None and bonus_weight is None:
+    if weight is None and bonus_weight is None and token_weight is None:
         fast = hard_log_bonus_loss(input, target, options)
         if fast is not None:
             return fast
     is_index = check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     weight = check_class_vector("weight", weight, num_classes, input)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
+    token_weight = check_token_weight(token_weight, index_shape, input, options.validate_args)
     if use_triton_backend(input, target, options):
-        return triton_loss_with_options(input, target, options, weight, bonus_weight)
+        return triton_loss_with_options(input, target, options, weight, bonus_weight,
+                                        token_weight=token_weight)  # fmt: skip
     if small_path_supports(input, options) is None:
-        return small_encouraging_loss(input, target, weight, bonus_weight, options)
+        return small_encouraging_loss(input, target, weight, bonus_weight, options, token_weight)
     if is_index and options.validate_args and not torch.compiler.is_compiling():
         check_target_range(target, num_classes, options.ignore_index)
 
@@ -165,23 +194,27 @@ def encouraging_loss_with_options(
         bonus_weight = bonus_weight.to(dtype)
 
     if is_index:
-        rows = IndexTargetRows(target, num_classes, weight, bonus_weight, options, dtype)
+        rows = IndexTargetRows(target, num_classes, weight, bonus_weight, options, dtype,
+                               token_weight)  # fmt: skip
         row_loss = rows.function.apply(logits, *rows.args())
         denominator = rows.denominator
     else:
-        # Class mass a_k = w_k ((1 - eps) q_k + eps / C).
+        # Class mass a_k = t w_k ((1 - eps) q_k + eps / C), t the token weight (1 without).
         alpha, beta = options.smoothing_masses(num_classes)
         num_rows = logits.numel() // num_classes
         row_alpha = torch.full((num_rows,), alpha, dtype=ROW_DTYPE, device=input.device)
+        probabilities, denominator = class_last(target), num_rows
+        row_weight = row_token_weight(token_weight)
+        if row_weight is not None:
+            row_alpha, denominator = row_alpha * row_weight, row_weight.sum()
+            probabilities = probabilities * token_weight.unsqueeze(-1)
         row_loss = DenseTargetEL.apply(
             logits, row_alpha, _weight_or_ones(weight, num_classes, input, dtype),
-            class_last(target), beta, None, None, bonus_weight, options.bonus_scale,
+            probabilities, beta, None, None, bonus_weight, options.bonus_scale,
             options.bonus_shape, dtype,
         )  # fmt: skip
-        denominator = num_rows
 
     if options.reduction == "none":
-        index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         return row_loss.reshape(index_shape).to(input.dtype)
     total = row_loss.sum()
     if options.reduction == "mean":

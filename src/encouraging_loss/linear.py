@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_class_vector, check_target_range, check_tensor
+from ._validate import check_class_vector, check_target_range, check_tensor, check_token_weight
 from .functional import compute_dtype_for, use_triton_backend
 from .ops.fused_linear import (
     LinearEL,
@@ -69,6 +69,7 @@ def linear_encouraging_loss(
     *,
     class_weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """``encouraging_loss(F.linear(hidden, weight, bias), target)`` without the full logits.
@@ -89,6 +90,10 @@ def linear_encouraging_loss(
         class_weight: optional (C,) class weights (``weight`` of ``F.cross_entropy``; named
             differently here because ``weight`` is the projection).
         bonus_weight: optional (C,) per-class bonus weights.
+        token_weight: optional per-token weights t >= 0 of the target's shape (a floating
+            tensor on ``hidden``'s device, not requiring grad): each token's loss is multiplied
+            by its t, and ``"mean"`` divides by ``sum t * class_weight[target]`` over the
+            non-ignored tokens, as :func:`~encouraging_loss.encouraging_loss` does.
         **options: the options of :class:`~encouraging_loss.options.LinearLossOptions`, all
             keywords: those of :func:`encouraging_loss` (``ignore_index``, ``reduction``,
             ``label_smoothing``, ``log_end``, ..., ``validate_args``, ``backend``) and
@@ -124,10 +129,18 @@ def linear_encouraging_loss(
         >>> materialised = encouraging_loss(hidden @ projection.T, target)
         >>> bool(torch.allclose(loss, materialised))
         True
+
+        Per-token weights (here: the later tokens of a sequence count less):
+
+        >>> weights = torch.linspace(1.0, 0.5, 6)
+        >>> weighted = linear_encouraging_loss(hidden, projection, target, token_weight=weights)
+        >>> logits = hidden @ projection.T
+        >>> bool(torch.allclose(weighted, encouraging_loss(logits, target, token_weight=weights)))
+        True
     """
     options = LinearLossOptions.of(**options)
     return linear_loss_with_options(hidden, weight, target, bias, options, class_weight,
-                                    bonus_weight)  # fmt: skip
+                                    bonus_weight, token_weight)  # fmt: skip
 
 
 def linear_loss_with_options(
@@ -138,6 +151,7 @@ def linear_loss_with_options(
     options: LinearLossOptions,
     class_weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`linear_encouraging_loss` with its options already built (what the module calls).
 
@@ -149,6 +163,7 @@ def linear_loss_with_options(
         options: the loss options.
         class_weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
+        token_weight: optional per-token weights (the target's shape).
 
     Returns:
         The loss, as :func:`linear_encouraging_loss` returns it.
@@ -157,6 +172,7 @@ def linear_loss_with_options(
     num_classes = weight.shape[0]
     class_weight = check_class_vector("class_weight", class_weight, num_classes, hidden)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, hidden)
+    token_weight = check_token_weight(token_weight, target.shape, hidden, options.validate_args)
     accumulation_dtype = check_accumulation_dtype(options.accumulation_dtype, weight.dtype)
     if options.validate_args and not torch.compiler.is_compiling():
         check_target_range(target, num_classes, options.ignore_index)
@@ -167,13 +183,14 @@ def linear_loss_with_options(
         class_weight = class_weight.to(dtype)
     if bonus_weight is not None:
         bonus_weight = bonus_weight.to(dtype)
-    rows = IndexTargetRows(target, num_classes, class_weight, bonus_weight, options, dtype)
+    rows = IndexTargetRows(target, num_classes, class_weight, bonus_weight, options, dtype,
+                           token_weight)  # fmt: skip
     chunk_size = options.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
     triton_rows = None
     if use_triton_backend(flat_hidden, target, options):
-        triton_rows = TritonRows(target, class_weight, bonus_weight, options)
+        triton_rows = TritonRows(target, class_weight, bonus_weight, options, token_weight)
     reduction = options.reduction
     inputs = (flat_hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -220,6 +237,10 @@ class LinearEncouragingLoss(nn.Module):
         >>> criterion(hidden, head.weight, target).backward()
         >>> head.weight.grad.shape
         torch.Size([50, 8])
+        >>> mask = torch.ones(2, 5)  # per-token weights, a call argument like the target
+        >>> mask[1, 3:] = 0.0
+        >>> criterion(hidden, head.weight, target, token_weight=mask).shape
+        torch.Size([])
     """
 
     @takes_options(LinearLossOptions)
@@ -247,10 +268,14 @@ class LinearEncouragingLoss(nn.Module):
         weight: torch.Tensor,
         target: torch.Tensor,
         bias: torch.Tensor | None = None,
+        token_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss of ``hidden @ weight.T + bias`` (see :func:`linear_encouraging_loss`);
+        ``token_weight``: optional per-token weights of the target's shape."""
         return linear_loss_with_options(
-            hidden, weight, target, bias, self.options, self.class_weight, self.bonus_weight
-        )
+            hidden, weight, target, bias, self.options, self.class_weight, self.bonus_weight,
+            token_weight,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

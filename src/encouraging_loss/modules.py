@@ -43,6 +43,9 @@ class EncouragingLoss(nn.Module):
         >>> criterion = EncouragingLoss(log_end=0.75, label_smoothing=0.1)
         >>> logits, target = torch.randn(8, 5, requires_grad=True), torch.randint(0, 5, (8,))
         >>> criterion(logits, target).backward()
+        >>> token_weight = torch.rand(8)  # per-element weights: a call argument, as the target
+        >>> criterion(logits, target, token_weight=token_weight).shape
+        torch.Size([])
         >>> delayed = EncouragingLoss(bonus_scale=BonusSchedule(final=1.0, start=0.5))
         >>> delayed.bonus_scale, delayed.step(0.6), delayed.bonus_scale
         (0.0, None, 1.0)
@@ -90,9 +93,14 @@ class EncouragingLoss(nn.Module):
             "bonus_weight": self.bonus_weight,
         }
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of ``input`` for ``target`` (see :func:`encouraging_loss`); ``token_weight``:
+        optional per-element weights of the target's index shape (a call argument: it depends
+        on the batch)."""
         return encouraging_loss_with_options(
-            input, target, self.options, self.weight, self.bonus_weight
+            input, target, self.options, self.weight, self.bonus_weight, token_weight
         )
 
     def extra_repr(self) -> str:

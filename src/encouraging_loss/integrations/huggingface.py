@@ -103,9 +103,15 @@ class CausalLMEncouragingLoss:
             ``validate_args`` defaults to ``False`` here: the range check reads the labels and
             would synchronise a GPU every step.
 
-    Call: ``loss_fn(outputs, labels, num_items_in_batch=None)`` with outputs holding logits
-    (batch, sequence, vocab), labels (batch, sequence) and ``num_items_in_batch`` an int or a
-    0-d tensor (the Trainer's count of non-ignored labels); returns the scalar loss.
+    Call: ``loss_fn(outputs, labels, num_items_in_batch=None, token_weight=None)`` with outputs
+    holding logits (batch, sequence, vocab), labels (batch, sequence) and ``num_items_in_batch``
+    an int or a 0-d tensor (the Trainer's count of non-ignored labels); returns the scalar loss.
+    ``token_weight`` (not passed by the ``Trainer``; for a ``compute_loss`` of one's own) is an
+    optional (batch, sequence) float tensor of per-label weights, aligned with ``labels`` and
+    shifted with them: each label's loss is multiplied by its weight, and the loss is the
+    weighted mean (the sum over ``sum weight * class weight`` of the non-ignored labels) or,
+    with ``num_items_in_batch``, the weighted sum divided by it (the caller's normaliser
+    replaces the mean's denominator).
 
     Example:
         >>> import torch
@@ -115,6 +121,9 @@ class CausalLMEncouragingLoss:
         >>> labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, 8]])
         >>> loss = loss_fn({"logits": logits}, labels, num_items_in_batch=7)
         >>> loss.backward()
+        >>> weights = torch.tensor([[1.0, 1.0, 0.5, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+        >>> loss_fn({"logits": logits}, labels, token_weight=weights).shape
+        torch.Size([])
     """
 
     def __init__(self, **el_options):
@@ -138,7 +147,8 @@ class CausalLMEncouragingLoss:
         self.criterion.step(progress)
         self.summed.step(progress)
 
-    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None,
+                 token_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         logits = logits_of(outputs)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -152,9 +162,19 @@ class CausalLMEncouragingLoss:
         shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shifted = shifted.to(logits.device).reshape(-1)
         flat_logits = logits.reshape(-1, logits.shape[-1])
+        if token_weight is not None:
+            if not isinstance(token_weight, torch.Tensor) or token_weight.shape != labels.shape:
+                shape = getattr(token_weight, "shape", type(token_weight).__name__)
+                raise ValueError(
+                    f"token_weight must be a tensor of the labels' shape {tuple(labels.shape)}, "
+                    f"got {tuple(shape) if isinstance(shape, torch.Size) else shape}"
+                )
+            # Shifted with the labels: the weight of label t + 1 goes to position t.
+            token_weight = torch.nn.functional.pad(token_weight, (0, 1))[..., 1:]
+            token_weight = token_weight.to(logits.device).reshape(-1)
         if num_items_in_batch is None:
-            return self.criterion(flat_logits, shifted)
-        return per_item(self.summed(flat_logits, shifted), num_items_in_batch)
+            return self.criterion(flat_logits, shifted, token_weight)
+        return per_item(self.summed(flat_logits, shifted, token_weight), num_items_in_batch)
 
 
 def causal_lm_encouraging_loss(**el_options) -> CausalLMEncouragingLoss:

@@ -112,24 +112,32 @@ class TritonRows:
     torch row-wise passes.
     """
 
-    def __init__(self, target, weight, bonus_weight, options):
+    def __init__(self, target, weight, bonus_weight, options, token_weight=None):
         self.target = target.reshape(-1).long().contiguous()
         self.weight = None if weight is None else weight.float().contiguous()
         self.bonus_weight = None if bonus_weight is None else bonus_weight.float().contiguous()
         self.options = options
+        #: (N,) float64 token weights, or None: they scale each row's gradient (through the
+        #: kernel's per-row scale) and loss.
+        self.token_weight = None if token_weight is None else token_weight.reshape(-1).double()
 
     def loss_and_grad_(self, logits, chunk, grad_rows):
         """Row losses (float64) of the chunk; ``logits`` becomes the gradient, in place."""
-        from .triton_el import launch_rows
+        from .triton_el import launch_rows, token_row_scale, weighted_row_loss
 
+        token_weight = None if self.token_weight is None else self.token_weight[chunk]
         if grad_rows is None:
             row_scale = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        elif token_weight is not None:
+            row_scale = token_row_scale(token_weight, grad_rows[chunk]).contiguous()
         else:
             row_scale = grad_rows[chunk].to(torch.float32).contiguous()
         row_loss = launch_rows(
             logits, self.target[chunk], logits, row_scale, self.options, self.weight,
             self.bonus_weight,
         )  # fmt: skip
+        if token_weight is not None:
+            return weighted_row_loss(row_loss, token_weight), logits
         return row_loss.to(ROW_DTYPE), logits
 
 

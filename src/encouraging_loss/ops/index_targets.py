@@ -41,6 +41,11 @@ def target_weights(target: torch.Tensor, ignore_index: int, weight, dtype):
     return valid, safe_target, torch.where(valid, weight[safe_target].to(dtype), 0.0)
 
 
+def row_token_weight(token_weight) -> torch.Tensor | None:
+    """Checked per-element weights as (M,) float64 row weights (None stays None)."""
+    return None if token_weight is None else token_weight.reshape(-1).to(ROW_DTYPE)
+
+
 class IndexTargetRows:
     """The per-row arguments of the loss for class-index targets, sliceable into row chunks.
 
@@ -59,13 +64,21 @@ class IndexTargetRows:
         bonus_weight: optional (C,) bonus weights in the compute dtype.
         options: the loss options (ignore_index, label smoothing, the bonus).
         compute_dtype: float32 or float64, the dtype of the (M, C) passes.
+        token_weight: optional per-row weights t (checked, the target's shape): they multiply
+            every row's mass (a row of t = 0 counts as an ignored one: no loss, no gradient),
+            and the denominator is sum_i t_i w_{y_i}.
     """
 
-    def __init__(self, target, num_classes, weight, bonus_weight, options, compute_dtype):
+    def __init__(self, target, num_classes, weight, bonus_weight, options, compute_dtype,
+                 token_weight=None):  # fmt: skip
         valid, safe_target, target_weight = target_weights(
             target.reshape(-1).long(), options.ignore_index, weight, ROW_DTYPE
         )
-        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows.
+        row_weight = row_token_weight(token_weight)
+        if row_weight is not None:
+            target_weight = target_weight * row_weight
+        #: The "mean" reduction's denominator: the summed target weights of non-ignored rows
+        #: (times their token weights).
         self.denominator = target_weight.sum()
         self.num_rows = safe_target.numel()
         rho, bonus = options.bonus_scale, options.bonus_shape
@@ -86,6 +99,8 @@ class IndexTargetRows:
                 weight = torch.ones(num_classes, dtype=compute_dtype, device=target.device)
             alpha, beta = options.smoothing_masses(num_classes)
             row_alpha = valid.to(ROW_DTYPE) * alpha
+            if row_weight is not None:
+                row_alpha = row_alpha * row_weight
             self.class_vectors = (weight, bonus_weight)
             self.row_vectors = (row_alpha, beta * target_weight)
 

@@ -171,26 +171,31 @@ def _unit_gradients(loss: Tensor, leaves: list[Tensor]) -> list[Tensor]:
 # --- encouraging_loss -------------------------------------------------------------------------
 
 
-# (input, target, weight, bonus_weight, the options in field order) -> (loss, unit gradient)
-_ARGUMENTS = "Tensor input, Tensor target, Tensor? weight, Tensor? bonus_weight, " + (
-    _option_arguments(LossOptions, defaults=False)
+# (input, target, weight, bonus_weight, token_weight, the options in field order)
+# -> (loss, unit gradient)
+_ARGUMENTS = (
+    "Tensor input, Tensor target, Tensor? weight, Tensor? bonus_weight, Tensor? token_weight, "
+    + _option_arguments(LossOptions, defaults=False)
 )
 
 
 @_custom_op("encouraging_loss_and_grad", _ARGUMENTS, "(Tensor, Tensor)")
-def _encouraging_loss_and_grad(input, target, weight, bonus_weight, *option_values):
+def _encouraging_loss_and_grad(input, target, weight, bonus_weight, token_weight,
+                               *option_values):  # fmt: skip
     """(loss, d loss / d input for a unit incoming gradient) by :func:`encouraging_loss`."""
     options = _options_of(LossOptions, option_values)
     with _autograd_recording():
         leaf = input.detach().requires_grad_()
-        loss = encouraging_loss_with_options(leaf, target, options, weight, bonus_weight)
+        loss = encouraging_loss_with_options(leaf, target, options, weight, bonus_weight,
+                                             token_weight)  # fmt: skip
         (grad,) = _unit_gradients(loss, [leaf])
     return loss.detach().contiguous(), _in_layout_of(grad, input)
 
 
 @_encouraging_loss_and_grad.register_fake
-def _encouraging_loss_and_grad_fake(input, target, weight, bonus_weight, *option_values):
-    from .._validate import check_class_vector, check_input_and_target
+def _encouraging_loss_and_grad_fake(input, target, weight, bonus_weight, token_weight,
+                                    *option_values):  # fmt: skip
+    from .._validate import check_class_vector, check_input_and_target, check_token_weight
 
     # The checks that need no values run while tracing, so a compiled call fails where it is
     # written rather than when the graph runs.
@@ -199,6 +204,7 @@ def _encouraging_loss_and_grad_fake(input, target, weight, bonus_weight, *option
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     check_class_vector("weight", weight, num_classes, input)
     check_class_vector("bonus_weight", bonus_weight, num_classes, input)
+    check_token_weight(token_weight, _loss_shape(input, "none"), input, validate_args=False)
     return input.new_empty(_loss_shape(input, options.reduction)), torch.empty_like(input)
 
 
@@ -223,12 +229,12 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
 
 
 def _encouraging_loss_setup(ctx, inputs, output):
-    input, target, weight, bonus_weight, *option_values = inputs
+    input, target, weight, bonus_weight, token_weight, *option_values = inputs
     _, grad = output
     _keep_gradients(ctx, [grad])
     ctx.num_inputs = len(inputs)
     if ctx.eager:
-        ctx.save_for_backward(input, target, weight, bonus_weight)
+        ctx.save_for_backward(input, target, weight, bonus_weight, token_weight)
         ctx.option_values = option_values
     else:
         ctx.save_for_backward(grad)
@@ -266,13 +272,13 @@ _BONUS_OPTIONS = tuple(n for n in _DEFAULTS[LossOptions] if n not in _CROSS_ENTR
 
 def _encouraging_loss_public(
     input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-    bonus_weight=None, **options,
+    bonus_weight=None, token_weight=None, **options,
 ):  # fmt: skip
     """The public operator: the loss of :func:`_encouraging_loss_and_grad`."""
     given = dict(options, ignore_index=ignore_index, reduction=reduction,
                  label_smoothing=label_smoothing)  # fmt: skip
     loss, _ = torch.ops.encouraging_loss.encouraging_loss_and_grad(
-        input, target, weight, bonus_weight, *_option_values(LossOptions, given)
+        input, target, weight, bonus_weight, token_weight, *_option_values(LossOptions, given)
     )
     return loss
 
@@ -280,7 +286,7 @@ def _encouraging_loss_public(
 _LIBRARY.define(
     f"encouraging_loss(Tensor input, Tensor target, Tensor? weight=None, "
     f"{_option_arguments(LossOptions, _CROSS_ENTROPY_OPTIONS)}, *, Tensor? bonus_weight=None, "
-    f"{_option_arguments(LossOptions, _BONUS_OPTIONS)}) -> Tensor"
+    f"Tensor? token_weight=None, {_option_arguments(LossOptions, _BONUS_OPTIONS)}) -> Tensor"
 )
 _LIBRARY.impl("encouraging_loss", _encouraging_loss_public, "CompositeImplicitAutograd")
 
@@ -295,6 +301,7 @@ def encouraging_loss_op(
     label_smoothing: float = 0.0,
     *,
     bonus_weight: Tensor | None = None,
+    token_weight: Tensor | None = None,
     **options,
 ) -> Tensor:
     """:func:`~encouraging_loss.encouraging_loss` through the custom operator
@@ -314,6 +321,8 @@ def encouraging_loss_op(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in [0, 1].
         bonus_weight: optional (C,) per-class bonus weights.
+        token_weight: optional per-element weights of the target's index shape (see
+            :func:`~encouraging_loss.encouraging_loss`).
         **options: the other options of :class:`~encouraging_loss.options.LossOptions`
             (``log_end``, ``bonus_scale``, ``bonus``, ``bonus_gamma``, ``bonus_start``,
             ``validate_args``, ``backend``).
@@ -332,21 +341,27 @@ def encouraging_loss_op(
         >>> loss.backward()
         >>> round(loss.item(), 4)
         -1.5262
+        >>> weighted = encouraging_loss_op(logits, torch.tensor([0, 1]),
+        ...                                token_weight=torch.tensor([1.0, 0.0]))
+        >>> round(weighted.item(), 4)  # the first element alone
+        -2.0654
     """
     # Checked here too, so that an unknown option or a bad value is named before dispatch.
     options = LossOptions.of(ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, **options)  # fmt: skip
     return torch.ops.encouraging_loss.encouraging_loss(
-        input, target, weight, bonus_weight=bonus_weight, **_keywords(options)
-    )
+        input, target, weight, bonus_weight=bonus_weight, token_weight=token_weight,
+        **_keywords(options),
+    )  # fmt: skip
 
 
 # --- linear_encouraging_loss ------------------------------------------------------------------
 
 
 def _linear_loss_and_gradients(
-    hidden, weight, target, bias, class_weight, bonus_weight, options, wanted, grad_loss=None
-) -> tuple[Tensor, list[Tensor]]:
+    hidden, weight, target, bias, class_weight, bonus_weight, token_weight, options, wanted,
+    grad_loss=None,
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """(loss, gradients of hidden, weight and bias) by :func:`linear_loss_with_options`, for
     the incoming ``grad_loss`` (None: a unit one); an empty tensor where not ``wanted``."""
     tensors = (hidden, weight, bias)
@@ -354,7 +369,7 @@ def _linear_loss_and_gradients(
         leaves = [None if t is None else t.detach().requires_grad_(want)
                   for t, want in zip(tensors, wanted, strict=True)]  # fmt: skip
         loss = linear_loss_with_options(leaves[0], leaves[1], target, leaves[2], options,
-                                        class_weight, bonus_weight)  # fmt: skip
+                                        class_weight, bonus_weight, token_weight)  # fmt: skip
         differentiated = [leaf for leaf, want in zip(leaves, wanted, strict=True) if want]
         if grad_loss is None:
             grads = _unit_gradients(loss, differentiated) if differentiated else []
@@ -366,14 +381,16 @@ def _linear_loss_and_gradients(
     return loss.detach().contiguous(), out
 
 
-def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, option_values):
-    from .._validate import check_class_vector
+def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, token_weight,
+                        option_values):  # fmt: skip
+    from .._validate import check_class_vector, check_token_weight
     from ..linear import _check_linear_inputs
 
     _options_of(LinearLossOptions, option_values)
     _check_linear_inputs(hidden, weight, target, bias)
     check_class_vector("class_weight", class_weight, weight.shape[0], hidden)
     check_class_vector("bonus_weight", bonus_weight, weight.shape[0], hidden)
+    check_token_weight(token_weight, target.shape, hidden, validate_args=False)
 
 
 def _fake_gradients(tensors, wanted) -> list[Tensor]:
@@ -381,18 +398,22 @@ def _fake_gradients(tensors, wanted) -> list[Tensor]:
             for t, want in zip(tensors, wanted, strict=True)]  # fmt: skip
 
 
-# (hidden, weight, target, bias, class_weight, bonus_weight, the options in field order, and
-# which of the gradients of hidden, weight and bias to compute)
+# (hidden, weight, target, bias, class_weight, bonus_weight, token_weight, the options in field
+# order, and which of the gradients of hidden, weight and bias to compute)
 _LINEAR_ARGUMENTS = (
     "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
-    f"Tensor? bonus_weight, {_option_arguments(LinearLossOptions, defaults=False)}, "
+    "Tensor? bonus_weight, Tensor? token_weight, "
+    f"{_option_arguments(LinearLossOptions, defaults=False)}, "
     "bool grad_hidden, bool grad_weight, bool grad_bias"
 )
+#: The tensors of the fused linear operators' arguments, before the options.
+_LINEAR_TENSORS = 7
 
 
 @_custom_op("linear_encouraging_loss_and_grads", _LINEAR_ARGUMENTS,
             "(Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
-def _linear_loss_and_grads(hidden, weight, target, bias, class_weight, bonus_weight, *args):
+def _linear_loss_and_grads(hidden, weight, target, bias, class_weight, bonus_weight, token_weight,
+                           *args):  # fmt: skip
     """(loss, and for a unit incoming gradient the gradients of hidden, weight and bias that
     ``grad_*`` ask for, each an empty tensor when not asked) by :func:`linear_encouraging_loss`.
     """
@@ -401,14 +422,17 @@ def _linear_loss_and_grads(hidden, weight, target, bias, class_weight, bonus_wei
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
     # LinearEL computes the loss and the unit gradients in one chunked pass.
     loss, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
-                                             bonus_weight, options, wanted)  # fmt: skip
+                                             bonus_weight, token_weight, options,
+                                             wanted)  # fmt: skip
     return (loss, *grads)
 
 
 @_linear_loss_and_grads.register_fake
-def _linear_loss_and_grads_fake(hidden, weight, target, bias, class_weight, bonus_weight, *args):
+def _linear_loss_and_grads_fake(hidden, weight, target, bias, class_weight, bonus_weight,
+                                token_weight, *args):  # fmt: skip
     *option_values, grad_hidden, grad_weight, grad_bias = args
-    _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, option_values)
+    _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, token_weight,
+                        option_values)  # fmt: skip
     reduction = option_values[_REDUCTION[LinearLossOptions]]
     loss = hidden.new_empty(target.shape if reduction == "none" else ())
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
@@ -418,7 +442,7 @@ def _linear_loss_and_grads_fake(hidden, weight, target, bias, class_weight, bonu
 @_custom_op("linear_encouraging_loss_backward", f"Tensor grad_loss, {_LINEAR_ARGUMENTS}",
             "(Tensor, Tensor, Tensor)")  # fmt: skip
 def _linear_loss_backward(grad_loss, hidden, weight, target, bias, class_weight, bonus_weight,
-                          *args):  # fmt: skip
+                          token_weight, *args):  # fmt: skip
     """The gradients of hidden, weight and bias for ``grad_loss`` (empty where not asked),
     recomputed chunk by chunk (the backward of ``reduction="none"``). It has no autograd
     formula of its own: a second derivative through it raises."""
@@ -426,7 +450,8 @@ def _linear_loss_backward(grad_loss, hidden, weight, target, bias, class_weight,
     options = _options_of(LinearLossOptions, option_values, validate_args=False)
     wanted = (grad_hidden, grad_weight, grad_bias and bias is not None)
     _, grads = _linear_loss_and_gradients(hidden, weight, target, bias, class_weight,
-                                          bonus_weight, options, wanted, grad_loss)  # fmt: skip
+                                          bonus_weight, token_weight, options, wanted,
+                                          grad_loss)  # fmt: skip
     return tuple(grads)
 
 
@@ -438,20 +463,21 @@ def _linear_loss_backward_fake(grad_loss, hidden, weight, target, bias, *args):
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, target, bias, class_weight, bonus_weight, *rest = inputs
+    saved, rest = inputs[:_LINEAR_TENSORS], inputs[_LINEAR_TENSORS:]
     ctx.options_args = tuple(rest[:-3])
     ctx.precomputed = tuple(rest[-3:])
     _, *grads = output
     _keep_gradients(ctx, grads)
-    saved = (hidden, weight, target, bias, class_weight, bonus_weight)
     ctx.save_for_backward(*saved, *([] if ctx.eager else grads))
 
 
 def _linear_backward(ctx, grad_loss, *_grads_of_grads):
-    nothing = [None] * (len(ctx.options_args) + 5)  # target, the weights, options, the flags
+    # After hidden, weight, target and bias: the three weights, the options, the three flags.
+    nothing = [None] * (_LINEAR_TENSORS - 4 + len(ctx.options_args) + 3)
     if grad_loss is None:
         return (None, None, None, None, *nothing)
-    hidden, weight, target, bias, class_weight, bonus_weight, *grads = ctx.saved_tensors
+    hidden, weight, target, bias, *weights = ctx.saved_tensors[:_LINEAR_TENSORS]
+    grads = list(ctx.saved_tensors[_LINEAR_TENSORS:])
     if ctx.eager:
         grads, ctx.kept = ctx.kept, None
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -464,8 +490,7 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
     else:
         # "none" (per-row incoming gradients), or a second backward: recompute chunk by chunk.
         scaled = torch.ops.encouraging_loss.linear_encouraging_loss_backward(
-            grad_loss, hidden, weight, target, bias, class_weight, bonus_weight,
-            *ctx.options_args, *needs,
+            grad_loss, hidden, weight, target, bias, *weights, *ctx.options_args, *needs,
         )  # fmt: skip
         scaled = [g if n else None for g, n in zip(scaled, needs, strict=True)]
     grad_hidden, grad_weight, grad_bias = scaled
@@ -476,8 +501,9 @@ _linear_loss_and_grads.register_autograd(_linear_backward, setup_context=_linear
 
 
 def _linear_encouraging_loss_public(
-    hidden, weight, target, bias=None, *, class_weight=None, bonus_weight=None, **options
-):
+    hidden, weight, target, bias=None, *, class_weight=None, bonus_weight=None, token_weight=None,
+    **options,
+):  # fmt: skip
     """The public operator: the loss of :func:`_linear_loss_and_grads`, which computes the
     gradients with it where they will be needed and the reduction allows."""
     values = _option_values(LinearLossOptions, options)
@@ -485,14 +511,14 @@ def _linear_encouraging_loss_public(
     precompute = torch.is_grad_enabled() and reduction != "none"
     wanted = [precompute and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, *_ = torch.ops.encouraging_loss.linear_encouraging_loss_and_grads(
-        hidden, weight, target, bias, class_weight, bonus_weight, *values, *wanted
+        hidden, weight, target, bias, class_weight, bonus_weight, token_weight, *values, *wanted
     )
     return loss
 
 
 _LIBRARY.define(
     "linear_encouraging_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, "
-    "Tensor? class_weight=None, Tensor? bonus_weight=None, "
+    "Tensor? class_weight=None, Tensor? bonus_weight=None, Tensor? token_weight=None, "
     f"{_option_arguments(LinearLossOptions)}) -> Tensor"
 )
 _LIBRARY.impl(
@@ -509,6 +535,7 @@ def linear_encouraging_loss_op(
     *,
     class_weight: Tensor | None = None,
     bonus_weight: Tensor | None = None,
+    token_weight: Tensor | None = None,
     **options,
 ) -> Tensor:
     """:func:`~encouraging_loss.linear_encouraging_loss` through the custom operator
@@ -526,6 +553,8 @@ def linear_encouraging_loss_op(
         bias: optional (C,) bias.
         class_weight: optional (C,) class weights.
         bonus_weight: optional (C,) per-class bonus weights.
+        token_weight: optional per-token weights of the target's shape (see
+            :func:`~encouraging_loss.linear_encouraging_loss`).
         **options: the options of :class:`~encouraging_loss.options.LinearLossOptions`.
 
     Returns:
@@ -548,5 +577,5 @@ def linear_encouraging_loss_op(
     options = LinearLossOptions.of(**options)
     return torch.ops.encouraging_loss.linear_encouraging_loss(
         hidden, weight, target, bias, class_weight=class_weight, bonus_weight=bonus_weight,
-        **_keywords(options),
+        token_weight=token_weight, **_keywords(options),
     )  # fmt: skip

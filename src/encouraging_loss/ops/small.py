@@ -27,6 +27,10 @@ Hard targets: row loss w_y (-log p_y + rho v_y b(p_y)), gradient w_y (1 - rho v_
 (see :mod:`.rowwise`), row loss sum_k a_k (-log p_k + rho v_k b(p_k)), gradient
 p_k (A - H) - a_k + h_k with h_k = rho a_k v_k r(p_k), A = sum_k a_k, H = sum_k h_k.
 
+Token weights t (``token_weight``) scale each element's class mass: w_y becomes t w_y in the
+hard-target terms and a_k becomes t a_k otherwise, and the mean divides by sum t w_y (sum t for
+probability targets).
+
 Ignored rows: where ``ignore_index`` cannot be a class, the targets are first used as they are;
 a row of ``ignore_index`` (or an out-of-range target) makes the target gather fail, and the call
 takes the masked route (ignored rows get weight 0 and zeroed log-probabilities, the range check
@@ -117,12 +121,20 @@ class _Layout:
         return grad if grad.dtype == dtype else grad.to(dtype)
 
 
+def _token_rows(token_weight, layout: _Layout, dtype) -> torch.Tensor | None:
+    """Per-element weights in the layout's index shape, a private ``dtype`` copy (or None)."""
+    if token_weight is None:
+        return None
+    return token_weight.reshape(layout.index_shape).to(dtype=dtype, copy=True)
+
+
 class _Targets:
     """Class-index targets in the layout: ``index`` (ignored rows set to class 0 when masked),
-    ``valid`` (bool rows, or None when every row counts), ``row_weight`` (w_y, 0 where ignored;
-    None for all ones)."""
+    ``valid`` (bool rows, or None when every row counts), ``row_weight`` (t w_y, 0 where
+    ignored, t the token weight; None for all ones) and ``token_weight`` (t or None)."""
 
-    def __init__(self, target, layout: _Layout, weight, options: LossOptions, masked: bool, dtype):
+    def __init__(self, target, layout: _Layout, weight, options: LossOptions, masked: bool, dtype,
+                 token_weight=None):  # fmt: skip
         index = target.reshape(layout.index_shape)
         if index.dtype != torch.int64:
             index = index.long()
@@ -135,6 +147,11 @@ class _Targets:
             )
         elif weight is not None:
             self.row_weight = weight[index].to(dtype)
+        self.token_weight = _token_rows(token_weight, layout, dtype)
+        if self.token_weight is not None:
+            # A copy either way: the row weight is scaled in place later.
+            self.row_weight = self.token_weight.clone() if self.row_weight is None \
+                else self.row_weight * self.token_weight  # fmt: skip
         self.index = index
 
     def denominator(self) -> float:
@@ -244,13 +261,16 @@ class SmallProblem:
         weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
         options: the loss options (:func:`small_path_supports` said yes to them).
+        token_weight: optional per-element weights t (the target's index shape): they scale
+            each element's class mass (its loss and gradient), and the mean's denominator is
+            sum t w_y (sum t for probability targets).
     """
 
-    __slots__ = ("target", "weight", "bonus_weight", "options", "layout")
+    __slots__ = ("target", "weight", "bonus_weight", "options", "layout", "token_weight")
 
-    def __init__(self, target, weight, bonus_weight, options: LossOptions):
+    def __init__(self, target, weight, bonus_weight, options: LossOptions, token_weight=None):
         self.target, self.weight, self.bonus_weight = target, weight, bonus_weight
-        self.options = options
+        self.options, self.token_weight = options, token_weight
         self.layout = None
 
     def loss_and_grad(self, input: torch.Tensor):
@@ -268,12 +288,14 @@ class SmallProblem:
             masked = 0 <= options.ignore_index < layout.num_classes
             row_dtype = logits.row_dtype
             try:
-                targets = _Targets(self.target, layout, weight, options, masked, row_dtype)
+                targets = _Targets(self.target, layout, weight, options, masked, row_dtype,
+                                   self.token_weight)  # fmt: skip
                 taken, rows = self._take(logits, targets)
             except (RuntimeError, IndexError):
                 if masked:
                     raise
-                targets = _Targets(self.target, layout, weight, options, True, row_dtype)
+                targets = _Targets(self.target, layout, weight, options, True, row_dtype,
+                                   self.token_weight)  # fmt: skip
                 taken, rows = self._take(logits, targets)
             if rows is not None:
                 loss, buffer = self._conservative_log(logits, targets, taken, rows)
@@ -323,6 +345,8 @@ class SmallProblem:
                 unit = targets.valid.to(logits.dtype).expand_as(logits.log_probs)
             if weight is not None:
                 unit = unit * self.layout.class_vector(weight)
+            if targets.token_weight is not None:
+                unit = unit * targets.token_weight.to(logits.dtype)
             rest = logits.cross_entropy_raw(unit, per_row)
         buffer = logits.probabilities()
         log_p = logits.corrected(taken)
@@ -451,8 +475,12 @@ class SmallProblem:
         alpha, beta = options.smoothing_masses(layout.num_classes)
         per_row = options.reduction == "none"
         scale, empty = 1.0, False
+        token_weight = _token_rows(self.token_weight, layout, logits.dtype)
         if options.reduction == "mean":
-            denominator = float(logits.log_probs.numel() // layout.num_classes)
+            if token_weight is None:
+                denominator = float(logits.log_probs.numel() // layout.num_classes)
+            else:
+                denominator = float(token_weight.sum(dtype=torch.float64))
             scale, empty = _mean_factor(denominator), denominator == 0.0
         mass = torch.empty_like(logits.log_probs)
         torch.mul(layout.rows_of(self.target), beta * scale, out=mass)
@@ -460,6 +488,8 @@ class SmallProblem:
             mass.add_(alpha * scale)
         if weight is not None:
             mass.mul_(layout.class_vector(weight))
+        if token_weight is not None:
+            mass.mul_(token_weight)
         raw = logits.cross_entropy_raw(mass, per_row)
         buffer = logits.probabilities()
         negative, push, boost, mass = self._mass_terms(
@@ -509,7 +539,8 @@ class SmallEL(torch.autograd.Function):
         return ctx.problem.scaled_gradient(buffer, grad_output, ctx.input_dtype), None
 
 
-def small_encouraging_loss(input, target, weight, bonus_weight, options: LossOptions):
+def small_encouraging_loss(input, target, weight, bonus_weight, options: LossOptions,
+                           token_weight=None):  # fmt: skip
     """The loss of a call :func:`small_path_supports` (checked inputs), with its gradient.
 
     Args:
@@ -518,8 +549,9 @@ def small_encouraging_loss(input, target, weight, bonus_weight, options: LossOpt
         weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
         options: the loss options.
+        token_weight: optional per-element weights (the target's index shape).
     """
-    problem = SmallProblem(target, weight, bonus_weight, options)
+    problem = SmallProblem(target, weight, bonus_weight, options, token_weight)
     if input.requires_grad and torch.is_grad_enabled():
         return SmallEL.apply(input, problem)
     loss, _ = problem.loss_and_grad(input)

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .._validate import check_class_vector, check_input_and_target
+from .._validate import check_class_vector, check_input_and_target, check_token_weight
 from ..options import LossOptions, takes_options
 from .index_targets import target_weights
 
@@ -129,23 +129,42 @@ def launch_rows(logits, target, grad, row_scale, options: LossOptions, weight=No
     return row_loss
 
 
+def token_row_scale(token_weight: torch.Tensor, scale) -> torch.Tensor:
+    """The kernel's float32 per-row gradient scale ``token_weight * scale``, 0 where the weight
+    is 0 (even for a scale that is not finite: the mean over zero weight is NaN, its gradient
+    0, as for ignored rows)."""
+    return torch.where(token_weight != 0, token_weight * scale, 0.0).float()
+
+
+def weighted_row_loss(row_loss: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's row losses times their token weights (float64), 0 where the weight is 0."""
+    return torch.where(token_weight != 0, row_loss.double() * token_weight, 0.0)
+
+
 class TritonEL(torch.autograd.Function):
     """Loss and gradient from one kernel launch; backward scales the stored gradient.
 
     Inputs: logits (N, C), target (N,) int64, weight and bonus_weight (float32 or None), the
-    :class:`LossOptions`, in_place.
+    :class:`LossOptions`, in_place, token_weight ((N,) float64 or None). Token weights scale the
+    rows' gradients through the kernel's per-row scale and their losses here (float64).
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, bonus_weight, options, in_place):
+    def forward(ctx, logits, target, weight, bonus_weight, options, in_place, token_weight=None):
         reduction = options.reduction
         if reduction == "mean":
             *_, target_weight = target_weights(target, options.ignore_index, weight, torch.float32)
-            denominator = target_weight.sum()
-            row_scale = (1.0 / denominator).expand(logits.shape[0])
+            if token_weight is None:
+                denominator = target_weight.sum()
+                row_scale = (1.0 / denominator).expand(logits.shape[0])
+            else:
+                denominator = torch.dot(target_weight.double(), token_weight)
+                row_scale = token_row_scale(token_weight, 1.0 / denominator)
         else:
             row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
             row_scale = row_scale.expand(logits.shape[0])
+            if token_weight is not None:
+                row_scale = token_row_scale(token_weight, 1.0)
             denominator = None
         row_scale = row_scale.contiguous()
         # In place, the kernel writes through the raw pointer: autograd is not told (as in
@@ -154,6 +173,8 @@ class TritonEL(torch.autograd.Function):
         row_loss = launch_rows(logits, target, grad, row_scale, options, weight, bonus_weight)
         ctx.reduction = reduction
         ctx.grad = grad
+        if token_weight is not None:
+            row_loss = weighted_row_loss(row_loss, token_weight)
         if reduction == "none":
             return row_loss
         result = row_loss.double().sum()
@@ -172,11 +193,11 @@ class TritonEL(torch.autograd.Function):
             grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
         else:
             grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 @takes_options(LossOptions)
-def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None,
+def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None, token_weight=None,
                             in_place: bool = False, **options) -> torch.Tensor:  # fmt: skip
     """The encouraging loss of (N, C) or (C) logits by the Triton kernels.
 
@@ -191,6 +212,8 @@ def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None,
         target: (N) or () class indices.
         weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
+        token_weight: optional per-row weights of the target's shape (see
+            :func:`~encouraging_loss.encouraging_loss`).
         in_place: write the gradient over ``logits`` (see above).
         **options: the options of :class:`~encouraging_loss.options.LossOptions`, by keyword
             (``ignore_index``, ``reduction``, ``label_smoothing``, the bonus's).
@@ -210,13 +233,18 @@ def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None,
     num_classes = logits.shape[-1]
     weight = check_class_vector("weight", weight, num_classes, logits)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, logits)
-    return triton_loss_with_options(logits, target, options, weight, bonus_weight, in_place)
+    token_weight = check_token_weight(token_weight, logits.shape[:-1], logits,
+                                      options.validate_args)  # fmt: skip
+    return triton_loss_with_options(logits, target, options, weight, bonus_weight, in_place,
+                                    token_weight)  # fmt: skip
 
 
 def triton_loss_with_options(
-    logits, target, options: LossOptions, weight=None, bonus_weight=None, in_place: bool = False
-) -> torch.Tensor:
-    """:func:`triton_encouraging_loss` for checked tensors and built options.
+    logits, target, options: LossOptions, weight=None, bonus_weight=None, in_place: bool = False,
+    token_weight=None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`triton_encouraging_loss` for checked tensors and built options (``token_weight``:
+    checked per-element weights of the target's shape, or None).
 
     Raises:
         ValueError: when the kernels cannot compute this loss (the reason) or run here.
@@ -243,7 +271,9 @@ def triton_loss_with_options(
         weight = weight.float().contiguous()
     if bonus_weight is not None:
         bonus_weight = bonus_weight.float().contiguous()
-    loss = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place)
+    if token_weight is not None:
+        token_weight = token_weight.reshape(-1).double()
+    loss = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place, token_weight)
     if options.reduction == "none" and squeeze:
         loss = loss.reshape(())
     return loss.to(logits.dtype)
