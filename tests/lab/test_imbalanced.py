@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -289,3 +290,18 @@ def test_quick_run_of_each_paper_setting_has_every_row_metric(tmp_path, name):
         assert run["status"] == "ok", run["loss"]
         for row in setting.rows:
             assert 0.0 <= run["metrics"][row.metric] <= 1.0, (run["loss"], row.metric)
+
+
+def test_cifar10_lt_gpu_setting_takes_its_first_steps_on_cpu(tmp_path):
+    """The GPU-size setting (ResNet-18 on CIFAR-10-LT, not run here) trains a batch on a sliver."""
+    shared_dataset("cifar10")
+    setting = PAPER["CIFAR-10-LT (ratio 100), ResNet-18"]
+    fields = dict(setting.runs["gpu"], seeds=1, train_size=40, test_size=20, batch_size=32)
+    recipe = task.PRESETS[fields["preset"]]
+    assert (recipe.dataset, recipe.model, recipe.train.epochs) == ("cifar10", "resnet18", 200)
+    out = tmp_path / "gpu"
+    with pytest.raises(Interrupted):
+        _run(out, losses="el-drw", stop_after_epochs=1, device="cpu", threads=1, **fields)
+    (checkpoint,) = (out / "checkpoints").glob("*.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
