@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._validate import (
@@ -252,7 +250,7 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
     is_index = check_input_and_target(input, target)
     dtype = compute_dtype_for(input.dtype)
     capped = softcapped(input, options.softcap, dtype)
-    loss = encouraging_loss_with_options(capped, target, _without_logit_terms(options), weight,
+    loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(), weight,
                                          bonus_weight, token_weight)  # fmt: skip
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     lse = None
@@ -275,18 +273,6 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
                                                            options, dtype)  # fmt: skip
     loss = loss.to(input.dtype)
     return (loss, lse.detach()) if return_lse else loss
-
-
-def _without_logit_terms(options: LossOptions) -> LossOptions:
-    """The options with no z-loss and no softcap (built once per options object)."""
-    if torch.compiler.is_compiling():
-        return options.replace(z_loss=0.0, softcap=None)
-    return _plain_options(options)
-
-
-@functools.lru_cache(maxsize=64)
-def _plain_options(options: LossOptions) -> LossOptions:
-    return options.replace(z_loss=0.0, softcap=None)
 
 
 def _mean_denominator(target, is_index, weight, token_weight, options, dtype) -> torch.Tensor:

@@ -213,8 +213,10 @@ def linear_loss_with_options(
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
     triton_rows = None
-    if use_triton_backend(flat_hidden, target, options):
-        triton_rows = TritonRows(target, class_weight, bonus_weight, options, token_weight)
+    # The softcap and the z-loss are applied around each chunk's loss (ChunkLogitTerms).
+    kernel_options = options.without_logit_terms()
+    if use_triton_backend(flat_hidden, target, kernel_options):
+        triton_rows = TritonRows(target, class_weight, bonus_weight, kernel_options, token_weight)
     logit_terms = None
     if options.with_logit_terms or return_lse:
         logit_terms = ChunkLogitTerms(options, target, token_weight, dtype, return_lse)

@@ -112,6 +112,15 @@ class LossOptions:
         """Whether the z-loss or the softcap is set (they are applied around the loss)."""
         return self.z_loss != 0.0 or self.softcap is not None
 
+    def without_logit_terms(self) -> LossOptions:
+        """These options with no z-loss and no softcap: those of the loss of the capped logits
+        (built once per options object)."""
+        if not self.with_logit_terms:
+            return self
+        if torch.compiler.is_compiling():
+            return self.replace(z_loss=0.0, softcap=None)
+        return _without_logit_terms(self)
+
     @property
     def with_bonus(self) -> bool:
         """Whether the bonus contributes (a shape other than ``"none"`` and a nonzero scale)."""
@@ -151,6 +160,11 @@ class LossOptions:
 @functools.lru_cache(maxsize=256, typed=True)
 def _cached(cls, **options):
     return cls(**options)
+
+
+@functools.lru_cache(maxsize=64)
+def _without_logit_terms(options: LossOptions) -> LossOptions:
+    return options.replace(z_loss=0.0, softcap=None)
 
 
 @dataclass(frozen=True)
