@@ -570,7 +570,7 @@ def test_softcap_lse_is_of_the_capped_logits():
 
 def _torch_capped_cross_entropy(x, t, *, z_loss, softcap, reduction="none", **kwargs):
     """What one writes in torch: CE of ``c tanh(x / c)`` plus ``z lse**2``, in x's dtype."""
-    capped = softcap * torch.tanh(x / softcap)
+    capped = x if softcap is None else softcap * torch.tanh(x / softcap)
     rows = F.cross_entropy(capped, t, reduction=reduction, **kwargs)
     return rows + z_loss * torch.logsumexp(capped, dim=1).square()
 
@@ -578,7 +578,8 @@ def _torch_capped_cross_entropy(x, t, *, z_loss, softcap, reduction="none", **kw
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
-def test_logit_terms_error_within_cross_entropy_error(dtype, smoothing, scale):
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_logit_terms_error_within_cross_entropy_error(dtype, smoothing, scale, softcap):
     """With the z-loss and a softcap, EL in each dtype errs no more than torch CE does in that
     dtype on the same problem (CE of torch's softcapped logits plus the z-loss, in the dtype),
     up to a sliver of one unit in the value, one unit in the gradient.
@@ -589,8 +590,8 @@ def test_logit_terms_error_within_cross_entropy_error(dtype, smoothing, scale):
     gradient stays near -1 where CE's vanishes, passes it on to the value at a few float32
     units (about 8 at scale 10 against the reference of the exact capped logits)."""
     logits, target = make_case((64,), 50, dtype=dtype, scale=scale, seed=11)
-    terms = dict(z_loss=1e-3, softcap=30.0)
-    rounded = terms["softcap"] * torch.tanh(logits.float() / terms["softcap"])
+    terms = dict(z_loss=1e-3, softcap=softcap)
+    rounded = logits.detach() if softcap is None else softcap * torch.tanh(logits.float() / softcap)
 
     def reference(x, t, *, softcap, **kwargs):  # the loss of the float32 capped logits
         return reference_loss(rounded.double(), t, **kwargs)

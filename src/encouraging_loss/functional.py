@@ -250,6 +250,9 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
     is_index = check_input_and_target(input, target)
     dtype = compute_dtype_for(input.dtype)
     capped = softcapped(input, options.softcap, dtype)
+    if options.z_loss != 0.0:
+        # The loss and the z-loss summed in the compute dtype: one rounding to a half dtype.
+        capped = capped.to(dtype)
     loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(), weight,
                                          bonus_weight, token_weight)  # fmt: skip
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
