@@ -637,3 +637,23 @@ def test_logit_terms_bad_inputs(change, error, match):
     logits, target = make_case((5,), 3, dtype=torch.float32)
     with pytest.raises(error, match=match):
         encouraging_loss(logits, target, **change)
+
+
+def test_z_loss_of_ignored_rows_with_nonfinite_logits_is_nothing():
+    """An ignored row's logits may be anything: no z-loss, no z-loss gradient."""
+    logits = torch.tensor([[1.0, 2.0, 0.5], [float("nan"), 0.0, 0.0], [float("inf"), 0.0, 1.0]],
+                          requires_grad=True)  # fmt: skip
+    target = torch.tensor([1, -100, -100])
+    token_weight = torch.tensor([1.0, 1.0, 0.5])
+    for reduction in REDUCTIONS:
+        value, grad = grad_of(encouraging_loss, logits, target, z_loss=0.1, reduction=reduction,
+                              token_weight=token_weight)  # fmt: skip
+        expected, expected_grad = grad_of(encouraging_loss, logits[:1], target[:1], z_loss=0.1,
+                                          reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(value[:1] if reduction == "none" else value, expected)
+        torch.testing.assert_close(grad[:1], expected_grad)
+        # The ignored rows' gradient is the loss's own without the z-loss (the row paths give
+        # NaN for NaN logits there, as before).
+        _, plain_grad = grad_of(encouraging_loss, logits, target, reduction=reduction,
+                                token_weight=token_weight)  # fmt: skip
+        torch.testing.assert_close(grad[1:], plain_grad[1:], equal_nan=True)

@@ -12,7 +12,7 @@ from ._validate import (
     check_token_weight,
 )
 from .ops.index_targets import IndexTargetRows, row_token_weight, target_weights
-from .ops.logit_terms import softcapped, z_loss_rows, z_row_weight
+from .ops.logit_terms import ZLoss, softcapped, z_row_weight
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
 from .ops.small import small_encouraging_loss, small_path_supports
 from .ops.small_common import hard_log_bonus_loss
@@ -256,17 +256,14 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
     loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(), weight,
                                          bonus_weight, token_weight)  # fmt: skip
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
-    lse = None
-    if options.z_loss != 0.0 or return_lse:
-        lse = torch.logsumexp(class_last(capped).to(dtype), dim=-1).reshape(index_shape)
+    rows = class_last(capped).to(dtype)  # a view: no copy
     if options.z_loss != 0.0:
         if is_index:
             row_weight = z_row_weight(target, options.ignore_index, token_weight)
         else:
             row_weight = row_token_weight(token_weight)
-        if row_weight is not None:
-            row_weight = row_weight.to(dtype).reshape(index_shape)
-        z_rows = z_loss_rows(lse, options.z_loss, row_weight)
+        z_rows, lse = ZLoss.apply(rows, row_weight, options.z_loss)
+        z_rows, lse = z_rows.reshape(index_shape), lse.reshape(index_shape)
         if options.reduction == "none":
             loss = loss + z_rows
         elif options.reduction == "sum":
@@ -274,6 +271,8 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
         else:
             loss = loss + z_rows.sum() / _mean_denominator(target, is_index, weight, token_weight,
                                                            options, dtype)  # fmt: skip
+    elif return_lse:
+        lse = torch.logsumexp(rows, dim=-1).reshape(index_shape)
     loss = loss.to(input.dtype)
     return (loss, lse.detach()) if return_lse else loss
 

@@ -26,9 +26,51 @@ def softcapped(logits: torch.Tensor, softcap: float | None, dtype: torch.dtype) 
 
 
 def z_loss_rows(lse: torch.Tensor, z_loss: float, row_weight) -> torch.Tensor:
-    """The z-loss of each element, ``z_loss * lse**2 * row_weight`` (row_weight None: 1)."""
+    """The z-loss of each element, ``z_loss * lse**2 * row_weight`` (row_weight None: 1), 0
+    where the weight is 0 (an ignored element's logits may be anything, NaN included)."""
     rows = lse.square() * z_loss
-    return rows if row_weight is None else rows * row_weight
+    if row_weight is None:
+        return rows
+    return torch.where(row_weight != 0, rows * row_weight, 0.0)
+
+
+def _z_loss_softmax_(softmax, lse, z_loss: float, row_weight, grad_rows) -> torch.Tensor:
+    """``softmax`` becomes the z-loss's gradient ``2 z lse softmax`` times each row's weight
+    and incoming gradient, in place; 0 on rows of weight 0 (whatever their logits)."""
+    scale = (2.0 * z_loss) * lse.to(ROW_DTYPE) * grad_rows
+    if row_weight is not None:
+        scale = scale * row_weight
+    softmax = softmax.mul_(scale.to(softmax.dtype).unsqueeze(-1))
+    if row_weight is not None:
+        softmax = softmax.masked_fill_((row_weight == 0).unsqueeze(-1), 0.0)
+    return softmax
+
+
+class ZLoss(torch.autograd.Function):
+    """(z-loss rows, lse) of (..., C) logits (classes last); the gradient ``2 z lse softmax``
+    per row, made in backward (from the saved logits: no (..., C) tensor kept) and 0 on rows of
+    weight 0.
+
+    Inputs: logits (..., C) in the compute dtype, row_weight (float64 or None, as many values
+    as rows), z_loss.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, row_weight, z_loss):
+        lse = torch.logsumexp(logits, dim=-1)
+        row_weight = None if row_weight is None else row_weight.reshape(lse.shape)
+        ctx.save_for_backward(logits, lse)
+        ctx.row_weight, ctx.z_loss = row_weight, z_loss
+        ctx.mark_non_differentiable(lse)
+        weight = None if row_weight is None else row_weight.to(lse.dtype)
+        return z_loss_rows(lse, z_loss, weight), lse
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_lse):
+        logits, lse = ctx.saved_tensors
+        softmax = torch.exp(logits - lse.unsqueeze(-1))
+        grad = _z_loss_softmax_(softmax, lse, ctx.z_loss, ctx.row_weight, grad_rows.to(ROW_DTYPE))
+        return grad, None, None
 
 
 def z_row_weight(target: torch.Tensor, ignore_index: int, token_weight) -> torch.Tensor:
@@ -81,8 +123,9 @@ class ChunkLogitTerms:
         softcap (in place where the dtypes allow)."""
         tanh, lse, softmax = state
         if softmax is not None:
-            scale = (2.0 * self.z_loss) * lse.to(ROW_DTYPE) * self.row_weight[chunk] * grad_rows
-            grad_logits = grad_logits.add_(softmax.mul_(scale.to(softmax.dtype).unsqueeze(1)))
+            softmax = _z_loss_softmax_(softmax, lse, self.z_loss, self.row_weight[chunk],
+                                       grad_rows)  # fmt: skip
+            grad_logits = grad_logits.add_(softmax)
         if tanh is not None:
             grad_logits = grad_logits.mul_(tanh.square_().neg_().add_(1.0))
         return grad_logits
