@@ -6,9 +6,10 @@
   lse the logsumexp of its (capped) logits, times its token weight and zero where the target is
   ``ignore_index``; its gradient is ``2 z_loss lse softmax(z)`` per element.
 
-:func:`encouraging_loss` applies them with torch operations around the loss of the capped logits
-(autograd carries the gradients); the fused linear loss, chunk by chunk with
-:class:`ChunkLogitTerms`, which adds the closed-form gradients to each chunk's logits gradient.
+:func:`encouraging_loss` applies them around the loss of the capped logits: the softcap as torch
+operations (autograd takes the gradient through the tanh), the z-loss by :class:`ZLoss`; the
+fused linear loss, chunk by chunk with :class:`ChunkLogitTerms`, which adds the closed-form
+gradients to each chunk's logits gradient.
 """
 
 from __future__ import annotations
