@@ -48,6 +48,8 @@ def reference_loss(
     bonus_start=0.0,
     bonus_weight=None,
     token_weight=None,
+    z_loss=0.0,
+    softcap=None,
 ):
     """EL = sum_j w_j q_j (-log p_j + rho v_j b(p_j)), reduced as F.cross_entropy, in float64.
 
@@ -55,8 +57,12 @@ def reference_loss(
     the sum of the other probabilities (exact where p -> 1), autograd for gradients. With
     ``token_weight`` (the index shape) each element's loss is multiplied by its weight t and the
     mean divides by sum t w_y over the non-ignored elements (sum t for probability targets).
+    ``softcap`` c: the logits become c tanh(x / c) first; ``z_loss``: z lse**2 is added to each
+    non-ignored element's loss before its token weight (not times its class weight).
     """
     x = input.double()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
     if x.dim() == 1:
         x = x.unsqueeze(0)
         target = target.unsqueeze(0)
@@ -87,6 +93,8 @@ def reference_loss(
     per_class = -log_p + bonus_scale * v * b if bonus_scale != 0 else -log_p
     per_class = torch.where(q > 0, per_class, torch.zeros_like(per_class))
     rows = (w * q * per_class).sum(1)
+    if z_loss != 0.0:
+        rows = rows + z_loss * torch.logsumexp(x, dim=1).square() * valid
     t = torch.ones_like(rows) if token_weight is None else token_weight.double().reshape(-1)
     if token_weight is not None:  # a weight 0 drops the element, as ignore_index does
         rows = torch.where(t != 0, rows * t, 0.0)

@@ -65,3 +65,23 @@ def test_compiled_token_weight(backend, options):
     expected.sum().backward()
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("options", [dict(z_loss=1e-3, softcap=5.0),
+                                     dict(softcap=3.0, label_smoothing=0.1, reduction="none")])
+def test_compiled_logit_terms(backend, options):
+    logits, target = make_case((16,), 7, dtype=torch.float32, ignore_fraction=0.2)
+    token_weight = torch.rand(16)
+    criterion = EncouragingLoss(return_lse=True, **options)
+    compiled = torch.compile(criterion, fullgraph=True, backend=backend)
+    x = logits.detach().clone().requires_grad_()
+    value, lse = compiled(x, target, token_weight)
+    value.sum().backward()
+    y = logits.detach().clone().requires_grad_()
+    expected, expected_lse = encouraging_loss(y, target, token_weight=token_weight,
+                                              return_lse=True, **options)
+    expected.sum().backward()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)

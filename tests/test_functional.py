@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -494,3 +495,165 @@ def test_token_weight_value_check_follows_validate_args():
     expected = (encouraging_loss(logits, target, reduction="none") * negative).sum()
     torch.testing.assert_close(value, expected)
 
+
+
+# --- z-loss, logsumexp, softcap ---------------------------------------------------------------
+
+LOGIT_TERMS = [dict(z_loss=0.05), dict(softcap=3.0), dict(z_loss=0.02, softcap=2.5)]
+
+
+@pytest.mark.parametrize("terms", LOGIT_TERMS, ids=_name)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("use_weight,use_token_weight", [(False, False), (True, True)])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(ignore_index=1)],
+                         ids=_name)  # fmt: skip
+def test_logit_terms_match_float64_reference(terms, shape, probs, use_weight, use_token_weight,
+                                             options):  # fmt: skip
+    num_classes = 4
+    logits, target = make_case(shape, num_classes, probs=probs, seed=5,
+                               ignore_fraction=0.0 if probs else 0.3,
+                               ignore_index=options.get("ignore_index", -100))  # fmt: skip
+    weight = _weight(use_weight, num_classes)
+    token_weight = _token_weight(shape) if use_token_weight else None
+    for reduction in REDUCTIONS:
+        kwargs = dict(weight=weight, reduction=reduction, token_weight=token_weight, **options,
+                      **terms)  # fmt: skip
+        value, grad = grad_of(encouraging_loss, logits, target, **kwargs)
+        expected, expected_grad = grad_of(reference_loss, logits, target, **kwargs)
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("terms", LOGIT_TERMS, ids=_name)
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.15), (True, 0.05)])
+def test_logit_terms_gradcheck(terms, probs, smoothing):
+    logits, target = make_case((4, 2), 5, probs=probs, scale=2.0, seed=3)
+    token_weight = _token_weight((4, 2), seed=4)
+    for reduction in ("mean", "none"):
+
+        def loss(x, reduction=reduction):
+            return encouraging_loss(x, target, label_smoothing=smoothing, reduction=reduction,
+                                    token_weight=token_weight, **terms)  # fmt: skip
+
+        assert torch.autograd.gradcheck(loss, (logits.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("probs,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0)])
+def test_logit_terms_off_and_lse_leave_the_loss_unchanged(dtype, probs, smoothing):
+    """z_loss=0 and softcap=None are the loss as before, bit for bit; so is return_lse's loss,
+    and its lse is the logsumexp of each element's logits (float32 for half inputs), ignored
+    elements' too, without a gradient."""
+    logits, target = make_case((6, 3), 5, dtype=dtype, probs=probs, seed=6,
+                               ignore_fraction=0.0 if probs else 0.2)  # fmt: skip
+    for reduction in REDUCTIONS:
+        options = dict(reduction=reduction, label_smoothing=smoothing)
+        value, grad = grad_of(encouraging_loss, logits, target, **options)
+        off, off_grad = grad_of(encouraging_loss, logits, target, z_loss=0.0, softcap=None,
+                                **options)  # fmt: skip
+        assert torch.equal(off, value) and torch.equal(off_grad, grad)
+        loss, lse = encouraging_loss(logits, target, return_lse=True, **options)
+        assert torch.equal(loss.detach(), value) and not lse.requires_grad
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        expected = torch.logsumexp(logits.detach().to(compute), dim=1)
+        assert lse.dtype == compute
+        torch.testing.assert_close(lse, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_softcap_lse_is_of_the_capped_logits():
+    logits, target = make_case((5,), 4, scale=20.0, seed=1)
+    _, lse = encouraging_loss(logits, target, softcap=5.0, return_lse=True)
+    capped = 5.0 * torch.tanh(logits.detach() / 5.0)
+    torch.testing.assert_close(lse, torch.logsumexp(capped, dim=1), rtol=1e-12, atol=1e-12)
+
+
+def _torch_capped_cross_entropy(x, t, *, z_loss, softcap, reduction="none", **kwargs):
+    """What one writes in torch: CE of ``c tanh(x / c)`` plus ``z lse**2``, in x's dtype."""
+    capped = x if softcap is None else softcap * torch.tanh(x / softcap)
+    rows = F.cross_entropy(capped, t, reduction=reduction, **kwargs)
+    return rows + z_loss * torch.logsumexp(capped, dim=1).square()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 50.0])
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_logit_terms_error_within_cross_entropy_error(dtype, smoothing, scale, softcap):
+    """With the z-loss and a softcap, EL in each dtype errs no more than torch CE does in that
+    dtype on the same problem (CE of torch's softcapped logits plus the z-loss, in the dtype),
+    up to a sliver of one unit in the value, one unit in the gradient.
+
+    The reference is the float64 loss of the capped logits as the library forms them:
+    ``c tanh(x / c)`` in float32 (for half inputs too). Their rounding to float32 (a unit of
+    each capped logit) is the input of every float32 loss of capped logits; EL, whose target
+    gradient stays near -1 where CE's vanishes, passes it on to the value at a few float32
+    units (about 8 at scale 10 against the reference of the exact capped logits)."""
+    logits, target = make_case((64,), 50, dtype=dtype, scale=scale, seed=11)
+    terms = dict(z_loss=1e-3, softcap=softcap)
+    rounded = logits.detach() if softcap is None else softcap * torch.tanh(logits.float() / softcap)
+
+    def reference(x, t, *, softcap, **kwargs):  # the loss of the float32 capped logits
+        return reference_loss(rounded.double(), t, **kwargs)
+
+    el_value_error, el_grad_error = _value_errors(encouraging_loss, reference, logits, target,
+                                                  label_smoothing=smoothing, **terms)  # fmt: skip
+    ce_value_error = _value_errors(_torch_capped_cross_entropy,
+                                   functools.partial(reference, bonus_scale=0.0), logits, target,
+                                   label_smoothing=smoothing, **terms)[0]  # fmt: skip
+    slack = 1e-3 * torch.finfo(dtype).eps
+    assert el_value_error <= ce_value_error + slack, (el_value_error, ce_value_error)
+    # The gradient against the exact float64 one, relative to its largest entry, as CE's.
+    _, el_grad_error = _errors(encouraging_loss, reference_loss, logits, target,
+                               label_smoothing=smoothing, **terms)  # fmt: skip
+    _, ce_grad_error = _errors(_torch_capped_cross_entropy,
+                               functools.partial(reference_loss, bonus_scale=0.0), logits, target,
+                               label_smoothing=smoothing, **terms)  # fmt: skip
+    assert el_grad_error <= ce_grad_error + torch.finfo(dtype).eps, (el_grad_error, ce_grad_error)
+
+
+def _value_errors(fn, reference, logits, target, **kwargs):
+    """(value error, None): as :func:`_errors`, the value only (the reference has no gradient)."""
+    value = fn(logits.detach(), target, reduction="none", **kwargs).double()
+    expected = reference(logits.detach().double(), target, reduction="none", **kwargs)
+    return ((value - expected).abs() / (expected.abs() + 1)).max().item(), None
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(softcap=0.0), ValueError, r"softcap must be in \(0.0, inf\]"),
+        (dict(softcap=-1.0), ValueError, r"softcap must be in"),
+        (dict(softcap=float("inf")), ValueError, r"softcap must be finite"),
+        (dict(softcap="30"), TypeError, r"softcap must be a real number, got str"),
+        (dict(softcap=True), TypeError, r"softcap must be a real number, got bool"),
+        (dict(z_loss=-1e-4), ValueError, r"z_loss must be in \[0.0, inf\]"),
+        (dict(z_loss=float("nan")), ValueError, r"z_loss must be finite"),
+        (dict(z_loss=None), TypeError, r"z_loss must be a real number, got NoneType"),
+        (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
+    ],
+)
+def test_logit_terms_bad_inputs(change, error, match):
+    logits, target = make_case((5,), 3, dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        encouraging_loss(logits, target, **change)
+
+
+def test_z_loss_of_ignored_rows_with_nonfinite_logits_is_nothing():
+    """An ignored row's logits may be anything: no z-loss, no z-loss gradient."""
+    logits = torch.tensor([[1.0, 2.0, 0.5], [float("nan"), 0.0, 0.0], [float("inf"), 0.0, 1.0]],
+                          requires_grad=True)  # fmt: skip
+    target = torch.tensor([1, -100, -100])
+    token_weight = torch.tensor([1.0, 1.0, 0.5])
+    for reduction in REDUCTIONS:
+        value, grad = grad_of(encouraging_loss, logits, target, z_loss=0.1, reduction=reduction,
+                              token_weight=token_weight)  # fmt: skip
+        expected, expected_grad = grad_of(encouraging_loss, logits[:1], target[:1], z_loss=0.1,
+                                          reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(value[:1] if reduction == "none" else value, expected)
+        torch.testing.assert_close(grad[:1], expected_grad)
+        # The ignored rows' gradient is the loss's own without the z-loss (the row paths give
+        # NaN for NaN logits there, as before).
+        _, plain_grad = grad_of(encouraging_loss, logits, target, reduction=reduction,
+                                token_weight=token_weight)  # fmt: skip
+        torch.testing.assert_close(grad[1:], plain_grad[1:], equal_nan=True)

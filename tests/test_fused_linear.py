@@ -353,14 +353,15 @@ def test_token_weight_against_float64_reference_with_3d_hidden(reduction):
     torch.testing.assert_close(weight.grad, w_ref.grad)
 
 
-def test_token_weight_gradcheck():
+@pytest.mark.parametrize("terms", [dict(), dict(z_loss=0.1, softcap=2.0)], ids=["", "z-softcap"])
+def test_token_weight_gradcheck(terms):
     (hidden, weight, bias), target = make_linear_case(6, ignore_fraction=0.2)
     token_weight = make_token_weight((6,))
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda h, w, b, r=reduction: linear_encouraging_loss(
                 h, w, target, b, reduction=r, label_smoothing=0.1, chunk_size=4,
-                token_weight=token_weight),
+                token_weight=token_weight, **terms),
             (hidden, weight, bias),
         )
 
@@ -435,3 +436,76 @@ def test_module_with_token_weight_compiles_without_graph_breaks():
     torch.testing.assert_close(value, expected)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+# --- z-loss, logsumexp, softcap (per chunk) ---------------------------------------------------
+
+LOGIT_TERMS = [dict(z_loss=0.05), dict(softcap=2.0), dict(z_loss=0.02, softcap=1.5)]
+
+
+@pytest.mark.parametrize("terms", LOGIT_TERMS)
+@pytest.mark.parametrize("options", [dict(), dict(reduction="sum", label_smoothing=0.1),
+                                     dict(reduction="none"), dict(bonus="cosine")])
+@pytest.mark.parametrize("chunk_size", [1, 8])
+def test_logit_terms_match_float64_reference(terms, options, chunk_size):
+    tensors, target = make_linear_case()
+    class_weight = torch.rand(NUM_CLASSES, dtype=torch.float64) + 0.2
+    token_weight = make_token_weight(target.shape)
+    options = dict(options, **terms, target=target, class_weight=class_weight,
+                   token_weight=token_weight)
+
+    def reference(hidden, weight, bias):
+        extra = dict(options)
+        return reference_loss(F.linear(hidden, weight, bias), extra.pop("target"),
+                              extra.pop("class_weight"), **extra)
+
+    expected, expected_grads = gradients(reference, tensors)
+    value, grads = gradients(fused(dict(options, chunk_size=chunk_size)), tensors)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logit_terms_float32_and_lse_match_materialised(reduction):
+    """float32 fused equals the materialised loss; the lse is each token's logsumexp of the
+    capped logits (ignored tokens' too), without a gradient; a retained graph's second
+    backward (the recomputing one) gives the same gradients."""
+    (hidden, weight, bias), target = make_linear_case(21, dtype=torch.float32)
+    terms = dict(z_loss=1e-3, softcap=3.0, reduction=reduction)
+    loss, lse = linear_encouraging_loss(hidden, weight, target, bias, chunk_size=8,
+                                        return_lse=True, **terms)
+    logits = F.linear(hidden, weight, bias)
+    expected = encouraging_loss(logits, target, **terms)
+    torch.testing.assert_close(loss, expected)
+    capped = 3.0 * torch.tanh(logits.detach() / 3.0)
+    torch.testing.assert_close(lse, torch.logsumexp(capped, dim=1))
+    assert lse.dtype == torch.float32 and not lse.requires_grad
+    first = torch.autograd.grad(loss.sum(), (hidden, weight, bias), retain_graph=True)
+    second = torch.autograd.grad(loss.sum(), (hidden, weight, bias))
+    expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight, bias))
+    for a, b, e in zip(first, second, expected_grads, strict=True):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(b, e)
+    with torch.no_grad():
+        plain = linear_encouraging_loss(hidden, weight, target, bias, reduction=reduction)
+        off = linear_encouraging_loss(hidden, weight, target, bias, reduction=reduction,
+                                      z_loss=0.0, softcap=None)
+        with_lse, _ = linear_encouraging_loss(hidden, weight, target, bias, reduction=reduction,
+                                              return_lse=True)
+    assert torch.equal(off, plain) and torch.equal(with_lse, plain)
+
+
+def test_logit_terms_module_and_validation():
+    (hidden, weight, bias), target = make_linear_case(9)
+    criterion = LinearEncouragingLoss(z_loss=0.01, softcap=5.0, return_lse=True, chunk_size=4)
+    loss, lse = criterion(hidden, weight, target, bias)
+    expected = linear_encouraging_loss(hidden, weight, target, bias, z_loss=0.01, softcap=5.0)
+    torch.testing.assert_close(loss, expected)
+    assert lse.shape == target.shape and criterion.softcap == 5.0
+    with pytest.raises(ValueError, match="softcap must be in"):
+        criterion.softcap = 0.0
+    with pytest.raises(ValueError, match="z_loss must be in"):
+        linear_encouraging_loss(hidden, weight, target, bias, z_loss=-1.0)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        LinearEncouragingLoss(return_lse=1)

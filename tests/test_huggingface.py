@@ -99,11 +99,27 @@ def test_token_weight_is_shifted_with_the_labels():
                                                        token_weight=-torch.ones(3, 7))
 
 
+def test_z_loss_and_softcap_pass_through():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 5), generator=generator)
+    labels[0, 2] = -100
+    loss = causal_lm_encouraging_loss(z_loss=1e-3, softcap=4.0)((logits,), labels)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    expected = encouraging_loss(logits.reshape(-1, 11), shifted.reshape(-1), z_loss=1e-3,
+                                softcap=4.0)  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="reduction"):
         causal_lm_encouraging_loss(reduction="sum")
     with pytest.raises(TypeError, match="unknown option"):
         causal_lm_encouraging_loss(logend=0.5)
+    with pytest.raises(TypeError, match="unknown option.*return_lse"):
+        causal_lm_encouraging_loss(return_lse=True)
+    with pytest.raises(ValueError, match="softcap must be in"):
+        causal_lm_encouraging_loss(softcap=-1.0)
     with pytest.raises(ValueError, match="log_end"):
         causal_lm_encouraging_loss(log_end=1.5)
     loss_fn = causal_lm_encouraging_loss()

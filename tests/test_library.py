@@ -19,7 +19,8 @@ from encouraging_loss import (
 OPS = torch.ops.encouraging_loss
 #: The bonus options in the inner operator's order, after the cross-entropy ones.
 BONUS_DEFAULTS = dict(log_end=0.75, bonus_scale=1.0, bonus="log", bonus_gamma=1.0,
-                      bonus_start=0.0, validate_args=True, backend="auto")  # fmt: skip
+                      bonus_start=0.0, validate_args=True, backend="auto", z_loss=0.0,
+                      softcap=None)  # fmt: skip
 
 
 def inner_args(input, target, weight=None, bonus_weight=None, ignore_index=-100,
@@ -56,6 +57,11 @@ CASES = {
                                      dict(token_weight=True, weight=True, label_smoothing=0.1)),
     "f32-probs-token-weight-none": ((6,), 4, torch.float32, True,
                                     dict(token_weight=True, reduction="none")),
+    "f64-kdim-zloss-softcap-token-weight": ((4, 3), 6, torch.float64, False,
+                                            dict(z_loss=0.05, softcap=2.0, token_weight=True,
+                                                 weight=True, label_smoothing=0.1)),
+    "f32-zloss-none": ((7,), 5, torch.float32, False, dict(z_loss=1e-3, reduction="none")),
+    "bf16-softcap-mean": ((6,), 5, torch.bfloat16, False, dict(softcap=3.0)),
 }  # fmt: skip
 
 
@@ -262,6 +268,10 @@ LINEAR_CASES = {
     "f64-mean-token-weight": (dict(class_weight=True, token_weight=True), dict()),
     "f32-none-token-weight": (dict(dtype=torch.float32, token_weight=True),
                               dict(reduction="none", label_smoothing=0.1)),
+    "f64-mean-zloss-softcap": (dict(class_weight=True, token_weight=True),
+                               dict(z_loss=0.05, softcap=2.0)),
+    "f32-none-zloss-softcap": (dict(dtype=torch.float32),
+                               dict(reduction="none", z_loss=1e-3, softcap=5.0)),
 }  # fmt: skip
 
 

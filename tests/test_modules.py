@@ -36,6 +36,25 @@ def test_module_equals_function(options):
     torch.testing.assert_close(module(logits, target), expected)
 
 
+@pytest.mark.parametrize("options", [dict(z_loss=1e-3), dict(softcap=2.0, reduction="none")])
+def test_module_logit_terms_and_lse(options):
+    logits, target = make_case((6,), 4, dtype=torch.float32, ignore_fraction=0.3)
+    module = EncouragingLoss(label_smoothing=0.1, return_lse=True, **options)
+    value, lse = module(logits, target)
+    expected = encouraging_loss(logits, target, label_smoothing=0.1, **options)
+    torch.testing.assert_close(value, expected)
+    assert lse.shape == (6,) and module.keyword_options()["z_loss"] == options.get("z_loss", 0.0)
+    module.z_loss = 0.5
+    torch.testing.assert_close(
+        module(logits, target)[0],
+        encouraging_loss(logits, target, label_smoothing=0.1, **{**options, "z_loss": 0.5}),
+    )
+    with pytest.raises(ValueError, match="z_loss must be in"):
+        module.z_loss = -0.1
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        EncouragingLoss(return_lse=None)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, reduction="none")])
 def test_module_takes_token_weight_per_call(options):
     logits, target = make_case((6, 2), 4, dtype=torch.float32, ignore_fraction=0.2)

@@ -212,11 +212,13 @@ def test_backward_twice_is_refused():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(reduction="none", label_smoothing=0.1, log_end=1.0), dict(reduction="sum")],
+    [dict(), dict(reduction="none", label_smoothing=0.1, log_end=1.0), dict(reduction="sum"),
+     dict(z_loss=0.01, softcap=3.0), dict(reduction="none", softcap=2.0, label_smoothing=0.1)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_with_triton_chunks(options, dtype):
-    """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights."""
+    """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights;
+    the softcap and the z-loss per chunk around the kernel, and the lse."""
     from encouraging_loss import linear_encouraging_loss
 
     generator = torch.Generator().manual_seed(4)
@@ -229,10 +231,11 @@ def test_fused_linear_with_triton_chunks(options, dtype):
     results = {}
     for backend in ("triton", "torch"):
         leaves = [t.clone().requires_grad_() for t in (hidden, projection, bias)]
-        value = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2], chunk_size=4,
-                                        class_weight=class_weight, backend=backend, **options)
+        value, lse = linear_encouraging_loss(leaves[0], leaves[1], target, leaves[2],
+                                             chunk_size=4, class_weight=class_weight,
+                                             backend=backend, return_lse=True, **options)
         grads = torch.autograd.grad(value.sum(), leaves)
-        results[backend] = (value, *grads)
+        results[backend] = (value, lse, *grads)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == expected.dtype
@@ -369,3 +372,40 @@ def test_fused_linear_with_triton_chunks_and_token_weight(options):
         results[backend] = (value, *torch.autograd.grad(value.sum(), leaves))
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- z-loss, logsumexp, softcap: applied around the kernels -----------------------------------
+
+LOGIT_TERMS = [dict(z_loss=0.05), dict(softcap=4.0, reduction="none"),
+               dict(z_loss=0.01, softcap=3.0, label_smoothing=0.1, reduction="sum")]
+
+
+@pytest.mark.parametrize("options", LOGIT_TERMS)
+def test_logit_terms_match_reference(options, monkeypatch):
+    """backend="triton" runs the kernels on the capped logits (the softcap and the z-loss
+    around them, as torch operations) and matches the float64 reference."""
+    logits, target = case(confident=(4,))
+    calls, launch = [], triton_el.launch_rows
+    monkeypatch.setattr(triton_el, "launch_rows",
+                        lambda *args: calls.append(1) or launch(*args))  # fmt: skip
+    value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
+    assert calls, "the kernels did not run"
+    # The capped logits are rounded to float32: a unit of each (see test_functional.py).
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+    token_weight = token_weights(6)
+    x = logits.clone().requires_grad_()
+    loss, lse = encouraging_loss(x, target, backend="triton", token_weight=token_weight,
+                                 return_lse=True, **options)
+    expected_loss, expected_lse = encouraging_loss(logits, target, backend="torch",
+                                                   token_weight=token_weight, return_lse=True,
+                                                   **options)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, expected_lse)
+
+
+def test_logit_terms_are_refused_by_the_kernels_called_directly():
+    logits, target = case(2, ignore=())
+    for terms in (dict(z_loss=1e-4), dict(softcap=30.0)):
+        with pytest.raises(ValueError, match="z_loss and softcap are not computed inside"):
+            triton_encouraging_loss(logits, target, **terms)

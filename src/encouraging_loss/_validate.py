@@ -53,6 +53,13 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """A bool (not merely truthy); returns it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)

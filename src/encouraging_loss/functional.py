@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from ._validate import (
+    check_bool,
     check_class_vector,
     check_input_and_target,
     check_target_range,
     check_token_weight,
 )
-from .ops.index_targets import IndexTargetRows, row_token_weight
+from .ops.index_targets import IndexTargetRows, row_token_weight, target_weights
+from .ops.logit_terms import ZLoss, softcapped, z_row_weight
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
 from .ops.small import small_encouraging_loss, small_path_supports
 from .ops.small_common import hard_log_bonus_loss
@@ -70,8 +72,9 @@ def encouraging_loss(
     *,
     bonus_weight: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
+    return_lse: bool = False,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""The encouraging loss: cross-entropy plus a bonus for confident correct predictions.
 
     .. math::
@@ -108,13 +111,19 @@ def encouraging_loss(
             probability targets): the class-weighted mean of torch with each element counted
             t_i times. All ones give the unweighted loss. The values (finite, >= 0) are checked
             with ``validate_args``.
+        return_lse: also return the logsumexp of each element's (softcapped) logits.
         **options: the bonus and dispatch options of :class:`~encouraging_loss.options.LossOptions`
             (where each is described): ``log_end=0.75``, ``bonus_scale=1.0``, ``bonus="log"``,
-            ``bonus_gamma``, ``bonus_start``, ``validate_args=True``, ``backend="auto"``. Each
-            distinct set is checked once; a module checks its own when it is built.
+            ``bonus_gamma``, ``bonus_start``, ``validate_args=True``, ``backend="auto"``,
+            ``z_loss=0.0`` (adds ``z_loss * lse**2`` per element, times its token weight, not
+            its class weight), ``softcap=None`` (logits ``c * tanh(z / c)``). Each distinct set
+            is checked once; a module checks its own when it is built.
 
     Returns:
-        The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape.
+        The loss: a scalar for ``"mean"``/``"sum"``, else the target's index shape. With
+        ``return_lse``, ``(loss, lse)``: lse of the index shape in float32 (float64 for float64
+        inputs), computed for ignored elements too, without a gradient (train it through
+        ``z_loss``).
 
     Raises:
         TypeError, ValueError: naming the argument that is wrong.
@@ -136,12 +145,20 @@ def encouraging_loss(
         >>> rows = encouraging_loss(logits, target, reduction="none")
         >>> bool(torch.allclose(weighted, (rows * token_weight).sum() / token_weight.sum()))
         True
+
+        The z-loss and logit softcapping (Gemma 2), with the logsumexp per element:
+
+        >>> loss, lse = encouraging_loss(logits, target, z_loss=1e-4, softcap=30.0,
+        ...                              return_lse=True)
+        >>> lse.shape, lse.dtype
+        (torch.Size([2]), torch.float32)
     """
     options = LossOptions.of(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **options
     )
+    check_bool("return_lse", return_lse)
     return encouraging_loss_with_options(input, target, options, weight, bonus_weight,
-                                         token_weight)  # fmt: skip
+                                         token_weight, return_lse)  # fmt: skip
 
 
 def encouraging_loss_with_options(
@@ -151,7 +168,8 @@ def encouraging_loss_with_options(
     weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`encouraging_loss` with its options already built (what the modules call).
 
     Only what depends on the tensors is checked here. Small problems on CPU take the few-pass
@@ -164,10 +182,14 @@ def encouraging_loss_with_options(
         weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
         token_weight: optional per-element weights (the target's index shape).
+        return_lse: also return each element's logsumexp.
 
     Returns:
-        The loss, as :func:`encouraging_loss` returns it.
+        The loss (and the logsumexp), as :func:`encouraging_loss` returns it.
     """
+    if return_lse or options.with_logit_terms:
+        return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
+                                 return_lse)  # fmt: skip
     if weight is None and bonus_weight is None and token_weight is None:
         fast = hard_log_bonus_loss(input, target, options)
         if fast is not None:
@@ -220,3 +242,51 @@ def encouraging_loss_with_options(
     if options.reduction == "mean":
         total = total / denominator
     return total.to(input.dtype)
+
+
+def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight, return_lse):
+    """The loss of the softcapped logits plus the z-loss, as torch operations (autograd carries
+    the gradients through them); the logsumexp too with ``return_lse``."""
+    is_index = check_input_and_target(input, target)
+    dtype = compute_dtype_for(input.dtype)
+    capped = softcapped(input, options.softcap, dtype)
+    if options.z_loss != 0.0:
+        # The loss and the z-loss summed in the compute dtype: one rounding to a half dtype.
+        capped = capped.to(dtype)
+    loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(), weight,
+                                         bonus_weight, token_weight)  # fmt: skip
+    index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    rows = class_last(capped).to(dtype)  # a view: no copy
+    if options.z_loss != 0.0:
+        if is_index:
+            row_weight = z_row_weight(target, options.ignore_index, token_weight)
+        else:
+            row_weight = row_token_weight(token_weight)
+        z_rows, lse = ZLoss.apply(rows, row_weight, options.z_loss)
+        z_rows, lse = z_rows.reshape(index_shape), lse.reshape(index_shape)
+        if options.reduction == "none":
+            loss = loss + z_rows
+        elif options.reduction == "sum":
+            loss = loss + z_rows.sum()
+        else:
+            loss = loss + z_rows.sum() / _mean_denominator(target, is_index, weight, token_weight,
+                                                           options, dtype)  # fmt: skip
+    elif return_lse:
+        lse = torch.logsumexp(rows, dim=-1).reshape(index_shape)
+    loss = loss.to(input.dtype)
+    return (loss, lse.detach()) if return_lse else loss
+
+
+def _mean_denominator(target, is_index, weight, token_weight, options, dtype) -> torch.Tensor:
+    """The "mean" reduction's denominator: sum_i t_i w_{y_i} over the non-ignored elements
+    (sum_i t_i, or their number, for probability targets)."""
+    if is_index:
+        weight = None if weight is None else weight.to(dtype)
+        _, _, target_weight = target_weights(target.long(), options.ignore_index, weight, dtype)
+        if token_weight is not None:
+            target_weight = target_weight * token_weight.to(dtype)
+        return target_weight.sum()
+    if token_weight is not None:
+        return token_weight.to(dtype).sum()
+    count = target.numel() // target.shape[1] if target.dim() > 1 else 1
+    return torch.tensor(float(count), dtype=dtype, device=target.device)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_class_vector, check_target_range, check_tensor, check_token_weight
+from ._validate import (
+    check_bool,
+    check_class_vector,
+    check_target_range,
+    check_tensor,
+    check_token_weight,
+)
 from .functional import compute_dtype_for, use_triton_backend
 from .ops.fused_linear import (
     LinearEL,
@@ -15,6 +21,7 @@ from .ops.fused_linear import (
     default_chunk_size,
 )
 from .ops.index_targets import IndexTargetRows
+from .ops.logit_terms import ChunkLogitTerms
 from .options import LinearLossOptions, option_attributes, takes_options
 
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss", "linear_loss_with_options"]
@@ -70,8 +77,9 @@ def linear_encouraging_loss(
     class_weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
+    return_lse: bool = False,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``encouraging_loss(F.linear(hidden, weight, bias), target)`` without the full logits.
 
     For a final projection of many tokens onto a large vocabulary (LLM training, translation):
@@ -94,6 +102,8 @@ def linear_encouraging_loss(
             tensor on ``hidden``'s device, not requiring grad): each token's loss is multiplied
             by its t, and ``"mean"`` divides by ``sum t * class_weight[target]`` over the
             non-ignored tokens, as :func:`~encouraging_loss.encouraging_loss` does.
+        return_lse: also return each token's logsumexp (the target's shape, float32, float64
+            for float64 inputs; ignored tokens' too; without a gradient), kept chunk by chunk.
         **options: the options of :class:`~encouraging_loss.options.LinearLossOptions`, all
             keywords: those of :func:`encouraging_loss` (``ignore_index``, ``reduction``,
             ``label_smoothing``, ``log_end``, ..., ``validate_args``, ``backend``) and
@@ -110,10 +120,13 @@ def linear_encouraging_loss(
             ``"torch"`` (the row-wise torch passes), ``"triton"`` (one Triton kernel launch per
             chunk that writes the gradient over the chunk's logits) or ``"auto"`` (Triton on
             CUDA when it imports and supports the options); the projections are torch matrix
-            products either way.
+            products either way. ``z_loss`` and ``softcap`` (see
+            :class:`~encouraging_loss.options.LossOptions`) are applied per chunk, their
+            gradients added to each chunk's logits gradient (on either backend).
 
     Returns:
-        The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``.
+        The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``; with
+        ``return_lse``, ``(loss, lse)``.
 
     Raises:
         TypeError, ValueError: naming the argument that is wrong.
@@ -137,10 +150,19 @@ def linear_encouraging_loss(
         >>> logits = hidden @ projection.T
         >>> bool(torch.allclose(weighted, encouraging_loss(logits, target, token_weight=weights)))
         True
+
+        The z-loss and softcapping, chunk by chunk, and the logsumexp of each token:
+
+        >>> loss, lse = linear_encouraging_loss(hidden, projection, target, z_loss=1e-4,
+        ...                                     softcap=30.0, return_lse=True, chunk_size=4)
+        >>> expected = encouraging_loss(logits, target, z_loss=1e-4, softcap=30.0)
+        >>> bool(torch.allclose(loss, expected)), lse.shape
+        (True, torch.Size([6]))
     """
     options = LinearLossOptions.of(**options)
+    check_bool("return_lse", return_lse)
     return linear_loss_with_options(hidden, weight, target, bias, options, class_weight,
-                                    bonus_weight, token_weight)  # fmt: skip
+                                    bonus_weight, token_weight, return_lse)  # fmt: skip
 
 
 def linear_loss_with_options(
@@ -152,7 +174,8 @@ def linear_loss_with_options(
     class_weight: torch.Tensor | None = None,
     bonus_weight: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_encouraging_loss` with its options already built (what the module calls).
 
     Args:
@@ -164,9 +187,10 @@ def linear_loss_with_options(
         class_weight: optional (C,) class weights.
         bonus_weight: optional (C,) bonus weights.
         token_weight: optional per-token weights (the target's shape).
+        return_lse: also return each token's logsumexp.
 
     Returns:
-        The loss, as :func:`linear_encouraging_loss` returns it.
+        The loss (and the logsumexp), as :func:`linear_encouraging_loss` returns it.
     """
     _check_linear_inputs(hidden, weight, target, bias)
     num_classes = weight.shape[0]
@@ -189,19 +213,25 @@ def linear_loss_with_options(
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
     triton_rows = None
-    if use_triton_backend(flat_hidden, target, options):
-        triton_rows = TritonRows(target, class_weight, bonus_weight, options, token_weight)
+    # The softcap and the z-loss are applied around each chunk's loss (ChunkLogitTerms).
+    kernel_options = options.without_logit_terms()
+    if use_triton_backend(flat_hidden, target, kernel_options):
+        triton_rows = TritonRows(target, class_weight, bonus_weight, kernel_options, token_weight)
+    logit_terms = None
+    if options.with_logit_terms or return_lse:
+        logit_terms = ChunkLogitTerms(options, target, token_weight, dtype, return_lse)
     reduction = options.reduction
     inputs = (flat_hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         result = LinearEL.apply(
             flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows,
-            accumulation_dtype,
+            accumulation_dtype, logit_terms,
         )  # fmt: skip
     else:
         row_losses, *_ = chunked_linear_el(
-            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows
-        )
+            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows,
+            logit_terms=logit_terms,
+        )  # fmt: skip
         if reduction == "none":
             result = row_losses
         else:
@@ -210,7 +240,10 @@ def linear_loss_with_options(
                 result = result / rows.denominator
     if reduction == "none":
         result = result.reshape(target.shape)
-    return result.to(hidden.dtype)
+    result = result.to(hidden.dtype)
+    if return_lse:
+        return result, logit_terms.lse.reshape(target.shape)
+    return result
 
 
 @option_attributes(LinearLossOptions)
@@ -226,6 +259,7 @@ class LinearEncouragingLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in [0, 1].
         bonus_weight: optional (C,) bonus weights (a buffer).
+        return_lse: ``forward`` returns ``(loss, lse)`` (see :func:`linear_encouraging_loss`).
         **options: the other options of :class:`~encouraging_loss.options.LinearLossOptions`.
 
     Example:
@@ -252,9 +286,11 @@ class LinearEncouragingLoss(nn.Module):
         label_smoothing: float = 0.0,
         *,
         bonus_weight: torch.Tensor | None = None,
+        return_lse: bool = False,
         **options,
     ):
         super().__init__()
+        self.return_lse = check_bool("return_lse", return_lse)
         self.register_buffer("class_weight", class_weight)
         self.register_buffer("bonus_weight", bonus_weight)
         self.options = LinearLossOptions(
@@ -274,7 +310,7 @@ class LinearEncouragingLoss(nn.Module):
         ``token_weight``: optional per-token weights of the target's shape."""
         return linear_loss_with_options(
             hidden, weight, target, bias, self.options, self.class_weight, self.bonus_weight,
-            token_weight,
+            token_weight, self.return_lse,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import _reduction
 
+from ._validate import check_bool
 from .binary import binary_encouraging_loss_with_logits
 from .functional import encouraging_loss_with_options
 from .options import CROSS_ENTROPY_OPTIONS, LossOptions, option_attributes, takes_options
@@ -34,8 +35,11 @@ class EncouragingLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in [0, 1].
         bonus_weight: optional (C,) per-class bonus weights (a buffer).
+        return_lse: ``forward`` returns ``(loss, lse)``, lse the logsumexp of each element's
+            logits (see :func:`encouraging_loss`).
         **options: the other options of :class:`~encouraging_loss.options.LossOptions`
-            (``log_end`` and ``bonus_scale`` also as a :class:`BonusSchedule`).
+            (``log_end`` and ``bonus_scale`` also as a :class:`BonusSchedule`; ``z_loss``,
+            ``softcap``).
 
     Example:
         >>> import torch
@@ -49,6 +53,10 @@ class EncouragingLoss(nn.Module):
         >>> delayed = EncouragingLoss(bonus_scale=BonusSchedule(final=1.0, start=0.5))
         >>> delayed.bonus_scale, delayed.step(0.6), delayed.bonus_scale
         (0.0, None, 1.0)
+        >>> capped = EncouragingLoss(z_loss=1e-4, softcap=30.0, return_lse=True)
+        >>> loss, lse = capped(logits, target)
+        >>> lse.shape
+        torch.Size([8])
     """
 
     @takes_options(LossOptions)
@@ -62,9 +70,11 @@ class EncouragingLoss(nn.Module):
         label_smoothing: float = 0.0,
         *,
         bonus_weight: torch.Tensor | None = None,
+        return_lse: bool = False,
         **options,
     ):
         super().__init__()
+        self.return_lse = check_bool("return_lse", return_lse)
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
@@ -100,8 +110,9 @@ class EncouragingLoss(nn.Module):
         optional per-element weights of the target's index shape (a call argument: it depends
         on the batch)."""
         return encouraging_loss_with_options(
-            input, target, self.options, self.weight, self.bonus_weight, token_weight
-        )
+            input, target, self.options, self.weight, self.bonus_weight, token_weight,
+            self.return_lse,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

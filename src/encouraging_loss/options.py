@@ -55,6 +55,12 @@ class LossOptions:
         backend: ``"auto"`` (the Triton kernels for CUDA tensors when ``triton`` imports and
             they support the options, else torch), ``"torch"`` or ``"triton"`` (always the
             kernels; an error names what they do not support).
+        z_loss: a float >= 0: adds ``z_loss * lse**2`` per element (PaLM's z-loss,
+            Liger-Kernel's ``lse_square_scale``), lse the logsumexp of the element's
+            (softcapped) logits. It is multiplied by the token weight, not by the class weight,
+            and is zero for ignored elements; "mean" divides it by the loss's own denominator.
+        softcap: None or a float c > 0: the logits z become ``c * tanh(z / c)`` before the loss
+            (and the z-loss), as in Gemma 2; the gradient goes through the tanh exactly.
 
     Example:
         >>> from encouraging_loss.options import LossOptions
@@ -73,6 +79,8 @@ class LossOptions:
     bonus_start: float = 0.0
     validate_args: bool = True
     backend: str = "auto"
+    z_loss: float = 0.0
+    softcap: float | None = None
     #: The validated :class:`Bonus` of ``bonus``, ``log_end``, ``bonus_gamma``, ``bonus_start``.
     bonus_shape: Bonus = field(init=False, repr=False, compare=False)
 
@@ -87,6 +95,9 @@ class LossOptions:
                 f"validate_args must be a bool, got {type(self.validate_args).__name__}"
             )
         check_choice("backend", self.backend, BACKENDS)
+        self._set("z_loss", check_real("z_loss", self.z_loss, low=0.0))
+        if self.softcap is not None:
+            self._set("softcap", check_real("softcap", self.softcap, low=0.0, low_open=True))
         shape = Bonus(self.bonus, self.log_end, self.bonus_gamma, self.bonus_start)
         self._set("log_end", shape.log_end)
         self._set("bonus_gamma", shape.gamma)
@@ -95,6 +106,20 @@ class LossOptions:
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
+
+    @property
+    def with_logit_terms(self) -> bool:
+        """Whether the z-loss or the softcap is set (they are applied around the loss)."""
+        return self.z_loss != 0.0 or self.softcap is not None
+
+    def without_logit_terms(self) -> LossOptions:
+        """These options with no z-loss and no softcap: those of the loss of the capped logits
+        (built once per options object)."""
+        if not self.with_logit_terms:
+            return self
+        if torch.compiler.is_compiling():
+            return self.replace(z_loss=0.0, softcap=None)
+        return _without_logit_terms(self)
 
     @property
     def with_bonus(self) -> bool:
@@ -135,6 +160,11 @@ class LossOptions:
 @functools.lru_cache(maxsize=256, typed=True)
 def _cached(cls, **options):
     return cls(**options)
+
+
+@functools.lru_cache(maxsize=64)
+def _without_logit_terms(options: LossOptions) -> LossOptions:
+    return options.replace(z_loss=0.0, softcap=None)
 
 
 @dataclass(frozen=True)

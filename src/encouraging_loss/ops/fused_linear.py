@@ -34,6 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .index_targets import IndexTargetRows
+from .logit_terms import ChunkLogitTerms
 from .rowwise import ROW_DTYPE
 
 # The fewest logits a chunk should hold: below this, the per-chunk passes are too short to keep
@@ -151,6 +152,7 @@ def chunked_linear_el(
     needs: tuple[bool, bool, bool],
     triton_rows: TritonRows | None = None,
     accumulation_dtype: torch.dtype | None = None,
+    logit_terms: ChunkLogitTerms | None = None,
 ):
     """One pass over row chunks: row losses and, if ``grad_rows`` is given, the gradients.
 
@@ -165,6 +167,7 @@ def chunked_linear_el(
         triton_rows: compute each chunk's loss and gradient with the Triton kernel instead.
         accumulation_dtype: the dtype ``grad_weight`` and ``grad_bias`` are summed in (see
             :func:`check_accumulation_dtype`; None: float32, float64 for float64 inputs).
+        logit_terms: the softcap, z-loss and logsumexp of each chunk, or None.
 
     Returns:
         (row_losses (N,) float64, grad_hidden or None, grad_weight or None, grad_bias or None);
@@ -189,21 +192,27 @@ def chunked_linear_el(
         chunk = slice(start, min(start + chunk_size, num_rows))
         hidden_chunk = hidden[chunk]
         logits = torch.nn.functional.linear(hidden_chunk, weight, bias)
+        z_rows = None
+        if logit_terms is not None:
+            logits, extra, z_rows = logit_terms.before(logits, chunk, want_grads)
         if triton_rows is not None:
             loss, grad_logits = triton_rows.loss_and_grad_(logits, chunk, grad_rows)
-            row_losses[chunk] = loss
+            row_losses[chunk] = loss if z_rows is None else loss + z_rows
             del logits, loss
             if not want_grads:
                 continue
             buffer = grad_logits
         else:
             loss, buffer, state = rows.terms(logits, chunk, consume=True)
-            row_losses[chunk] = loss
+            row_losses[chunk] = loss if z_rows is None else loss + z_rows
             del logits, loss
             if not want_grads:
                 continue
             grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
             del state
+        if logit_terms is not None:
+            grad_logits = logit_terms.grad_(grad_logits, extra, chunk, grad_rows[chunk])
+            del extra
         rounded = grad_logits.to(hidden.dtype) if grad_hidden is not None or narrow else None
         if grad_hidden is not None:
             torch.mm(rounded, weight, out=grad_hidden[chunk])
@@ -226,29 +235,34 @@ class LinearEL(torch.autograd.Function):
     """Autograd Function of the fused linear + encouraging loss (see the module docstring).
 
     Inputs: hidden (N, H), weight (C, H), bias (C,) or None, rows (:class:`IndexTargetRows`),
-    reduction, chunk_size, triton_rows (:class:`TritonRows` or None), accumulation_dtype (see
-    :func:`chunked_linear_el`). Output: the reduced loss
+    reduction, chunk_size, triton_rows (:class:`TritonRows` or None), accumulation_dtype,
+    logit_terms (:class:`.logit_terms.ChunkLogitTerms` or None; see :func:`chunked_linear_el`).
+    Output: the reduced loss
     (float64 scalar), or (N,) float64 row losses for ``"none"``.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows, accumulation_dtype
-    ):
+        ctx, hidden, weight, bias, rows, reduction, chunk_size, triton_rows, accumulation_dtype,
+        logit_terms=None,
+    ):  # fmt: skip
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.rows, ctx.reduction, ctx.chunk_size, ctx.needs = rows, reduction, chunk_size, needs
         ctx.triton_rows, ctx.accumulation_dtype = triton_rows, accumulation_dtype
+        ctx.logit_terms = logit_terms
         ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = None
         if reduction == "none" or not any(needs):
             row_losses, *_ = chunked_linear_el(
-                hidden, weight, bias, rows, chunk_size, None, needs, triton_rows
-            )
+                hidden, weight, bias, rows, chunk_size, None, needs, triton_rows,
+                logit_terms=logit_terms,
+            )  # fmt: skip
             return row_losses
         unit = _unit_row_grad(rows, reduction, hidden.device)
         row_losses, *grads = chunked_linear_el(
-            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows, accumulation_dtype
-        )
+            hidden, weight, bias, rows, chunk_size, unit, needs, triton_rows, accumulation_dtype,
+            logit_terms,
+        )  # fmt: skip
         ctx.grads = grads
         total = row_losses.sum()
         return total / rows.denominator if reduction == "mean" else total
@@ -267,12 +281,12 @@ class LinearEL(torch.autograd.Function):
                 grad_rows = unit * grad_output.to(ROW_DTYPE)
             _, *grads = chunked_linear_el(
                 hidden, weight, bias, ctx.rows, ctx.chunk_size, grad_rows, ctx.needs,
-                ctx.triton_rows, ctx.accumulation_dtype,
-            )
+                ctx.triton_rows, ctx.accumulation_dtype, ctx.logit_terms,
+            )  # fmt: skip
         else:
             # The gradients were computed for a unit incoming gradient; they are ours to scale.
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:

@@ -57,8 +57,8 @@ _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
 # Schema types of the options' annotations (``from __future__ import annotations``: strings).
-_SCHEMA_TYPES = {"int": "int", "str": "str", "float": "float", "bool": "bool",
-                 "int | None": "int?", "torch.dtype | None": "ScalarType?"}  # fmt: skip
+_SCHEMA_TYPES = {"int": "int", "str": "str", "float": "float", "bool": "bool", "int | None": "int?",
+                 "float | None": "float?", "torch.dtype | None": "ScalarType?"}  # fmt: skip
 
 
 def _schema_default(value) -> str:

@@ -59,8 +59,10 @@ def triton_supports(input: torch.Tensor, target: torch.Tensor, options: LossOpti
 
     Supported: (N, C) or (C) logits of float32/bfloat16/float16, class-index targets, the bonus
     shapes of :data:`BONUS_CODES` without label smoothing, the log bonus (or none) without
-    ``bonus_start`` with it. A shape added to :data:`encouraging_loss.bonus.SHAPES` without
-    kernel code is refused here by name, and the torch paths compute it.
+    ``bonus_start`` with it; no ``z_loss`` or ``softcap`` (the callers apply them around the
+    kernels, with the options of :meth:`LossOptions.without_logit_terms`). A shape added to
+    :data:`encouraging_loss.bonus.SHAPES` without kernel code is refused here by name, and the
+    torch paths compute it.
     """
     if not TRITON_AVAILABLE:
         return "triton is not installed"
@@ -75,6 +77,12 @@ def triton_supports(input: torch.Tensor, target: torch.Tensor, options: LossOpti
         return f"the bonus shape {bonus.kind!r} has no Triton kernel"
     if options.label_smoothing > 0.0 and (bonus.kind not in ("log", "none") or bonus.start > 0.0):
         return "label smoothing with a bonus other than plain 'log' is not supported by Triton"
+    if options.with_logit_terms:
+        # encouraging_loss and the fused linear loss apply them around the kernels.
+        return (
+            "z_loss and softcap are not computed inside the Triton kernels: call "
+            "encouraging_loss(..., backend='triton'), which applies them around the kernels"
+        )
     return None
 
 

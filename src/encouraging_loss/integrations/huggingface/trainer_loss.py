@@ -21,7 +21,8 @@ __all__ = [
 _OPTION_NAMES = tuple(
     name
     for name in inspect.signature(EncouragingLoss.__init__).parameters
-    if name not in ("self", "size_average", "reduce", "reduction")
+    # return_lse changes what the criterion returns: the Trainer wants the loss alone.
+    if name not in ("self", "size_average", "reduce", "reduction", "return_lse")
 )
 
 
