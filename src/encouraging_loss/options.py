@@ -154,7 +154,12 @@ class LossOptions:
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """The names of the options, in the constructor's order."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+        return tuple(cls.option_defaults())
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """The options' defaults by name, in the constructor's order."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -205,7 +210,7 @@ def takes_options(options_type: type[LossOptions]):
     Args:
         options_type: the options class whose fields the ``**options`` take.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(options_type) if f.init}
+    defaults = options_type.option_defaults()
 
     def decorate(function):
         signature = inspect.signature(function)

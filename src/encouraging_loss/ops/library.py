@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..functional import encouraging_loss_with_options
 from ..linear import linear_loss_with_options
-from ..options import LinearLossOptions, LossOptions, takes_options
+from ..options import CROSS_ENTROPY_OPTIONS, LinearLossOptions, LossOptions, takes_options
 
 __all__ = ["NAMESPACE", "encouraging_loss_op", "linear_encouraging_loss_op"]
 
@@ -82,14 +82,11 @@ def _option_arguments(options_type: type[LossOptions], names=None, defaults=True
     return ", ".join(arguments)
 
 
-def _defaults(options_type: type[LossOptions]) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(options_type) if f.init}
-
-
 # Read once here: torch.compile traces the public operators' bodies and the wrappers, and
 # cannot trace dataclasses.fields of a class.
 _DEFAULTS = {
-    options_type: _defaults(options_type) for options_type in (LossOptions, LinearLossOptions)
+    options_type: options_type.option_defaults()
+    for options_type in (LossOptions, LinearLossOptions)
 }
 
 
@@ -266,8 +263,7 @@ _encouraging_loss_and_grad.register_autograd(
 )
 
 # torch.nn.functional.cross_entropy's arguments, then the bonus's (keyword-only).
-_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing")
-_BONUS_OPTIONS = tuple(n for n in _DEFAULTS[LossOptions] if n not in _CROSS_ENTROPY_OPTIONS)
+_BONUS_OPTIONS = tuple(n for n in _DEFAULTS[LossOptions] if n not in CROSS_ENTROPY_OPTIONS)
 
 
 def _encouraging_loss_public(
@@ -285,7 +281,7 @@ def _encouraging_loss_public(
 
 _LIBRARY.define(
     f"encouraging_loss(Tensor input, Tensor target, Tensor? weight=None, "
-    f"{_option_arguments(LossOptions, _CROSS_ENTROPY_OPTIONS)}, *, Tensor? bonus_weight=None, "
+    f"{_option_arguments(LossOptions, CROSS_ENTROPY_OPTIONS)}, *, Tensor? bonus_weight=None, "
     f"Tensor? token_weight=None, {_option_arguments(LossOptions, _BONUS_OPTIONS)}) -> Tensor"
 )
 _LIBRARY.impl("encouraging_loss", _encouraging_loss_public, "CompositeImplicitAutograd")
