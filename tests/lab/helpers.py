@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def shared_dataset(name: str) -> Path:
 def load_results(folder: Path) -> dict:
     """Parse ``results.json`` of an output folder."""
     return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+
+
+def first_epoch_checkpoint(out: Path) -> dict:
+    """The one checkpoint of a run stopped after its first epoch, checked to hold that epoch
+    with a finite training loss (a GPU-size preset's first steps, taken on CPU)."""
+    (checkpoint,) = (out / "checkpoints").glob("*.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
+    return state
 
 
 def subprocess_env() -> dict[str, str]:

@@ -24,7 +24,13 @@ from encouraging_loss.lab.experiment import Interrupted, Options, run_experiment
 from encouraging_loss.lab.io import run_slug
 from encouraging_loss.lab.losses import build_criterion, parse_loss
 
-from .helpers import SHARED_DATA, load_results, shared_dataset, torch_globals_restored
+from .helpers import (
+    SHARED_DATA,
+    first_epoch_checkpoint,
+    load_results,
+    shared_dataset,
+    torch_globals_restored,
+)
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("sacrebleu")
@@ -493,7 +499,5 @@ def test_paper_gpu_preset_takes_its_first_steps_on_cpu(tmp_path):
             threads=1,
             extra={"val_size": 10},
         )
-    (checkpoint,) = (out / "checkpoints").glob("*.pt")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
+    state = first_epoch_checkpoint(out)
     assert state["setup"]["config"]["lr"] == recipe.train.lr

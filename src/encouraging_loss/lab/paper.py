@@ -238,11 +238,12 @@ def page_markdown(
         if tune
         else "no tuning (`--no-tune`): every loss at the recipe's learning rate"
     )
+    loaded = {entry.folder: _results(entry) for entry in entries}
     lines = [
         "# The encouraging loss beside the paper",
         "",
         f"Page preset `{preset}`; {protocol}. Wall time of this invocation: {wall_seconds:.0f} s"
-        f"{_total_wall(entries)}. Ours: mean ± std over seeds (n), in the paper's unit; "
+        f"{_total_wall(loaded.values())}. Ours: mean ± std over seeds (n), in the paper's unit; "
         "Δ: the mean paired difference (same seed: same split, initialisation and batches) with "
         "its 95% t-interval.",
         "",
@@ -251,7 +252,6 @@ def page_markdown(
         "| Δ [95% CI] | Verdict |",
         "|---|---|---|---|---|---|---|",
     ]
-    loaded = {entry.folder: _results(entry) for entry in entries}
     for entry in entries:
         ran = preset in entry.setting.runs
         for row in entry.setting.rows:
@@ -298,9 +298,9 @@ def page_markdown(
     return "\n".join(lines)
 
 
-def _total_wall(entries: list[PageEntry]) -> str:
+def _total_wall(loaded) -> str:
     """The settings' wall times over all their invocations, summed (``--resume`` adds up)."""
-    totals = [r["config"].get("wall_seconds_total") for e in entries if (r := _results(e))]
+    totals = [r["config"].get("wall_seconds_total") for r in loaded if r is not None]
     if not totals or None in totals:
         return " (resumed runs are not re-timed)"
     return f"; of every invocation, the settings' wall times summed: {sum(totals):.0f} s"
