@@ -450,17 +450,27 @@ def test_schedule_steps_the_bonus_in():
                                    shifted_reference(logits, labels), **TIGHT)  # fmt: skip
 
 
-class SoftcappedGemma2:
-    """A tiny Gemma 2, whose forward softcaps its logits after the projection."""
+def tiny_gemma2(softcap=0.3):
+    """A tiny Gemma 2, whose forward softcaps its logits after the projection (at ``softcap``,
+    small so that the cap bends these logits)."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=32,
+        final_logit_softcapping=softcap,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config)
 
-    @staticmethod
-    def build():
-        config = transformers.Gemma2Config(
-            vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-            max_position_embeddings=32,
-        )  # fmt: skip
-        return transformers.Gemma2ForCausalLM(config)
+
+def tiny_cohere():
+    """A tiny Cohere model, whose forward scales its logits after the projection."""
+    torch.manual_seed(0)
+    config = transformers.CohereConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        logit_scale=0.5,
+    )  # fmt: skip
+    return transformers.CohereForCausalLM(config)
 
 
 class HeadlessLlama(transformers.LlamaForCausalLM):
@@ -528,14 +538,60 @@ def test_remove_under_a_later_forward_wrapper_passes_through():
     assert torch.equal(model(input_ids=input_ids, labels=labels).loss, expected.loss)
 
 
-def test_a_model_that_transforms_its_logits_is_refused():
-    model = SoftcappedGemma2.build().train()
+@pytest.mark.parametrize("options", [{}, {"log_end": 0.5, "softcap": 0.3}])
+def test_a_softcapping_model_trains_on_its_capped_logits(options):
+    """Gemma 2: the fused loss applies the config's cap, the model's own tanh passes through."""
+    model = tiny_gemma2().train()
+    input_ids, labels = lm_batch()
+    capped = model(input_ids=input_ids).logits
+    assert 0.2 < capped.abs().max() < 0.3  # the cap bends these logits: tanh(z / c), z / c > 0.8
+    reference_options = {k: v for k, v in options.items() if k != "softcap"}
+    expected, expected_grads = loss_and_grads(
+        model, lambda: shifted_reference(model(input_ids=input_ids).logits, labels,
+                                         **reference_options)
+    )  # fmt: skip
+    with encouraging_loss_applied(model, chunk_size=8, **options) as patch:
+        assert patch.options.softcap == 0.3
+        loss, grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=labels).loss)
+    torch.testing.assert_close(loss, expected, **TIGHT)
+    assert_grads_close(grads, expected_grads, **TIGHT)
+    own, own_grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=labels).loss)
+    with encouraging_loss_applied(model, bonus_scale=0.0):
+        loss, grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=labels).loss)
+    torch.testing.assert_close(loss, own, **TIGHT)
+    assert_grads_close(grads, own_grads, **TIGHT)
+
+
+def test_a_softcap_other_than_the_models_is_refused():
+    model = tiny_gemma2()
+    with pytest.raises(ValueError, match="softcap: the model caps its logits at 0.3"):
+        apply_encouraging_loss(model, softcap=30.0)
+    assert "forward" not in vars(model)
+
+
+def test_a_model_that_transforms_its_logits_otherwise_is_refused():
+    model = tiny_cohere().train()
     input_ids, labels = lm_batch()
     apply_encouraging_loss(model)
     with pytest.raises(RuntimeError, match="applies .* to its logits"):
         model(input_ids=input_ids, labels=labels)
     assert "forward" not in vars(model.lm_head)
     assert model(input_ids=input_ids).logits.shape == (3, 10, TINY_VOCAB)
+    remove_encouraging_loss(model)
+    gemma = tiny_gemma2().train()
+    original = type(gemma).forward
+
+    def forward_without_its_cap(self, *args, **kwargs):
+        self.config.final_logit_softcapping = None  # the forward skips the cap its config had
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.config.final_logit_softcapping = 0.3
+
+    gemma.forward = forward_without_its_cap.__get__(gemma)
+    apply_encouraging_loss(gemma)
+    with pytest.raises(RuntimeError, match="did not apply that cap"):
+        gemma(input_ids=input_ids, labels=labels)
 
 
 class CountingTokens(torch.utils.data.Dataset):

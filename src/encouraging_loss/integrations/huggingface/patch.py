@@ -41,13 +41,28 @@ class _SkippedLogits(torch.Tensor):
     A tensor with no elements that refuses every operation but reading its metadata and the
     casts a model applies to its logits before returning them (``float``, ``to``,
     ``contiguous``, which return it unchanged): a model that transforms its logits after the
-    projection (Gemma 2's softcapping, Cohere's logit scale) fails with a clear error instead
-    of training on a loss that ignores the transformation.
+    projection (Cohere's logit scale, a softcap other than its config's) fails with a clear
+    error instead of training on a loss that ignores the transformation. For a model whose
+    config softcaps the logits (``final_logit_softcapping``, Gemma 2), the fused loss applies
+    that cap itself and this tensor passes the model's own ``logits / c``, ``tanh``,
+    ``logits * c``, in that order, counting them in ``capped_steps``.
     """
 
+    softcap: float | None
+    capped_steps: int
+
     @staticmethod
-    def __new__(cls, like: torch.Tensor):
-        return torch.Tensor._make_subclass(cls, like.new_empty(0).detach(), False)
+    def __new__(cls, like: torch.Tensor, softcap: float | None = None, capped_steps: int = 0):
+        with torch._C.DisableTorchFunctionSubclass():  # ``like`` may be one already
+            empty = like.new_empty(0).detach()
+        skipped = torch.Tensor._make_subclass(cls, empty, False)
+        skipped.softcap, skipped.capped_steps = softcap, capped_steps
+        return skipped
+
+    @property
+    def fully_capped(self) -> bool:
+        """Whether the model applied its whole softcap (or has none)."""
+        return self.capped_steps == (0 if self.softcap is None else len(SOFTCAP_STEPS))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -57,13 +72,38 @@ class _SkippedLogits(torch.Tensor):
         if name in ("__get__", "dim", "size", "__repr__", "__format__"):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        skipped = args[0] if args and isinstance(args[0], _SkippedLogits) else None
+        if skipped is not None and skipped.softcap is not None and not kwargs:
+            step = skipped.capped_steps
+            names = SOFTCAP_STEPS[step] if step < len(SOFTCAP_STEPS) else ()
+            operand = args[1:] == (skipped.softcap,) if "tanh" not in names else len(args) == 1
+            if name in names and operand:
+                return _SkippedLogits(skipped, skipped.softcap, step + 1)
         raise RuntimeError(
             f"the model applies {name!r} to its logits after the output projection; "
             "apply_encouraging_loss computes the loss of the projection itself (logits = "
-            "lm_head(hidden)) and cannot include that transformation: use "
-            "remove_encouraging_loss(model) and Trainer(compute_loss_func="
-            "causal_lm_encouraging_loss(...)), which reads the model's logits"
+            "lm_head(hidden), softcapped by the config's final_logit_softcapping) and cannot "
+            "include that transformation: use remove_encouraging_loss(model) and "
+            "Trainer(compute_loss_func=causal_lm_encouraging_loss(...)), which reads the "
+            "model's logits"
         )
+
+
+# The operations of a softcap c * tanh(z / c) as a model applies it to its logits, in order
+# (the names torch's function hooks give them).
+SOFTCAP_STEPS = (
+    ("div", "__truediv__", "true_divide", "divide"),
+    ("tanh",),
+    ("mul", "__mul__", "__rmul__", "multiply"),
+)
+
+
+def _config_softcap(model) -> float | None:
+    """The softcap the model's config puts on its logits (Gemma 2's ``final_logit_softcapping``)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return None if softcap is None else float(softcap)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -139,6 +179,16 @@ class EncouragingLossPatch:
         bonus_weight = options.pop("bonus_weight", None)
         self.log_end_schedule, self.bonus_schedule = take_schedules(options)
         options.setdefault("validate_args", False)
+        self.model_softcap = _config_softcap(model)
+        if self.model_softcap is not None:
+            given = options.get("softcap")
+            if given is not None and given != self.model_softcap:
+                raise ValueError(
+                    f"softcap: the model caps its logits at {self.model_softcap:g} (its config's "
+                    f"final_logit_softcapping), got softcap={given!r}; leave it out (the "
+                    "model's cap is applied) or pass the same value"
+                )
+            options["softcap"] = self.model_softcap
         self.options = LinearLossOptions(**options)
         head = _output_projection(model)
         vocabulary = head.weight.shape[0]
@@ -195,7 +245,7 @@ class EncouragingLossPatch:
 
         def fused_head(hidden: torch.Tensor) -> torch.Tensor:
             losses.append(self._loss(hidden, head, labels, shift_labels, num_items))
-            return _SkippedLogits(hidden)
+            return _SkippedLogits(hidden, self.model_softcap)
 
         saved = head.__dict__.get("forward", _MISSING)
         head.forward = fused_head
@@ -224,12 +274,23 @@ class EncouragingLossPatch:
                     "the loss"
                 )
             loss = loss + coefficient * aux_loss.to(loss.device)
-        if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) without a loss
-            if not outputs or not isinstance(outputs[0], _SkippedLogits):
+        if isinstance(outputs, tuple):
+            logits = outputs[0] if outputs else None
+            if not isinstance(logits, _SkippedLogits):
                 raise RuntimeError("the model's tuple output does not start with its logits")
+        else:
+            logits = outputs.get("logits")
+            if not isinstance(logits, _SkippedLogits):
+                raise RuntimeError("the model's output does not hold the projection's logits")
+        if not logits.fully_capped:
+            raise RuntimeError(
+                f"{type(self.model).__name__}'s config softcaps its logits at "
+                f"{self.model_softcap:g} (final_logit_softcapping) but its forward did not "
+                "apply that cap as c * tanh(logits / c); apply_encouraging_loss cannot tell "
+                "what loss the model means"
+            )
+        if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) without a loss
             return (loss, *outputs[1:])
-        if not isinstance(outputs.get("logits"), _SkippedLogits):
-            raise RuntimeError("the model's output does not hold the projection's logits")
         fields = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
         return type(outputs)(loss=loss, **fields)
 
@@ -293,8 +354,10 @@ def apply_encouraging_loss(model, *, fuse_in_eval: bool = False, **loss_options)
     ``label_smoothing`` option here instead).
 
     The model's forward must compute its logits as ``lm_head(hidden)`` (GPT-2, Llama, Qwen2,
-    Mistral and most causal LMs do); a model that transforms them afterwards (softcapping, a
-    logit scale) raises an error naming the operation at its first labelled forward.
+    Mistral and most causal LMs do), or softcap them as its config says
+    (``final_logit_softcapping``: Gemma 2; the fused loss then applies the same ``softcap``);
+    a model that transforms them otherwise (a logit scale) raises an error naming the
+    operation at its first labelled forward.
 
     Args:
         model: a ``transformers`` causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``, ...) whose
@@ -307,9 +370,11 @@ def apply_encouraging_loss(model, *, fuse_in_eval: bool = False, **loss_options)
             :class:`~encouraging_loss.BonusSchedule`, advanced by
             :meth:`EncouragingLossPatch.step`), ``label_smoothing``, ``ignore_index`` (-100),
             ``bonus``, ``bonus_gamma``, ``bonus_start``, ``chunk_size``,
-            ``accumulation_dtype``, ``backend``, ``validate_args`` (``False`` here: the label
-            range check would synchronise a GPU every step) and the (vocabulary,) tensors
-            ``class_weight`` and ``bonus_weight``. Checked here.
+            ``accumulation_dtype``, ``backend``, ``z_loss``, ``softcap`` (set from the config's
+            ``final_logit_softcapping`` when it has one; another value is refused),
+            ``validate_args`` (``False`` here: the label range check would synchronise a GPU
+            every step) and the (vocabulary,) tensors ``class_weight`` and ``bonus_weight``.
+            Checked here.
 
     Returns:
         The :class:`EncouragingLossPatch` (``.step(progress)`` for schedules, ``.remove()``).
