@@ -27,7 +27,7 @@ from .options import LinearLossOptions, option_attributes, takes_options
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss", "linear_loss_with_options"]
 
 
-def _check_linear_inputs(hidden, weight, target, bias) -> None:
+def check_linear_inputs(hidden, weight, target, bias) -> None:
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
     check_tensor("target", target)
@@ -192,7 +192,7 @@ def linear_loss_with_options(
     Returns:
         The loss (and the logsumexp), as :func:`linear_encouraging_loss` returns it.
     """
-    _check_linear_inputs(hidden, weight, target, bias)
+    check_linear_inputs(hidden, weight, target, bias)
     num_classes = weight.shape[0]
     class_weight = check_class_vector("class_weight", class_weight, num_classes, hidden)
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, hidden)

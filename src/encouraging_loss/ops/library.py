@@ -380,10 +380,10 @@ def _linear_loss_and_gradients(
 def _linear_fake_checks(hidden, weight, target, bias, class_weight, bonus_weight, token_weight,
                         option_values):  # fmt: skip
     from .._validate import check_class_vector, check_token_weight
-    from ..linear import _check_linear_inputs
+    from ..linear import check_linear_inputs
 
     _options_of(LinearLossOptions, option_values)
-    _check_linear_inputs(hidden, weight, target, bias)
+    check_linear_inputs(hidden, weight, target, bias)
     check_class_vector("class_weight", class_weight, weight.shape[0], hidden)
     check_class_vector("bonus_weight", bonus_weight, weight.shape[0], hidden)
     check_token_weight(token_weight, target.shape, hidden, validate_args=False)
