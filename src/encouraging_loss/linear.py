@@ -28,6 +28,11 @@ __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss", "linear_loss_with
 
 
 def check_linear_inputs(hidden, weight, target, bias) -> None:
+    """Check the tensors of :func:`linear_encouraging_loss`: shapes, dtypes and devices agree.
+
+    Raises:
+        TypeError, ValueError: naming the argument that is wrong.
+    """
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
     check_tensor("target", target)
