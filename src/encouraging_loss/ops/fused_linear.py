@@ -133,7 +133,7 @@ class TritonRows:
             row_scale = token_row_scale(token_weight, grad_rows[chunk]).contiguous()
         else:
             row_scale = grad_rows[chunk].to(torch.float32).contiguous()
-        row_loss = launch_rows(
+        row_loss, _ = launch_rows(
             logits, self.target[chunk], logits, row_scale, self.options, self.weight,
             self.bonus_weight,
         )  # fmt: skip
