@@ -208,8 +208,8 @@ def encouraging_loss_with_options(
     token_weight = check_token_weight(token_weight, index_shape, input, options.validate_args)
     if use_triton_backend(input, target, options):
         # The kernels fuse the softcap, the z-loss and the logsumexp.
-        return triton_loss_with_options(input, target, options, weight, bonus_weight,
-                                        token_weight=token_weight, return_lse=return_lse)  # fmt: skip
+        return triton_loss_with_options(input, target, options, weight, bonus_weight, False,
+                                        token_weight, return_lse)  # fmt: skip
     if logit_terms:  # "auto" on CUDA for a loss the kernels do not compute
         return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
                                  return_lse)  # fmt: skip
