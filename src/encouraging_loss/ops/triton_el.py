@@ -323,8 +323,17 @@ def triton_loss_with_options(
         bonus_weight = bonus_weight.float().contiguous()
     if token_weight is not None:
         token_weight = token_weight.reshape(-1).double()
-    loss, lse = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place,
-                               token_weight)  # fmt: skip
+    if torch.compiler.is_compiling():
+        # Traced: the kernels as a torch.library.triton_op (out of place).
+        if in_place:
+            raise ValueError("in_place=True is not supported under torch.compile")
+        from .triton_library import triton_loss_and_grad
+
+        loss, lse = triton_loss_and_grad(rows, target, weight, bonus_weight, token_weight,
+                                         options)  # fmt: skip
+    else:
+        loss, lse = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place,
+                                   token_weight)  # fmt: skip
     if squeeze:
         lse = lse.reshape(())
         if options.reduction == "none":
