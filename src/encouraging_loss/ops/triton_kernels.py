@@ -151,12 +151,8 @@ def hard_target_kernel(
     target_grad = scale * w * push
     rest_coef = tl.where(has_rest, target_grad / tl.where(has_rest, sum_exp, 1.0), 0.0)
     for block_start in range(0, n_cols, BLOCK):
-        cols = block_start + tl.arange(0, BLOCK)
-        in_row = cols < n_cols
-        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        slope = 1.0
-        if HAS_SOFTCAP:
-            x, slope = _softcap(x, softcap)
+        cols, in_row, x, slope = _grad_block(logits_ptr, block_start, n_cols, softcap,
+                                             HAS_SOFTCAP, BLOCK)
         grad = tl.where(cols == y, -target_grad, rest_coef * tl.exp(x - safe_max))
         _store_grad(grad_ptr, cols, in_row, grad, x, lse, 2.0 * z_loss * scale * lse, scale,
                     slope, HAS_Z_LOSS, HAS_SOFTCAP)
@@ -256,12 +252,8 @@ def smoothed_kernel(
     grad_special = tl.where(rest > 0.0, grad_special, 0.0)
     rest_coef = tl.where(rest > 0.0, push / tl.where(rest > 0.0, rest, 1.0), 0.0)
     for block_start in range(0, n_cols, BLOCK):
-        cols = block_start + tl.arange(0, BLOCK)
-        in_row = cols < n_cols
-        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        slope = 1.0
-        if HAS_SOFTCAP:
-            x, slope = _softcap(x, softcap)
+        cols, in_row, x, slope = _grad_block(logits_ptr, block_start, n_cols, softcap,
+                                             HAS_SOFTCAP, BLOCK)
         w = 1.0
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -278,6 +270,19 @@ def smoothed_kernel(
         grad = scale * tl.where(cols == special, grad_special, grad)
         _store_grad(grad_ptr, cols, in_row, grad, x, lse, 2.0 * z_loss * scale * lse, scale,
                     slope, HAS_Z_LOSS, HAS_SOFTCAP)
+
+@triton.jit
+def _grad_block(logits_ptr, block_start, n_cols, softcap, HAS_SOFTCAP: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """A gradient pass's block: (cols, in_row, the (capped) logits, the softcap's slope
+    1 - tanh**2, 1 without a softcap)."""
+    cols = block_start + tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    slope = tl.full((BLOCK,), 1.0, tl.float32)
+    if HAS_SOFTCAP:
+        x, slope = _softcap(x, softcap)
+    return cols, in_row, x, slope
 
 @triton.jit
 def _store_grad(grad_ptr, cols, in_row, grad, x, lse, z_coef, scale, slope,
