@@ -216,10 +216,12 @@ def test_backward_twice_is_refused():
      dict(z_loss=0.01, softcap=3.0), dict(reduction="none", softcap=2.0, label_smoothing=0.1)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_with_triton_chunks(options, dtype):
+def test_fused_linear_with_triton_chunks(options, dtype, monkeypatch):
     """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights;
-    the softcap and the z-loss per chunk around the kernel, and the lse."""
+    the softcap and the z-loss inside each chunk's kernel, and the lse from it."""
     from encouraging_loss import linear_encouraging_loss
+
+    calls = record_launches(monkeypatch)
 
     generator = torch.Generator().manual_seed(4)
     hidden = torch.randn(10, 8, generator=generator).to(dtype)
@@ -236,6 +238,9 @@ def test_fused_linear_with_triton_chunks(options, dtype):
                                              backend=backend, return_lse=True, **options)
         grads = torch.autograd.grad(value.sum(), leaves)
         results[backend] = (value, lse, *grads)
+    assert calls and all(kernel_options.softcap == options.get("softcap")
+                         and kernel_options.z_loss == options.get("z_loss", 0.0)
+                         for _, kernel_options in calls)  # fmt: skip
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == expected.dtype
