@@ -148,7 +148,7 @@ def test_in_place_is_refused_under_compile():
 
 
 def test_without_triton_op(monkeypatch):
-    monkeypatch.setattr(triton_library, "_OP", None)
+    monkeypatch.setattr(triton_library, "TRITON_OP", None)
     logits, target = case()
     with pytest.raises(RuntimeError, match=r"no torch.library.triton_op \(torch >= 2.6 has\)"):
         triton_library.triton_loss_and_grad(logits, target, None, None, None, LossOptions())
@@ -162,7 +162,8 @@ from encouraging_loss.ops import triton_library
 
 kernels = get_triton_kernels_for_op(triton_library.OPERATOR)
 print(sorted(kernel.fn.__name__ for kernel in kernels))
-print(triton_library._OP._torch_dispatch_fns[FunctionalTensorMode].__name__)
+# torch's private table of the operator's mode overrides: triton_op's own decomposition.
+print(triton_library.TRITON_OP._torch_dispatch_fns[FunctionalTensorMode].__name__)
 """
 
 

@@ -32,7 +32,7 @@ from ..options import LossOptions
 from .triton_el import loss_and_unit_grad
 from .triton_kernels import hard_target_kernel, smoothed_kernel
 
-__all__ = ["OPERATOR", "TRITON_OP_AVAILABLE", "triton_loss_and_grad"]
+__all__ = ["OPERATOR", "TRITON_OP", "TRITON_OP_AVAILABLE", "triton_loss_and_grad"]
 
 #: torch.library.triton_op exists (torch >= 2.6).
 TRITON_OP_AVAILABLE = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
@@ -60,7 +60,7 @@ def _loss_and_grad(
     z_loss: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    options = LossOptions(
+    options = LossOptions.of(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         log_end=log_end, bonus_scale=bonus_scale, bonus=bonus, bonus_gamma=bonus_gamma,
         bonus_start=bonus_start, validate_args=False, backend="triton", z_loss=z_loss,
@@ -111,6 +111,7 @@ def _register():
     op = torch.library.triton_op(OPERATOR, _loss_and_grad, mutates_args=())
     op.register_autograd(_backward, setup_context=_setup_context)
     if os.environ.get("TRITON_INTERPRET") == "1":
+        # No public name for the mode whose dispatch triton_op overrides to decompose itself.
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
         op.register_fake(_fake)
@@ -118,7 +119,8 @@ def _register():
     return op
 
 
-_OP = _register() if TRITON_OP_AVAILABLE else None
+#: The registered operator (a ``CustomOpDef``), None without ``triton_op``.
+TRITON_OP = _register() if TRITON_OP_AVAILABLE else None
 
 
 def triton_loss_and_grad(logits, target, weight, bonus_weight, token_weight,
@@ -140,10 +142,10 @@ def triton_loss_and_grad(logits, target, weight, bonus_weight, token_weight,
     Raises:
         RuntimeError: when this torch has no ``torch.library.triton_op``.
     """
-    if _OP is None:
+    if TRITON_OP is None:
         raise RuntimeError(
             f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6 has)"
         )
     values = [getattr(options, name) for name in OPTION_NAMES]
-    loss, lse, _ = _OP(logits, target, weight, bonus_weight, token_weight, *values)
+    loss, lse, _ = TRITON_OP(logits, target, weight, bonus_weight, token_weight, *values)
     return loss, lse
