@@ -1,7 +1,8 @@
 """The Triton kernels as a ``torch.library.triton_op`` (torch >= 2.6), for ``torch.compile``.
 
-Importing this module (which imports triton; :func:`triton_loss_and_grad` imports it on first
-use) registers ``torch.ops.encouraging_loss.triton_loss_and_grad``: the operator returns the
+Importing this module (it imports triton, so the package does not import it: the Triton path
+does, on its first call under ``torch.compile``) registers
+``torch.ops.encouraging_loss.triton_loss_and_grad``: the operator returns the
 loss, each row's logsumexp and the logits' gradient for a unit incoming gradient from one launch
 of the kernels of :mod:`.triton_kernels`, launched through ``torch.library.wrap_triton``; its
 registered backward scales that gradient by the incoming one (out of place: the operator
