@@ -216,10 +216,12 @@ def test_backward_twice_is_refused():
      dict(z_loss=0.01, softcap=3.0), dict(reduction="none", softcap=2.0, label_smoothing=0.1)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_with_triton_chunks(options, dtype):
+def test_fused_linear_with_triton_chunks(options, dtype, monkeypatch):
     """linear_encouraging_loss(backend="triton") against the torch chunks, bias and weights;
-    the softcap and the z-loss per chunk around the kernel, and the lse."""
+    the softcap and the z-loss inside each chunk's kernel, and the lse from it."""
     from encouraging_loss import linear_encouraging_loss
+
+    calls = record_launches(monkeypatch)
 
     generator = torch.Generator().manual_seed(4)
     hidden = torch.randn(10, 8, generator=generator).to(dtype)
@@ -236,6 +238,9 @@ def test_fused_linear_with_triton_chunks(options, dtype):
                                              backend=backend, return_lse=True, **options)
         grads = torch.autograd.grad(value.sum(), leaves)
         results[backend] = (value, lse, *grads)
+    assert calls and all(kernel_options.softcap == options.get("softcap")
+                         and kernel_options.z_loss == options.get("z_loss", 0.0)
+                         for _, kernel_options in calls)  # fmt: skip
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for got, expected in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == expected.dtype
@@ -374,25 +379,126 @@ def test_fused_linear_with_triton_chunks_and_token_weight(options):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-# --- z-loss, logsumexp, softcap: applied around the kernels -----------------------------------
+# --- z-loss, logsumexp, softcap: fused into the kernels ----------------------------------------
 
-LOGIT_TERMS = [dict(z_loss=0.05), dict(softcap=4.0, reduction="none"),
-               dict(z_loss=0.01, softcap=3.0, label_smoothing=0.1, reduction="sum")]
+LOGIT_TERMS = [
+    dict(z_loss=0.05),
+    dict(softcap=4.0, reduction="none"),
+    dict(z_loss=0.01, softcap=3.0, label_smoothing=0.1, reduction="sum"),
+    dict(z_loss=0.02, softcap=2.0, bonus="power", bonus_gamma=2.0, reduction="none"),
+    dict(z_loss=0.03, softcap=5.0, label_smoothing=0.2, log_end=1.0),
+]
+
+
+def record_launches(monkeypatch):
+    """The (logits, options) of every kernel launch, recorded."""
+    calls, launch = [], triton_el.launch_rows
+
+    def recording(logits, *args):
+        calls.append((logits.detach().clone(), args[3]))
+        return launch(logits, *args)
+
+    monkeypatch.setattr(triton_el, "launch_rows", recording)
+    return calls
 
 
 @pytest.mark.parametrize("options", LOGIT_TERMS)
-def test_logit_terms_match_reference(options, monkeypatch):
-    """backend="triton" runs the kernels on the capped logits (the softcap and the z-loss
-    around them, as torch operations) and matches the float64 reference."""
+def test_logit_terms_fused_match_reference(options, monkeypatch):
+    """backend="triton" hands the raw logits and the z-loss and softcap to the kernels (no
+    capped copy, no torch z-loss) and matches the float64 reference."""
     logits, target = case(confident=(4,))
-    calls, launch = [], triton_el.launch_rows
-    monkeypatch.setattr(triton_el, "launch_rows",
-                        lambda *args: calls.append(1) or launch(*args))  # fmt: skip
+    calls = record_launches(monkeypatch)
     value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
-    assert calls, "the kernels did not run"
-    # The capped logits are rounded to float32: a unit of each (see test_functional.py).
-    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    ((launched, kernel_options),) = calls
+    assert torch.equal(launched, logits), "the kernel got capped logits"
+    assert kernel_options.z_loss == options.get("z_loss", 0.0)
+    assert kernel_options.softcap == options.get("softcap")
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logit_terms_with_weights_and_token_weight(label_smoothing, reduction):
+    """The z-loss counts each element's token weight, not its class weight, and is 0 on ignored
+    elements and on those of token weight 0; "mean" divides it by sum t w_y, as the loss."""
+    logits, target = case(seed=5, ignore=(0, 3), confident=(2,))
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.rand(NUM_CLASSES, generator=generator) + 0.2
+    bonus_weight = torch.rand(NUM_CLASSES, generator=generator)
+    value, grad, expected, expected_grad = triton_and_reference(
+        logits, target, weight=weight, bonus_weight=bonus_weight, token_weight=token_weights(6),
+        label_smoothing=label_smoothing, reduction=reduction, z_loss=0.04, softcap=3.5,
+    )  # fmt: skip
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("options", [dict(z_loss=0.02, softcap=3.0),
+                                     dict(z_loss=0.02, softcap=3.0, label_smoothing=0.1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logit_terms_half_precision(options, dtype):
+    logits, target = case(8, dtype=dtype, seed=2, confident=(1,))
+    value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
+    # Computed in float32 from the rounded logits, rounded once to the half dtype.
+    unit = torch.finfo(dtype).eps
+    torch.testing.assert_close(value, expected, rtol=unit, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=unit, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fused_error_is_within_the_torch_float32_error(label_smoothing):
+    """Against the float64 reference, the kernels' error with the softcap and the z-loss is no
+    larger than that of the torch path in float32 (capped logits, z-loss and cross-entropy as
+    float32 torch operations), give or take a float32 unit."""
+    logits, target = case(16, seed=7, scale=8.0, confident=(3, 9))
+    options = dict(label_smoothing=label_smoothing, z_loss=0.01, softcap=6.0, reduction="none",
+                   bonus_scale=0.0)  # fmt: skip
+    value, grad, expected, expected_grad = triton_and_reference(logits, target, **options)
+    torch_value, torch_grad = grad_of(encouraging_loss, logits, target, backend="torch",
+                                      **options)  # fmt: skip
+    unit = torch.finfo(torch.float32).eps
+    for got, ours, exact in ((value, torch_value, expected), (grad, torch_grad, expected_grad)):
+        error = (got - exact).abs().max().item()
+        torch_error = (ours.double() - exact).abs().max().item()
+        assert error <= 2 * torch_error + unit * exact.abs().max().item(), (error, torch_error)
+
+
+# The interpreter's numpy warns on the ignored row's NaN logits.
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_softcap_edges(label_smoothing):
+    """Large logits saturate the cap (the gradient 1 - tanh**2 keeps its relative precision),
+    a logit of -inf is capped to -c, small ones go through the series; an ignored row's logits
+    may be NaN (loss and gradient 0)."""
+    logits, target = case(4, seed=9, ignore=(3,), scale=1e-3)
+    logits[0, :5] = torch.tensor([40.0, -40.0, 25.0, -float("inf"), 0.2])
+    logits[1, 7] = 60.0
+    target[1] = 7
+    logits[3] = float("nan")
+    options = dict(softcap=5.0, z_loss=0.01, reduction="none", label_smoothing=label_smoothing)
+    x = logits.clone().requires_grad_()
+    value, lse = encouraging_loss(x, target, backend="triton", return_lse=True, **options)
+    value.sum().backward()
+    assert value[3] == 0 and torch.equal(x.grad[3], torch.zeros(NUM_CLASSES))
+    r = logits[:3].double().requires_grad_()
+    expected = reference_loss(r, target[:3], **options)
+    expected.sum().backward()
+    torch.testing.assert_close(value[:3].double(), expected.detach(), rtol=2e-6, atol=2e-6)
+    nonzero = r.grad != 0
+    assert r.grad[0, [0, 1, 3]].abs().max() < 1e-6  # 1 - tanh**2 at 40 / 5: 4.5e-7 (0 at -inf)
+    # Relatively exact everywhere, the tiny gradients of the saturated logits included.
+    torch.testing.assert_close(x.grad[:3][nonzero].double() / r.grad[nonzero],
+                               torch.ones(int(nonzero.sum()), dtype=torch.float64),
+                               rtol=2e-5, atol=0.0)  # fmt: skip
+    capped = 5.0 * torch.tanh(logits[:3].double() / 5.0)
+    torch.testing.assert_close(lse[:3].double(), torch.logsumexp(capped, 1), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("options", LOGIT_TERMS[:3])
+def test_logit_terms_lse_and_token_weight_against_torch(options):
+    logits, target = case(confident=(4,))
     token_weight = token_weights(6)
     x = logits.clone().requires_grad_()
     loss, lse = encouraging_loss(x, target, backend="triton", token_weight=token_weight,
@@ -401,11 +507,29 @@ def test_logit_terms_match_reference(options, monkeypatch):
                                                    token_weight=token_weight, return_lse=True,
                                                    **options)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    assert lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_logit_terms_through_triton_encouraging_loss():
+    """Called directly, the kernels take z_loss and softcap (in place too) and return the lse."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 8, generator=generator, requires_grad=True)
+    projection = torch.randn(NUM_CLASSES, 8, generator=generator)
+    target = torch.tensor([0, 5, -100, 36, 17])
+    terms = dict(z_loss=1e-2, softcap=3.0, label_smoothing=0.1)
+    loss, lse = triton_encouraging_loss(hidden @ projection.T, target, in_place=True,
+                                        return_lse=True, **terms)  # fmt: skip
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    expected, expected_lse = encouraging_loss(reference_hidden @ projection.T, target,
+                                              backend="torch", return_lse=True, **terms)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(lse, expected_lse)
-
-
-def test_logit_terms_are_refused_by_the_kernels_called_directly():
-    logits, target = case(2, ignore=())
-    for terms in (dict(z_loss=1e-4), dict(softcap=30.0)):
-        with pytest.raises(ValueError, match="z_loss and softcap are not computed inside"):
-            triton_encouraging_loss(logits, target, **terms)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad)
+    single, single_lse = triton_encouraging_loss(hidden[0].detach(), target[0], return_lse=True,
+                                                 **terms)  # fmt: skip
+    assert single.shape == () and single_lse.shape == ()
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        triton_encouraging_loss(hidden.detach(), target, return_lse=1)

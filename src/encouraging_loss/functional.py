@@ -43,9 +43,14 @@ def _weight_or_ones(weight, num_classes: int, like: torch.Tensor, dtype) -> torc
     return torch.ones(num_classes, dtype=dtype, device=like.device)
 
 
+def may_use_triton(input, options: LossOptions) -> bool:
+    """Whether the ``backend`` asks for the Triton kernels on this input where they apply."""
+    return options.backend == "triton" or (options.backend == "auto" and input.is_cuda)
+
+
 def use_triton_backend(input, target, options: LossOptions) -> bool:
     """Whether to run the Triton kernels (see ``backend`` in :class:`LossOptions`)."""
-    if options.backend == "torch" or (options.backend == "auto" and not input.is_cuda):
+    if not may_use_triton(input, options):
         return False
     why_not = triton_supports(input, target, options)
     if options.backend == "auto":
@@ -187,10 +192,11 @@ def encouraging_loss_with_options(
     Returns:
         The loss (and the logsumexp), as :func:`encouraging_loss` returns it.
     """
-    if return_lse or options.with_logit_terms:
+    logit_terms = return_lse or options.with_logit_terms
+    if logit_terms and not may_use_triton(input, options):
         return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
                                  return_lse)  # fmt: skip
-    if weight is None and bonus_weight is None and token_weight is None:
+    if not logit_terms and weight is None and bonus_weight is None and token_weight is None:
         fast = hard_log_bonus_loss(input, target, options)
         if fast is not None:
             return fast
@@ -201,8 +207,12 @@ def encouraging_loss_with_options(
     bonus_weight = check_class_vector("bonus_weight", bonus_weight, num_classes, input)
     token_weight = check_token_weight(token_weight, index_shape, input, options.validate_args)
     if use_triton_backend(input, target, options):
-        return triton_loss_with_options(input, target, options, weight, bonus_weight,
-                                        token_weight=token_weight)  # fmt: skip
+        # The kernels fuse the softcap, the z-loss and the logsumexp.
+        return triton_loss_with_options(input, target, options, weight, bonus_weight, False,
+                                        token_weight, return_lse)  # fmt: skip
+    if logit_terms:  # "auto" on CUDA for a loss the kernels do not compute
+        return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
+                                 return_lse)  # fmt: skip
     if small_path_supports(input, options) is None:
         return small_encouraging_loss(input, target, weight, bonus_weight, options, token_weight)
     if is_index and options.validate_args and not torch.compiler.is_compiling():

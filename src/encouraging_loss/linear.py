@@ -127,7 +127,8 @@ def linear_encouraging_loss(
             CUDA when it imports and supports the options); the projections are torch matrix
             products either way. ``z_loss`` and ``softcap`` (see
             :class:`~encouraging_loss.options.LossOptions`) are applied per chunk, their
-            gradients added to each chunk's logits gradient (on either backend).
+            gradients added to each chunk's logits gradient (around the torch passes; inside
+            the Triton kernel).
 
     Returns:
         The loss in ``hidden``'s dtype: a scalar, or the target's shape for ``"none"``; with
@@ -217,13 +218,13 @@ def linear_loss_with_options(
     chunk_size = options.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], hidden.shape[-1], num_classes)
-    triton_rows = None
-    # The softcap and the z-loss are applied around each chunk's loss (ChunkLogitTerms).
-    kernel_options = options.without_logit_terms()
-    if use_triton_backend(flat_hidden, target, kernel_options):
-        triton_rows = TritonRows(target, class_weight, bonus_weight, kernel_options, token_weight)
-    logit_terms = None
-    if options.with_logit_terms or return_lse:
+    triton_rows = logit_terms = None
+    if use_triton_backend(flat_hidden, target, options):
+        # The kernels compute the softcap, the z-loss and the lse themselves.
+        triton_rows = TritonRows(target, class_weight, bonus_weight, options, token_weight,
+                                 return_lse)  # fmt: skip
+    elif options.with_logit_terms or return_lse:
+        # The torch chunks: the softcap and the z-loss around each chunk's loss.
         logit_terms = ChunkLogitTerms(options, target, token_weight, dtype, return_lse)
     reduction = options.reduction
     inputs = (flat_hidden, weight, bias)
@@ -247,7 +248,8 @@ def linear_loss_with_options(
         result = result.reshape(target.shape)
     result = result.to(hidden.dtype)
     if return_lse:
-        return result, logit_terms.lse.reshape(target.shape)
+        lse = logit_terms.lse if triton_rows is None else triton_rows.lse
+        return result, lse.reshape(target.shape)
     return result
 
 

@@ -110,10 +110,12 @@ class TritonRows:
 
     With it, each chunk's loss and gradient come from one kernel launch that writes the gradient
     over the chunk's logits (Liger-Kernel's fused linear cross-entropy design), instead of the
-    torch row-wise passes.
+    torch row-wise passes; the kernel applies the options' softcap and z-loss, and writes each
+    row's lse into :attr:`lse` with ``return_lse``.
     """
 
-    def __init__(self, target, weight, bonus_weight, options, token_weight=None):
+    def __init__(self, target, weight, bonus_weight, options, token_weight=None,
+                 return_lse: bool = False):  # fmt: skip
         self.target = target.reshape(-1).long().contiguous()
         self.weight = None if weight is None else weight.float().contiguous()
         self.bonus_weight = None if bonus_weight is None else bonus_weight.float().contiguous()
@@ -121,6 +123,12 @@ class TritonRows:
         #: (N,) float64 token weights, or None: they scale each row's gradient (through the
         #: kernel's per-row scale) and loss.
         self.token_weight = None if token_weight is None else token_weight.reshape(-1).double()
+        #: (N,) float32 logsumexp of every row's (capped) logits, from the kernel; None unless
+        #: asked.
+        self.lse = None
+        if return_lse:
+            self.lse = torch.empty(self.target.numel(), dtype=torch.float32,
+                                   device=self.target.device)  # fmt: skip
 
     def loss_and_grad_(self, logits, chunk, grad_rows):
         """Row losses (float64) of the chunk; ``logits`` becomes the gradient, in place."""
@@ -133,10 +141,12 @@ class TritonRows:
             row_scale = token_row_scale(token_weight, grad_rows[chunk]).contiguous()
         else:
             row_scale = grad_rows[chunk].to(torch.float32).contiguous()
-        row_loss = launch_rows(
+        row_loss, lse = launch_rows(
             logits, self.target[chunk], logits, row_scale, self.options, self.weight,
             self.bonus_weight,
         )  # fmt: skip
+        if self.lse is not None:
+            self.lse[chunk] = lse
         if token_weight is not None:
             return weighted_row_loss(row_loss, token_weight), logits
         return row_loss.to(ROW_DTYPE), logits

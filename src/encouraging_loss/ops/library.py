@@ -10,10 +10,9 @@ the cross-entropy ones) and give the results of :func:`encouraging_loss.encourag
 ``torch.export`` and FX graphs: the compiled graph calls the eager implementation, so its
 checks (the target range with ``validate_args``) and, on CUDA, the Triton kernels
 (``backend="auto"``, launched eagerly inside the operator) run inside compiled code too, where
-the plain functions trace into the graph as torch operations. The kernels are not registered
-through ``torch.library.triton_op``: under ``TRITON_INTERPRET=1`` (the only way to run them on
-a CPU) ``wrap_triton`` hands back the interpreted kernel unwrapped, so such an operator's fake
-and compiled forms cannot be checked without a GPU.
+the plain functions trace into the graph as torch operations (opaque to the compiler here: the
+kernels' own ``torch.library.triton_op``, which ``backend="triton"`` uses under
+``torch.compile``, is in :mod:`.triton_library`).
 
 How: each public operator is ``CompositeImplicitAutograd`` over a ``custom_op`` that returns the
 loss *and* its gradient for a unit incoming gradient, computed by the library's own autograd

@@ -6,10 +6,11 @@
   lse the logsumexp of its (capped) logits, times its token weight and zero where the target is
   ``ignore_index``; its gradient is ``2 z_loss lse softmax(z)`` per element.
 
-:func:`encouraging_loss` applies them around the loss of the capped logits: the softcap as torch
-operations (autograd takes the gradient through the tanh), the z-loss by :class:`ZLoss`; the
-fused linear loss, chunk by chunk with :class:`ChunkLogitTerms`, which adds the closed-form
-gradients to each chunk's logits gradient.
+:func:`encouraging_loss`'s torch paths apply them around the loss of the capped logits: the
+softcap as torch operations (autograd takes the gradient through the tanh), the z-loss by
+:class:`ZLoss`; the fused linear loss, chunk by chunk with :class:`ChunkLogitTerms`, which adds
+the closed-form gradients to each chunk's logits gradient. The Triton kernels compute both
+inside (see :mod:`.triton_el`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ The maths and its exactness are those of :mod:`.rowwise`:
   :class:`.rowwise.DenseTargetEL`) over k != s, pass 3 writes the gradient. The log bonus
   (any ``log_end``) and ``"none"`` are supported, without ``bonus_start``.
 
+Both kernels fuse the logit terms of :mod:`.logit_terms`: with a ``softcap`` c every logit is
+loaded as c tanh(z / c) (the gradient pass recomputes it and multiplies the row's gradient by
+1 - tanh**2, no capped copy of the logits is made), and with ``z_loss`` z each counted row adds
+z lse**2 to its loss and 2 z lse softmax_j (times the row's gradient scale: its token weight,
+over the mean's denominator) to its gradient, lse the logsumexp of the capped logits, which the
+kernels write for every row (ignored ones too) for ``return_lse``.
+
 Accumulation is in float32 for every input dtype (float32, bfloat16, float16); the gradient is
 written in the logits' dtype, into a new tensor or, with ``in_place=True``, over the logits
 themselves (the caller must not use the logits afterwards; saves one (N, C) tensor).
@@ -34,7 +41,7 @@ import os
 
 import torch
 
-from .._validate import check_class_vector, check_input_and_target, check_token_weight
+from .._validate import check_bool, check_class_vector, check_input_and_target, check_token_weight
 from ..options import LossOptions, takes_options
 from .index_targets import target_weights
 
@@ -59,8 +66,7 @@ def triton_supports(input: torch.Tensor, target: torch.Tensor, options: LossOpti
 
     Supported: (N, C) or (C) logits of float32/bfloat16/float16, class-index targets, the bonus
     shapes of :data:`BONUS_CODES` without label smoothing, the log bonus (or none) without
-    ``bonus_start`` with it; no ``z_loss`` or ``softcap`` (the callers apply them around the
-    kernels, with the options of :meth:`LossOptions.without_logit_terms`). A shape added to
+    ``bonus_start`` with it; ``z_loss`` and ``softcap`` with any of them. A shape added to
     :data:`encouraging_loss.bonus.SHAPES` without kernel code is refused here by name, and the
     torch paths compute it.
     """
@@ -77,12 +83,6 @@ def triton_supports(input: torch.Tensor, target: torch.Tensor, options: LossOpti
         return f"the bonus shape {bonus.kind!r} has no Triton kernel"
     if options.label_smoothing > 0.0 and (bonus.kind not in ("log", "none") or bonus.start > 0.0):
         return "label smoothing with a bonus other than plain 'log' is not supported by Triton"
-    if options.with_logit_terms:
-        # encouraging_loss and the fused linear loss apply them around the kernels.
-        return (
-            "z_loss and softcap are not computed inside the Triton kernels: call "
-            "encouraging_loss(..., backend='triton'), which applies them around the kernels"
-        )
     return None
 
 
@@ -92,8 +92,12 @@ def triton_can_run(input: torch.Tensor) -> bool:
 
 
 def launch_rows(logits, target, grad, row_scale, options: LossOptions, weight=None,
-                bonus_weight=None) -> torch.Tensor:  # fmt: skip
-    """Run the kernel over (N, C) rows: the row losses (float32), the gradient into ``grad``.
+                bonus_weight=None, launch=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Run the kernel over (N, C) rows: (row losses, row logsumexps), both float32; the
+    gradient into ``grad``.
+
+    The row losses include the z-loss (not the token weights); the softcap is applied to the
+    logits as they are read.
 
     Args:
         logits: (N, C) logits with a contiguous class dimension.
@@ -103,13 +107,18 @@ def launch_rows(logits, target, grad, row_scale, options: LossOptions, weight=No
         options: the loss options (:func:`triton_supports` accepted them).
         weight: optional (C,) float32 class weights.
         bonus_weight: optional (C,) float32 bonus weights.
+        launch: how a kernel is launched (see :func:`loss_and_unit_grad`); None: directly.
     """
     from . import triton_kernels
 
+    if launch is None:
+        launch = _direct
+
     num_rows, num_classes = logits.shape
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(row_loss)
     if num_rows == 0:
-        return row_loss
+        return row_loss, lse
     bonus = options.bonus_shape
     e = bonus.log_end
     common = dict(
@@ -117,24 +126,30 @@ def launch_rows(logits, target, grad, row_scale, options: LossOptions, weight=No
         grad_stride=grad.stride(0), target_ptr=target,
         weight_ptr=logits if weight is None else weight,
         bonus_weight_ptr=logits if bonus_weight is None else bonus_weight,
-        loss_ptr=row_loss, scale_ptr=row_scale, n_cols=num_classes,
+        loss_ptr=row_loss, lse_ptr=lse, scale_ptr=row_scale, n_cols=num_classes,
         ignore_index=options.ignore_index, rho=float(options.bonus_scale), log_end=e,
         log1m_end=math.log1p(-e) if e < 1.0 else 0.0,
-        inv_1m_end=1.0 / (1.0 - e) if e < 1.0 else 0.0,
+        inv_1m_end=1.0 / (1.0 - e) if e < 1.0 else 0.0, z_loss=float(options.z_loss),
+        softcap=1.0 if options.softcap is None else float(options.softcap),
+        HAS_Z_LOSS=options.z_loss != 0.0, HAS_SOFTCAP=options.softcap is not None,
         HAS_WEIGHT=weight is not None, HAS_BONUS_WEIGHT=bonus_weight is not None,
         BONUS=BONUS_CODES[bonus.kind] if options.with_bonus else 0,
         BLOCK=min(MAX_BLOCK, 1 << (num_classes - 1).bit_length()),
     )  # fmt: skip
     if options.label_smoothing == 0.0:
-        triton_kernels.hard_target_kernel[(num_rows,)](
+        launch(triton_kernels.hard_target_kernel)[(num_rows,)](
             **common, gamma=float(bonus.gamma), start=float(bonus.start),
             start_value=bonus.start_value, HAS_START=bonus.start > 0.0,
         )  # fmt: skip
     else:
-        triton_kernels.smoothed_kernel[(num_rows,)](
+        launch(triton_kernels.smoothed_kernel)[(num_rows,)](
             **common, smoothing=float(options.label_smoothing)
         )
-    return row_loss
+    return row_loss, lse
+
+
+def _direct(kernel):
+    return kernel
 
 
 def token_row_scale(token_weight: torch.Tensor, scale) -> torch.Tensor:
@@ -149,47 +164,69 @@ def weighted_row_loss(row_loss: torch.Tensor, token_weight: torch.Tensor) -> tor
     return torch.where(token_weight != 0, row_loss.double() * token_weight, 0.0)
 
 
+def loss_and_unit_grad(logits, target, grad, options: LossOptions, weight=None,
+                       bonus_weight=None, token_weight=None, launch=None):  # fmt: skip
+    """The reduced loss and the row logsumexps of one kernel launch; into ``grad``, the logits'
+    gradient for a unit incoming gradient of the loss (of each row loss for ``"none"``).
+
+    Args:
+        logits, target, weight, bonus_weight, options: as for :func:`launch_rows`.
+        grad: (N, C) tensor the gradient is written into (may be ``logits`` itself).
+        token_weight: optional (N,) float64 token weights: they scale each row's gradient
+            through the kernel's per-row scale, and its loss here (float64).
+        launch: how a kernel is launched, ``launch(kernel)[grid](**arguments)``: the kernel
+            itself by default, ``torch.library.wrap_triton`` inside a ``triton_op``.
+
+    Returns:
+        (loss, lse): the loss in float64 (a scalar, or (N,) for ``"none"``), lse (N,) float32.
+    """
+    reduction = options.reduction
+    denominator = None
+    if reduction == "mean":
+        *_, target_weight = target_weights(target, options.ignore_index, weight, torch.float32)
+        if token_weight is None:
+            denominator = target_weight.sum()
+            row_scale = (1.0 / denominator).expand(logits.shape[0])
+        else:
+            denominator = torch.dot(target_weight.double(), token_weight)
+            row_scale = token_row_scale(token_weight, 1.0 / denominator)
+    else:
+        row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        row_scale = row_scale.expand(logits.shape[0])
+        if token_weight is not None:
+            row_scale = token_row_scale(token_weight, 1.0)
+    row_loss, lse = launch_rows(logits, target, grad, row_scale.contiguous(), options, weight,
+                                bonus_weight, launch)  # fmt: skip
+    if token_weight is not None:
+        row_loss = weighted_row_loss(row_loss, token_weight)
+    if reduction == "none":
+        return row_loss.double(), lse
+    result = row_loss.double().sum()
+    return (result / denominator.double() if reduction == "mean" else result), lse
+
+
 class TritonEL(torch.autograd.Function):
-    """Loss and gradient from one kernel launch; backward scales the stored gradient.
+    """(loss, lse) from one kernel launch; backward scales the stored gradient.
 
     Inputs: logits (N, C), target (N,) int64, weight and bonus_weight (float32 or None), the
-    :class:`LossOptions`, in_place, token_weight ((N,) float64 or None). Token weights scale the
-    rows' gradients through the kernel's per-row scale and their losses here (float64).
+    :class:`LossOptions`, in_place, token_weight ((N,) float64 or None); see
+    :func:`loss_and_unit_grad`. The lse (N,) float32 has no gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, target, weight, bonus_weight, options, in_place, token_weight=None):
-        reduction = options.reduction
-        if reduction == "mean":
-            *_, target_weight = target_weights(target, options.ignore_index, weight, torch.float32)
-            if token_weight is None:
-                denominator = target_weight.sum()
-                row_scale = (1.0 / denominator).expand(logits.shape[0])
-            else:
-                denominator = torch.dot(target_weight.double(), token_weight)
-                row_scale = token_row_scale(token_weight, 1.0 / denominator)
-        else:
-            row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-            row_scale = row_scale.expand(logits.shape[0])
-            if token_weight is not None:
-                row_scale = token_row_scale(token_weight, 1.0)
-            denominator = None
-        row_scale = row_scale.contiguous()
         # In place, the kernel writes through the raw pointer: autograd is not told (as in
         # Liger-Kernel), and the gradient is held on ctx rather than saved.
         grad = logits if in_place else torch.empty_like(logits)
-        row_loss = launch_rows(logits, target, grad, row_scale, options, weight, bonus_weight)
-        ctx.reduction = reduction
+        loss, lse = loss_and_unit_grad(logits, target, grad, options, weight, bonus_weight,
+                                       token_weight)  # fmt: skip
+        ctx.reduction = options.reduction
         ctx.grad = grad
-        if token_weight is not None:
-            row_loss = weighted_row_loss(row_loss, token_weight)
-        if reduction == "none":
-            return row_loss
-        result = row_loss.double().sum()
-        return result / denominator.double() if reduction == "mean" else result
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_lse):
         # The stored gradient is scaled in place (no second (N, C) tensor), so it serves once.
         grad, ctx.grad = ctx.grad, None
         if grad is None:
@@ -206,7 +243,8 @@ class TritonEL(torch.autograd.Function):
 
 @takes_options(LossOptions)
 def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None, token_weight=None,
-                            in_place: bool = False, **options) -> torch.Tensor:  # fmt: skip
+                            in_place: bool = False, return_lse: bool = False,
+                            **options):  # fmt: skip
     """The encouraging loss of (N, C) or (C) logits by the Triton kernels.
 
     :func:`encouraging_loss` calls these kernels with ``backend="triton"`` (or ``"auto"`` on
@@ -223,11 +261,14 @@ def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None, t
         token_weight: optional per-row weights of the target's shape (see
             :func:`~encouraging_loss.encouraging_loss`).
         in_place: write the gradient over ``logits`` (see above).
+        return_lse: also return each row's logsumexp (of the capped logits), float32.
         **options: the options of :class:`~encouraging_loss.options.LossOptions`, by keyword
-            (``ignore_index``, ``reduction``, ``label_smoothing``, the bonus's).
+            (``ignore_index``, ``reduction``, ``label_smoothing``, the bonus's, ``z_loss`` and
+            ``softcap``: both computed inside the kernels).
 
     Returns:
-        The loss in the logits' dtype, as :func:`encouraging_loss` returns it.
+        The loss in the logits' dtype (with ``return_lse``, ``(loss, lse)``), as
+        :func:`encouraging_loss` returns it.
 
     Example:
         >>> import torch
@@ -237,6 +278,7 @@ def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None, t
         ...     triton_encouraging_loss(logits, torch.tensor([1, 2, 3, -100])).backward()
     """
     options = LossOptions.of(**options)
+    check_bool("return_lse", return_lse)
     check_input_and_target(logits, target)
     num_classes = logits.shape[-1]
     weight = check_class_vector("weight", weight, num_classes, logits)
@@ -244,13 +286,13 @@ def triton_encouraging_loss(logits, target, weight=None, *, bonus_weight=None, t
     token_weight = check_token_weight(token_weight, logits.shape[:-1], logits,
                                       options.validate_args)  # fmt: skip
     return triton_loss_with_options(logits, target, options, weight, bonus_weight, in_place,
-                                    token_weight)  # fmt: skip
+                                    token_weight, return_lse)  # fmt: skip
 
 
 def triton_loss_with_options(
     logits, target, options: LossOptions, weight=None, bonus_weight=None, in_place: bool = False,
-    token_weight=None,
-) -> torch.Tensor:  # fmt: skip
+    token_weight=None, return_lse: bool = False,
+):  # fmt: skip
     """:func:`triton_encouraging_loss` for checked tensors and built options (``token_weight``:
     checked per-element weights of the target's shape, or None).
 
@@ -281,7 +323,20 @@ def triton_loss_with_options(
         bonus_weight = bonus_weight.float().contiguous()
     if token_weight is not None:
         token_weight = token_weight.reshape(-1).double()
-    loss = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place, token_weight)
-    if options.reduction == "none" and squeeze:
-        loss = loss.reshape(())
-    return loss.to(logits.dtype)
+    if torch.compiler.is_compiling():
+        # Traced: the kernels as a torch.library.triton_op (out of place).
+        if in_place:
+            raise ValueError("in_place=True is not supported under torch.compile")
+        from .triton_library import triton_loss_and_grad
+
+        loss, lse = triton_loss_and_grad(rows, target, weight, bonus_weight, token_weight,
+                                         options)  # fmt: skip
+    else:
+        loss, lse = TritonEL.apply(rows, target, weight, bonus_weight, options, in_place,
+                                   token_weight)  # fmt: skip
+    if squeeze:
+        lse = lse.reshape(())
+        if options.reduction == "none":
+            loss = loss.reshape(())
+    loss = loss.to(logits.dtype)
+    return (loss, lse) if return_lse else loss
