@@ -76,6 +76,17 @@ def _check_class_vector_form(name: str, value, like: torch.Tensor) -> int:
     return value.numel()
 
 
+#: The floating dtypes by a small int, for the check that every rank's dtype is the same.
+_DTYPES = (None, torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _encoded(value) -> int:
+    """An int of ``same`` as sent: a dtype by its index in ``_DTYPES`` (0: not floating)."""
+    if isinstance(value, torch.dtype) or value is None:
+        return _DTYPES.index(value) if value in _DTYPES else 0
+    return value
+
+
 def _split_mismatch(what: str, got, shard_name: str, widths) -> ValueError:
     return ValueError(
         f"{what} does not match the vocabulary split of the process group: the ranks' "
@@ -97,7 +108,7 @@ def gather_vocab_shard(group, device, shard_name: str, width: int, num_rows: int
         num_rows: this rank's number of rows (tokens); every rank must have the same.
         vocab_size: the total vocabulary the caller expects, or None.
         vectors: name -> length (-1 for None) of the full-vocabulary vectors (class weights).
-        same: name -> int that must be equal on every rank (e.g. the chunk size).
+        same: name -> an int or a dtype that must be equal on every rank (the chunk size).
         local_error: an error this rank's own checks raised: raised here, after the gather.
     """
     vectors, same = vectors or {}, same or {}
@@ -108,7 +119,7 @@ def gather_vocab_shard(group, device, shard_name: str, width: int, num_rows: int
         )
     fields = [width, num_rows, local_error is not None,
               -1 if vocab_size is None or local_error else vocab_size,
-              *vectors.values(), *same.values()]  # fmt: skip
+              *vectors.values(), *map(_encoded, same.values())]  # fmt: skip
     mine = torch.tensor(fields, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
@@ -144,7 +155,9 @@ def gather_vocab_shard(group, device, shard_name: str, width: int, num_rows: int
     for index, name in enumerate(same, start=4 + len(vectors)):
         values = [row[index] for row in table]
         if len(set(values)) > 1:
-            raise ValueError(f"{name} must be the same on every rank, got {values}")
+            if isinstance(same[name], torch.dtype) or same[name] is None:
+                values = [str(_DTYPES[code]) for code in values]
+            raise ValueError(f"{name} must be the same on every rank, got {values} by rank")
     rank = dist.get_rank(group)
     return VocabShard(sum(widths[:rank]), widths[rank], total, widths, group)
 
@@ -345,6 +358,7 @@ def vocab_parallel_loss_with_options(
     shard = gather_vocab_shard(
         group, device, "logits_shard", width, target.numel() if local_error is None else 0,
         vocab_size=vocab_size, vectors=dict(zip(("weight", "bonus_weight"), lengths, strict=True)),
+        same={"the dtype of logits_shard": getattr(logits_shard, "dtype", None)},
         local_error=local_error,
     )  # fmt: skip
     if options.validate_args:
@@ -470,7 +484,7 @@ def vocab_parallel_linear_encouraging_loss(
         target.numel() if ok else 0, vocab_size=vocab_size,
         vectors=dict(zip(("class_weight", "bonus_weight"), lengths, strict=True)),
         same={"chunk_size": options.chunk_size or 0, "hidden's size H": hidden.shape[-1] if ok
-              else 0},
+              else 0, "the dtype of hidden": getattr(hidden, "dtype", None)},
         local_error=local_error,
     )  # fmt: skip
     if options.validate_args:

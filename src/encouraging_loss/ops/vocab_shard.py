@@ -22,7 +22,10 @@ w_k and H' = rho alpha sum_{k != y} w_k v_k r_k. The gradient (see :mod:`.smooth
     dL/dz_k = q_k [(1 - p_y)(A' - H' + a_y) - rho a_y v_y g_y] - alpha w_k (1 - rho v_k r_k),
     dL/dz_y = p_y (A' - H') - a_y [(1 - p_y) - rho v_y g_y],
 
-plus the z-loss's 2 z_loss lse p_k. Each rank forms it for its own columns only.
+plus the z-loss's 2 z_loss lse p_k. Each rank forms it for its own columns only. At a column k
+with p_k > 1/2 (only with label smoothing's bonus), r_k is unbounded for the plain log bonus and
+the first term's share of H' (through h_k) nearly cancels the last term: there H' leaves out h_k
+and the last term is alpha w_k (1 - rho v_k r_k) - p_k h_k = alpha w_k (1 - rho v_k g_k), exact.
 """
 
 from __future__ import annotations
@@ -142,15 +145,20 @@ class VocabShardRows:
             self.lse = torch.empty(self.num_rows, dtype=compute_dtype, device=target.device)
 
     def _rest_terms(self, q, one_minus_p, max_complement):
-        """(b(p_k), r(p_k)) of every local column from q (0 at y): 1 - p_k summed from the
-        other classes where p_k > 1/2 (``max_complement``, see :meth:`terms`)."""
+        """(b(p_k), the gradient's ratio term, high) of every local column from q (0 at y).
+
+        ``high`` marks p_k > 1/2 (only at the rest's max), where 1 - p_k is summed from the
+        other classes (``max_complement``, see :meth:`terms`) and the ratio term is
+        g_k = (1 - p_k) r_k rather than r_k: there r_k is unbounded (the plain log bonus), and
+        the gradient's h_k (1 - p_k) is taken in closed form, not as a difference.
+        """
         p = q * rows_as(q, one_minus_p)
         high = p > 0.5
         complement = rows_as(q, max_complement)
         one_minus = torch.where(high, complement, 1.0 - p)
         log_one_minus = torch.where(high, complement.log(), torch.log1p(-p))
         value, slope = self.bonus.value_and_slope(p, one_minus, log_one_minus)
-        return value, slope / one_minus
+        return value, torch.where(high, slope, slope / one_minus), high
 
     def terms(self, logits: torch.Tensor, rows: slice = slice(None), *, consume: bool = False):
         """(row losses (m,) float64, buffer q (m, width), state) for the logits of ``rows``.
@@ -214,26 +222,35 @@ class VocabShardRows:
         if self.rest_bonus:
             # 1 - p_k at the rest's max: p_y plus the other classes' share of 1 - p_y.
             max_complement = p + (ties - 1.0 + below) / rest_sum * one_minus_p
-            b_rest, r_rest = self._rest_terms(q, one_minus_p, max_complement)
-            rest = torch.stack([row_sum(b_rest, self.local_bonus_weight),
-                                row_sum(r_rest, self.local_bonus_weight)])  # fmt: skip
-            bonus_sum, ratio_sum = shard.all_reduce_(rest, dist.ReduceOp.SUM)
-            del b_rest, r_rest
+            b_rest, ratio, high = self._rest_terms(q, one_minus_p, max_complement)
+            # r_k of the column past 1/2 (g_k / (1 - p_k)), summed apart from the others'.
+            ratio_high = torch.where(high, ratio / rows_as(ratio, max_complement), 0.0)
+            ratio_low = ratio.masked_fill_(high, 0.0)
+            rest = torch.stack([row_sum(value, self.local_bonus_weight)
+                                for value in (b_rest, ratio_low, ratio_high)])  # fmt: skip
+            bonus_sum, ratio_low, ratio_high = shard.all_reduce_(rest, dist.ReduceOp.SUM)
+            del b_rest, ratio, high
             row_loss = row_loss + self.rho * alpha * bonus_sum
-            rest_push = mass_rest - self.rho * alpha * ratio_sum
+            # A' - H' without the column past 1/2, for that column's own gradient.
+            high_push = mass_rest - self.rho * alpha * ratio_low
+            rest_push = high_push - self.rho * alpha * ratio_high
         active = (mass_y + mass_rest) != 0
         row_loss = torch.where(active, row_loss, 0.0)
         rest_coefficient = one_minus_p * rest_push + mass_y * target_slope
+        high_coefficient = None if max_complement is None else \
+            one_minus_p * high_push + mass_y * target_slope  # fmt: skip
         target_grad = p * rest_push - mass_y * target_slope
         if self.z_weight is not None:
             z_weight = self.z_weight[rows]
             row_loss = row_loss + z_loss_rows(lse, self.z_loss, z_weight)
             z_scale = torch.where(z_weight != 0, (2.0 * self.z_loss) * lse * z_weight, 0.0)
             rest_coefficient = rest_coefficient + z_scale * one_minus_p
+            if high_coefficient is not None:
+                high_coefficient = high_coefficient + z_scale * one_minus_p
             target_grad = target_grad + z_scale * p
             active = active | (z_weight != 0)
-        state = (column, owned, active, rest_coefficient, target_grad, alpha, one_minus_p,
-                 max_complement)  # fmt: skip
+        state = (column, owned, active, rest_coefficient, high_coefficient, target_grad, alpha,
+                 one_minus_p, max_complement)  # fmt: skip
         return row_loss, q, state
 
     def grad_(self, buffer: torch.Tensor, state, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -242,20 +259,23 @@ class VocabShardRows:
 
         No communication: the row terms are already global.
         """
-        column, owned, active, rest_coefficient, target_grad, alpha, one_minus_p, \
-            max_complement = state  # fmt: skip
+        column, owned, active, rest_coefficient, high_coefficient, target_grad, alpha, \
+            one_minus_p, max_complement = state  # fmt: skip
         # A row without mass or z-loss (ignored) has a constant loss: zero gradient, even where
         # the incoming one is not finite (the mean over zero items).
         grad_rows = torch.where(active, grad_rows, 0.0)
         smoothing_grad = alpha * grad_rows
         ratio_term = None
+        coefficient = rows_as(buffer, torch.where(active, rest_coefficient * grad_rows, 0.0))
         if self.rest_bonus:
-            _, ratio_term = self._rest_terms(buffer, one_minus_p, max_complement)
+            _, ratio_term, high = self._rest_terms(buffer, one_minus_p, max_complement)
             if self.local_bonus_weight is not None:
                 ratio_term = ratio_term.mul_(self.local_bonus_weight)
-        buffer.mul_(rows_as(buffer, torch.where(active, rest_coefficient * grad_rows, 0.0)))
+            high_value = torch.where(active, high_coefficient * grad_rows, 0.0)
+            coefficient = torch.where(high, rows_as(buffer, high_value), coefficient)
+        buffer.mul_(coefficient)
         if self.smoothing:
-            # -alpha w_k (1 - rho v_k r_k).
+            # -alpha w_k (1 - rho v_k r_k), g_k in place of r_k past 1/2 (see the module).
             if self.local_weight is None:
                 buffer.sub_(rows_as(buffer, smoothing_grad))
             else:
