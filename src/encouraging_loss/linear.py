@@ -231,15 +231,19 @@ def linear_loss_with_options(
     logit_terms = None
     if options.with_logit_terms or return_lse:
         logit_terms = ChunkLogitTerms(options, target, token_weight, dtype, return_lse)
-    reduction = options.reduction
-    result = fused_linear_loss(flat_hidden, weight, bias, rows, reduction, chunk_size,
+    result = fused_linear_loss(flat_hidden, weight, bias, rows, options.reduction, chunk_size,
                                triton_rows, accumulation_dtype, logit_terms)  # fmt: skip
+    return finished_loss(result, options.reduction, target.shape, hidden.dtype,
+                         logit_terms.lse if return_lse else None)  # fmt: skip
+
+
+def finished_loss(result, reduction: str, shape, dtype, lse=None):
+    """A fused linear loss as returned: the target's ``shape`` for ``"none"``, in ``dtype``,
+    and ``(loss, lse)`` when ``lse`` (the rows' logsumexp) is given."""
     if reduction == "none":
-        result = result.reshape(target.shape)
-    result = result.to(hidden.dtype)
-    if return_lse:
-        return result, logit_terms.lse.reshape(target.shape)
-    return result
+        result = result.reshape(shape)
+    result = result.to(dtype)
+    return result if lse is None else (result, lse.reshape(shape))
 
 
 @option_attributes(LinearLossOptions)

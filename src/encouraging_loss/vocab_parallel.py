@@ -24,7 +24,7 @@ from torch import nn
 
 from ._validate import check_bool, check_tensor, check_token_weight
 from .functional import compute_dtype_for
-from .linear import check_linear_inputs
+from .linear import check_linear_inputs, finished_loss
 from .ops.fused_linear import check_accumulation_dtype, default_chunk_size, fused_linear_loss
 from .ops.logit_terms import ChunkLogitTerms, softcapped
 from .ops.vocab_shard import VocabShard, VocabShardEL, VocabShardRows
@@ -222,13 +222,16 @@ def _check_logits_inputs(logits_shard, target, weight, bonus_weight) -> tuple[in
             _check_class_vector_form("bonus_weight", bonus_weight, logits_shard))  # fmt: skip
 
 
-def _reduced(row_loss, rows: VocabShardRows, reduction: str, shape, dtype):
-    if reduction == "none":
-        return row_loss.reshape(shape).to(dtype)
-    total = row_loss.sum()
-    if reduction == "mean":
-        total = total / rows.denominator
-    return total.to(dtype)
+def _shard_rows(target, shard, class_weight, bonus_weight, token_weight, options, dtype,
+                return_lse: bool) -> VocabShardRows:
+    """The rows of the loss, after the targets' checks across ranks (with ``validate_args``)."""
+    if options.validate_args:
+        check_target_on_ranks(target, token_weight, shard, options.ignore_index)
+    return VocabShardRows(
+        target, shard, None if class_weight is None else class_weight.to(dtype),
+        None if bonus_weight is None else bonus_weight.to(dtype), options, dtype, token_weight,
+        keep_lse=return_lse,
+    )  # fmt: skip
 
 
 @takes_options(LossOptions)
@@ -361,21 +364,16 @@ def vocab_parallel_loss_with_options(
         same={"the dtype of logits_shard": getattr(logits_shard, "dtype", None)},
         local_error=local_error,
     )  # fmt: skip
-    if options.validate_args:
-        check_target_on_ranks(target, token_weight, shard, options.ignore_index)
     dtype = compute_dtype_for(logits_shard.dtype)
-    rows = VocabShardRows(
-        target, shard, None if weight is None else weight.to(dtype),
-        None if bonus_weight is None else bonus_weight.to(dtype), options, dtype, token_weight,
-        keep_lse=return_lse,
-    )  # fmt: skip
+    rows = _shard_rows(target, shard, weight, bonus_weight, token_weight, options, dtype,
+                       return_lse)  # fmt: skip
     # The softcap is elementwise: each rank caps its own columns (autograd takes the tanh).
     capped = softcapped(logits_shard, options.softcap, dtype)
-    row_loss = VocabShardEL.apply(capped.reshape(-1, shard.width), rows)
-    loss = _reduced(row_loss, rows, options.reduction, target.shape, logits_shard.dtype)
-    if return_lse:
-        return loss, rows.lse.reshape(target.shape)
-    return loss
+    loss = VocabShardEL.apply(capped.reshape(-1, shard.width), rows)
+    if options.reduction != "none":
+        loss = loss.sum()
+        loss = loss / rows.denominator if options.reduction == "mean" else loss
+    return finished_loss(loss, options.reduction, target.shape, logits_shard.dtype, rows.lse)
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -487,14 +485,9 @@ def vocab_parallel_linear_encouraging_loss(
               else 0, "the dtype of hidden": getattr(hidden, "dtype", None)},
         local_error=local_error,
     )  # fmt: skip
-    if options.validate_args:
-        check_target_on_ranks(target, token_weight, shard, options.ignore_index)
     dtype = compute_dtype_for(hidden.dtype)
-    rows = VocabShardRows(
-        target, shard, None if class_weight is None else class_weight.to(dtype),
-        None if bonus_weight is None else bonus_weight.to(dtype), options, dtype, token_weight,
-        keep_lse=return_lse,
-    )  # fmt: skip
+    rows = _shard_rows(target, shard, class_weight, bonus_weight, token_weight, options, dtype,
+                       return_lse)  # fmt: skip
     num_rows, hidden_size = rows.num_rows, hidden.shape[-1]
     chunk_size = options.chunk_size
     if chunk_size is None:
@@ -511,12 +504,7 @@ def vocab_parallel_linear_encouraging_loss(
     flat_hidden = hidden.reshape(-1, hidden_size).contiguous()
     loss = fused_linear_loss(flat_hidden, weight_shard, bias_shard, rows, options.reduction,
                              chunk_size, None, accumulation_dtype, logit_terms)  # fmt: skip
-    if options.reduction == "none":
-        loss = loss.reshape(target.shape)
-    loss = loss.to(hidden.dtype)
-    if return_lse:
-        return loss, rows.lse.reshape(target.shape)
-    return loss
+    return finished_loss(loss, options.reduction, target.shape, hidden.dtype, rows.lse)
 
 
 @option_attributes(LossOptions)
