@@ -102,8 +102,10 @@ def _inputs(name, widths, rows, spec):
 
 
 def _relative_error(got, want) -> float:
-    scale = max(float(want.abs().max()), 1e-300) if want.numel() else 1.0
-    return float((got.double() - want.double()).abs().max()) / scale if want.numel() else 0.0
+    got, want = got.detach().double(), want.detach().double()
+    if want.numel() == 0:
+        return 0.0
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-300)
 
 
 def _columns(rank, widths):
@@ -261,6 +263,7 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {"cases": {}, "errors": {}}
+    status = 1
     try:
         for name, (form, widths, rows, spec) in CASES.items():
             try:
@@ -277,10 +280,17 @@ def main(out_dir: str) -> None:
         name = "after_errors"
         results["cases"][name] = run_logits_case(name, "logits", UNEVEN, 6,
                                                  {"label_smoothing": 0.1}, rank)  # fmt: skip
+        status = 0
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
             json.dump(results, file, indent=1)
-        dist.destroy_process_group()
+        # Both ranks done, then out without tearing gloo down: its teardown at exit sometimes
+        # aborts ("terminate called without an active exception") after the results are
+        # written, which would fail the launch for nothing.
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":
