@@ -15,6 +15,11 @@ from .modules import BinaryEncouragingLoss, EncouragingLoss, FocalLoss, Poly1Los
 from .ops.library import encouraging_loss_op, linear_encouraging_loss_op
 from .peers import focal_loss, poly1_loss
 from .schedules import BonusSchedule
+from .vocab_parallel import (
+    VocabParallelEncouragingLoss,
+    vocab_parallel_encouraging_loss,
+    vocab_parallel_linear_encouraging_loss,
+)
 
 __all__ = [
     "BinaryEncouragingLoss",
@@ -24,6 +29,7 @@ __all__ = [
     "FocalLoss",
     "LinearEncouragingLoss",
     "Poly1Loss",
+    "VocabParallelEncouragingLoss",
     "binary_encouraging_loss_with_logits",
     "encouraging_loss",
     "encouraging_loss_op",
@@ -31,6 +37,8 @@ __all__ = [
     "linear_encouraging_loss",
     "linear_encouraging_loss_op",
     "poly1_loss",
+    "vocab_parallel_encouraging_loss",
+    "vocab_parallel_linear_encouraging_loss",
 ]
 
 __version__ = "0.1.0"

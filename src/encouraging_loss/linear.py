@@ -14,11 +14,10 @@ from ._validate import (
 )
 from .functional import compute_dtype_for, use_triton_backend
 from .ops.fused_linear import (
-    LinearEL,
     TritonRows,
     check_accumulation_dtype,
-    chunked_linear_el,
     default_chunk_size,
+    fused_linear_loss,
 )
 from .ops.index_targets import IndexTargetRows
 from .ops.logit_terms import ChunkLogitTerms
@@ -27,30 +26,37 @@ from .options import LinearLossOptions, option_attributes, takes_options
 __all__ = ["LinearEncouragingLoss", "linear_encouraging_loss", "linear_loss_with_options"]
 
 
-def check_linear_inputs(hidden, weight, target, bias) -> None:
+def check_linear_inputs(hidden, weight, target, bias, *, weight_name="weight",
+                        bias_name="bias") -> None:
     """Check the tensors of :func:`linear_encouraging_loss`: shapes, dtypes and devices agree.
+
+    Args:
+        hidden, weight, target, bias: the loss's tensors.
+        weight_name, bias_name: what the errors call the projection and the bias (the
+            vocabulary-parallel loss passes ``weight_shard`` and ``bias_shard``).
 
     Raises:
         TypeError, ValueError: naming the argument that is wrong.
     """
+    w, b = weight_name, bias_name
     check_tensor("hidden", hidden, floating=True)
-    check_tensor("weight", weight, floating=True)
+    check_tensor(w, weight, floating=True)
     check_tensor("target", target)
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., H), got a scalar")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (C, H), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{w} must have shape (C, H), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
-            f"(weight shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
+            f"{w} has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
+            f"({w} shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
         )
     if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class (row), got shape (0, H)")
+        raise ValueError(f"{w} must have at least one class (row), got shape (0, H)")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight has dtype {weight.dtype} but hidden has dtype {hidden.dtype}")
+        raise TypeError(f"{w} has dtype {weight.dtype} but hidden has dtype {hidden.dtype}")
     if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+        raise ValueError(f"{w} is on {weight.device} but hidden is on {hidden.device}")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
     if target.shape != hidden.shape[:-1]:
@@ -61,15 +67,15 @@ def check_linear_inputs(hidden, weight, target, bias) -> None:
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
     if bias is not None:
-        check_tensor("bias", bias, floating=True)
+        check_tensor(b, bias, floating=True)
         if bias.shape != weight.shape[:1]:
             raise ValueError(
-                f"bias must have shape ({weight.shape[0]},), got shape {tuple(bias.shape)}"
+                f"{b} must have shape ({weight.shape[0]},), got shape {tuple(bias.shape)}"
             )
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
+            raise TypeError(f"{b} has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
         if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+            raise ValueError(f"{b} is on {bias.device} but hidden is on {hidden.device}")
 
 
 @takes_options(LinearLossOptions)
@@ -226,31 +232,21 @@ def linear_loss_with_options(
     elif options.with_logit_terms or return_lse:
         # The torch chunks: the softcap and the z-loss around each chunk's loss.
         logit_terms = ChunkLogitTerms(options, target, token_weight, dtype, return_lse)
-    reduction = options.reduction
-    inputs = (flat_hidden, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        result = LinearEL.apply(
-            flat_hidden, weight, bias, rows, reduction, chunk_size, triton_rows,
-            accumulation_dtype, logit_terms,
-        )  # fmt: skip
-    else:
-        row_losses, *_ = chunked_linear_el(
-            flat_hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows,
-            logit_terms=logit_terms,
-        )  # fmt: skip
-        if reduction == "none":
-            result = row_losses
-        else:
-            result = row_losses.sum()
-            if reduction == "mean":
-                result = result / rows.denominator
-    if reduction == "none":
-        result = result.reshape(target.shape)
-    result = result.to(hidden.dtype)
+    result = fused_linear_loss(flat_hidden, weight, bias, rows, options.reduction, chunk_size,
+                               triton_rows, accumulation_dtype, logit_terms)  # fmt: skip
+    lse = None
     if return_lse:
         lse = logit_terms.lse if triton_rows is None else triton_rows.lse
-        return result, lse.reshape(target.shape)
-    return result
+    return finished_loss(result, options.reduction, target.shape, hidden.dtype, lse)
+
+
+def finished_loss(result, reduction: str, shape, dtype, lse=None):
+    """A fused linear loss as returned: the target's ``shape`` for ``"none"``, in ``dtype``,
+    and ``(loss, lse)`` when ``lse`` (the rows' logsumexp) is given."""
+    if reduction == "none":
+        result = result.reshape(shape)
+    result = result.to(dtype)
+    return result if lse is None else (result, lse.reshape(shape))
 
 
 @option_attributes(LinearLossOptions)

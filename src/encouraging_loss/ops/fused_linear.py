@@ -299,6 +299,30 @@ class LinearEL(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+def fused_linear_loss(hidden, weight, bias, rows, reduction: str, chunk_size: int,
+                      triton_rows=None, accumulation_dtype=None, logit_terms=None):
+    """The reduced loss (float64; (N,) rows for ``"none"``) of the fused linear layer: through
+    :class:`LinearEL` when a gradient is wanted, else one pass of :func:`chunked_linear_el`.
+
+    ``rows`` is any object with the interface of :class:`IndexTargetRows` (``terms``, ``grad_``,
+    ``denominator``, ``num_rows``); the other arguments are :func:`chunked_linear_el`'s.
+    """
+    inputs = (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return LinearEL.apply(
+            hidden, weight, bias, rows, reduction, chunk_size, triton_rows, accumulation_dtype,
+            logit_terms,
+        )  # fmt: skip
+    row_losses, *_ = chunked_linear_el(
+        hidden, weight, bias, rows, chunk_size, None, (False, False, False), triton_rows,
+        logit_terms=logit_terms,
+    )  # fmt: skip
+    if reduction == "none":
+        return row_losses
+    total = row_losses.sum()
+    return total / rows.denominator if reduction == "mean" else total
+
+
 def _unit_row_grad(rows: IndexTargetRows, reduction: str, device) -> torch.Tensor:
     """The incoming gradient of every row loss for a unit gradient of the reduced loss."""
     if reduction == "mean":
