@@ -174,8 +174,11 @@ def smoothed_terms(input, target, rho: float, floor: float, smoothing: float, sc
     row_factor = scale + (rho * scale) * (alpha * sum_ratio + beta * ratio_target)
     gradient = probs.mul_(rows.tensor(row_factor, input))
     gradient.sub_(ratio, alpha=rho * alpha * scale).sub_(alpha * scale)
-    target_mass = (-beta * scale) * (1.0 + rho * ratio_target)
-    gradient.scatter_add_(1, index, rows.tensor(target_mass, input))
+    # The target's entry p_y R - (alpha + beta) scale (1 + rho q_y) in float64 from p_y - 1:
+    # its two terms nearly cancel as p_y -> 1, each a few times the gradient's scale.
+    target_entry = (lost + 1.0) * row_factor - ((alpha + beta) * scale) * (
+        1.0 + rho * ratio_target)  # fmt: skip
+    gradient.scatter_(1, index, rows.tensor(target_entry, input))
     return value * scale, gradient
 
 
