@@ -1,11 +1,13 @@
 """The small-problem path's commonest calls in the fewest operations.
 
 Hard targets, or label smoothing, with the conservative log bonus, the "mean" or "sum" reduction
-and no weights, on (N, C) CPU logits: :func:`hard_log_bonus_loss` computes them in about fifteen
-torch operations and one autograd node (:mod:`.small`'s module docstring gives the exactness
-argument: log p_y in float64, p_y - 1 from ``expm1``). At the sizes of :mod:`.small` each torch
-operation costs microseconds whatever its size, so their count is the cost. Everything else, and
-a call with an ignored or out-of-range target, takes :mod:`.small`'s general route.
+and no weights, on (N, C) CPU logits: :func:`hard_log_bonus_loss` computes them in a handful of
+passes over the logits and one autograd node (:mod:`.small_terms` computes the terms and gives
+the exactness argument: log p_y in float64, p_y - 1 from ``expm1``). At the sizes of
+:mod:`.small` each torch operation costs microseconds whatever its size, so their count is the
+cost: the options' conditions are checked once per options object (:func:`loss_plan`), a call
+checks only its tensors. Everything else, and a call with an ignored or out-of-range target,
+takes :mod:`.small`'s general route.
 """
 
 from __future__ import annotations
