@@ -56,6 +56,12 @@ class RowArrays:
             return tensor.double()
         return tensor.numpy().astype(numpy.float64, copy=False)
 
+    def difference(self, first: torch.Tensor, second: torch.Tensor):
+        """``first - second`` as a float64 row array, taken in float64 (exact for float32)."""
+        if self.module is torch:
+            return first.double() - second.double()
+        return numpy.subtract(first.numpy(), second.numpy(), dtype=numpy.float64)
+
     def minimum(self, array, bound: float):
         """The elementwise minimum of a row array and a number."""
         if self.module is torch:
@@ -122,8 +128,7 @@ def hard_terms(input, target, rho: float, floor: float, scale: float):
     shift = torch.amax(input, 1, keepdim=True)
     gradient = torch.sub(input, shift).exp_()  # exp(z - max z), p times S
     total = rows.float64(gradient.sum(1, keepdim=True, dtype=torch.float64))  # S
-    log_p = rows.float64(torch.gather(input, 1, index))
-    log_p -= rows.float64(shift)
+    log_p = rows.difference(torch.gather(input, 1, index), shift)
     log_p -= rows.module.log(total)
     value, lost, factor = target_terms(rows, log_p, rho, floor, scale)
     gradient.mul_(rows.tensor(factor / total, input))
@@ -156,8 +161,10 @@ def smoothed_terms(input, target, rho: float, floor: float, smoothing: float, sc
     shift = torch.amax(input, 1, keepdim=True)
     probs = torch.sub(input, shift).exp_()
     total = rows.float64(probs.sum(1, keepdim=True, dtype=torch.float64))  # S
-    normaliser = rows.float64(shift) + rows.module.log(total)  # log sum_k exp z_k
-    log_p = rows.float64(torch.gather(input, 1, index)) - normaliser
+    log_total = rows.module.log(total)
+    normaliser = log_total + rows.float64(shift)  # log sum_k exp z_k
+    log_p = rows.difference(torch.gather(input, 1, index), shift)
+    log_p -= log_total
     sum_log_probs = float(input.sum(dtype=torch.float64)) - num_classes * float(normaliser.sum())
     probs.mul_(rows.tensor(1.0 / total, input))
     bound = torch.rsub(probs, 1.0).clamp_min_(floor)  # u
