@@ -193,13 +193,14 @@ def encouraging_loss_with_options(
         The loss (and the logsumexp), as :func:`encouraging_loss` returns it.
     """
     logit_terms = return_lse or options.with_logit_terms
-    if logit_terms and not may_use_triton(input, options):
-        return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
-                                 return_lse)  # fmt: skip
     if not logit_terms and weight is None and bonus_weight is None and token_weight is None:
+        # First, before any other check: the common call's cost is its count of operations.
         fast = hard_log_bonus_loss(input, target, options)
         if fast is not None:
             return fast
+    if logit_terms and not may_use_triton(input, options):
+        return _with_logit_terms(input, target, options, weight, bonus_weight, token_weight,
+                                 return_lse)  # fmt: skip
     is_index = check_input_and_target(input, target)
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()

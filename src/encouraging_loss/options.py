@@ -107,6 +107,13 @@ class LossOptions:
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
 
+    @functools.cached_property
+    def derived(self) -> dict:
+        """What the loss paths derive from these options, by path (a plan built on a path's
+        first call with this object, so that later calls check only their tensors). Not an
+        option: a copy made by :meth:`replace` starts empty."""
+        return {}
+
     @property
     def with_logit_terms(self) -> bool:
         """Whether the z-loss or the softcap is set (they are applied around the loss)."""
