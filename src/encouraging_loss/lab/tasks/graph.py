@@ -32,14 +32,7 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import table_columns
 from ..trainer import ClassificationBatches, TrainConfig
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, split_sizes
 
 DATASETS = ("PROTEINS", "MUTAG", "ENZYMES", "AIDS", "Mutagenicity")
 MODELS = ("gin", "gcn", "sagpool")
@@ -78,6 +71,7 @@ class GraphRecipe:
         seeds, train, threads: default number of seeds; optimiser and schedule; CPU threads.
         max_graphs: use a fixed random subset of this many graphs (``None`` = all).
         ratio: share of nodes each ``sagpool`` pooling keeps (unused by ``gin``/``gcn``).
+        dataset: the TU dataset.
     """
 
     model: str
@@ -89,6 +83,7 @@ class GraphRecipe:
     max_graphs: int | None = None
     threads: int | None = 1
     ratio: float = 0.5
+    dataset: str = DEFAULT_DATASET
 
 
 # AdamW lr 0.01, weight decay 1e-4 and TrainConfig's cosine schedule: how every preset trains.
@@ -135,12 +130,11 @@ def lr_note(train: TrainConfig) -> str:
     return note
 
 
-def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
-    """``(dataset, recipe)``: the preset's recipe with the invocation's options applied.
+def resolve_recipe(options: Options) -> GraphRecipe:
+    """The preset's recipe with the invocation's options applied.
 
-    ``train_size`` caps the number of graphs used (a fixed random subset, before splitting);
-    ``test_size`` has no meaning here and is refused. The task's ``--patience`` (extra
-    ``patience``; 0 = off) sets the early stopping of ``TrainConfig.patience``.
+    ``train_size`` caps the graphs used (a fixed random subset, before splitting); ``test_size``
+    is refused. ``--patience`` (0 = off) sets ``TrainConfig.patience``.
 
     Raises:
         ValueError: naming the first bad option.
@@ -158,14 +152,16 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
     if options.train_size is not None and options.train_size < MIN_GRAPHS:
         raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
     max_graphs = options.train_size if options.train_size is not None else recipe.max_graphs
-    recipe = apply_options(recipe, options, MODELS, sizes=False, max_graphs=max_graphs)
+    recipe = apply_options(
+        recipe, options, MODELS, sizes=False, dataset=dataset, max_graphs=max_graphs
+    )
     patience = options.get("patience")
     if patience is not None:
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience: must be a non-negative int (0 = off), got {patience!r}")
         train = replace(recipe.train, patience=patience or None)
         recipe = replace(recipe, train=train)
-    return dataset, recipe
+    return recipe
 
 
 # --- data --------------------------------------------------------------------------------
@@ -482,6 +478,8 @@ class GraphTask(ClassificationTask):
     record_fields = ("reliability",)
     ship_prepared = False  # each graph pickles the storages it views: GiBs for PROTEINS
     paper = (PAPER_SETTING,)
+    dataset_in_out_name = True
+    resolve_recipe = staticmethod(resolve_recipe)
 
     def default_seeds(self, preset: str) -> int:
         if preset not in PRESETS:
@@ -501,35 +499,29 @@ class GraphTask(ClassificationTask):
         pool = f", pool ratio {r.ratio:g}" if r.model == "sagpool" else ""
         stop = "" if r.train.patience is None else f", patience {r.train.patience}"
         return (
-            f"{DEFAULT_DATASET} {r.model} {r.layers}x{r.hidden}{pool}, {r.seeds} seeds, "
+            f"{r.dataset} {r.model} {r.layers}x{r.hidden}{pool}, {r.seeds} seeds, "
             f"{r.train.epochs} epochs{stop}, batch {r.train.batch_size}, {r.train.optimizer} lr "
             f"{r.train.lr:g} ({r.train.schedule})"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        dataset, recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
+    def load(self, options: Options, recipe: GraphRecipe) -> tuple[dict, tuple]:
         graphs, num_features, num_classes, source = load_tu_dataset(
-            dataset, options.data_root, recipe.max_graphs
+            recipe.dataset, options.data_root, recipe.max_graphs
         )
         first_split = make_graph_splits(graphs, num_classes, seed=0)
-        config = run_config(
-            options,
-            recipe,
-            **{key: getattr(recipe, key) for key in ("hidden", "layers", "dropout")},
-            **({"pool_ratio": recipe.ratio} if recipe.model == "sagpool" else {}),
-            lr_note=lr_note(recipe.train),
-            data={
-                "source": str(source),
-                "n_graphs": len(graphs),
-                "num_features": num_features,
-                "num_classes": num_classes,
-                "split": "stratified 80/10/10, re-drawn per seed",
-                **split_sizes(first_split),
-            },
-        )
-        state = (recipe, graphs, num_features, num_classes)
-        return Prepared(dataset, f"{self.name}-{options.preset}-{dataset}", config, state, threads)
+        entries = {key: getattr(recipe, key) for key in ("hidden", "layers", "dropout")}
+        if recipe.model == "sagpool":
+            entries["pool_ratio"] = recipe.ratio
+        entries["lr_note"] = lr_note(recipe.train)
+        entries["data"] = {
+            "source": str(source),
+            "n_graphs": len(graphs),
+            "num_features": num_features,
+            "num_classes": num_classes,
+            "split": "stratified 80/10/10, re-drawn per seed",
+            **split_sizes(first_split),
+        }
+        return entries, (graphs, num_features, num_classes)
 
     def splits(self, prepared: Prepared, seed: int) -> lab_data.Splits:
         """This seed's stratified split (every loss of one seed sees the same)."""

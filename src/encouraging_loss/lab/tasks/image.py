@@ -11,15 +11,7 @@ from .. import data as lab_data
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..trainer import TrainConfig, predict_logits
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    load_splits,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, data_config, load_splits
 
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
 _SGD_NOTE = (
@@ -39,18 +31,17 @@ class Recipe:
 
     Attributes:
         model, train: ``mlp``, ``cnn`` or ``resnet18``; optimiser and schedule.
-        max_train, max_test: train examples used (a fixed random subset, validation included),
-            test examples scored; None = all.
+        max_train, max_test: train examples (a fixed random subset, validation included), test
+            examples scored; None = all.
         lr_by_loss: learning-rate overrides by loss name or family (``"el:log_end=1"``, ``"el"``).
         lr_note: why these learning rates (default: the note of one SGD rate for every loss).
         diagnostics_train: training examples used for probe/cRT features and train diagnostics.
         val_fraction: share of the training subset held out for model selection.
-        threads: CPU threads for torch (``None`` = torch's default). The CPU presets use 1:
-            their small models gain little from intra-op threads, and on a busy 2-core machine
-            two spinning threads measured ~50x slower per epoch than one.
-        best_test_over_epochs: also score the test set after every epoch (never in tuning
-            runs) and record ``best_test_accuracy_over_epochs``, the paper's optimistic MNIST
-            and CIFAR protocol, beside the validation-selected ``test_accuracy``.
+        threads: CPU threads (``None`` = torch's default). The CPU presets use 1: on a busy
+            2-core machine two spinning threads measured ~50x slower per epoch than one.
+        best_test_over_epochs: also score the test set after every epoch (not in tuning runs)
+            for ``best_test_accuracy_over_epochs``, the paper's optimistic protocol.
+        dataset: the dataset (the preset table's key, set by :func:`resolve_recipe`).
     """
 
     model: str
@@ -63,6 +54,7 @@ class Recipe:
     val_fraction: float = 0.1
     threads: int | None = 1
     best_test_over_epochs: bool = False
+    dataset: str = ""
 
     def __post_init__(self):
         if not self.lr_note:  # a frozen dataclass: set once, at construction
@@ -219,29 +211,23 @@ LR_HELP = (
 
 
 def best_test_accuracy_over_epochs(history: list[dict]) -> float | None:
-    """The best of the per-epoch ``test_accuracy`` entries of a run's ``history`` (the paper's
-    optimistic protocol); ``None`` if some epoch was not scored (e.g. resumed from a run
-    that did not score them).
+    """The best per-epoch ``test_accuracy`` of a run's ``history``; ``None`` if some epoch was
+    not scored (e.g. resumed from a run that did not score them).
 
     Raises:
         ValueError: for an empty history or one that is not a list of dicts.
     """
-    if (
-        not isinstance(history, list)
-        or not history
-        or not all(isinstance(h, dict) for h in history)
-    ):
+    if not (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)):
         raise ValueError(f"history: expected a non-empty list of epoch dicts, got {history!r}")
     scores = [h.get("test_accuracy") for h in history]
     return None if None in scores else max(scores)
 
 
-def resolve_recipe(options: Options) -> tuple[str, Recipe]:
-    """``(dataset, recipe)``: the preset's recipe for the dataset with the options applied.
+def resolve_recipe(options: Options) -> Recipe:
+    """The preset's recipe for ``--dataset`` with the options applied.
 
     Raises:
-        ValueError: for a dataset the preset has no recipe for, an unknown model or a bad
-            override.
+        ValueError: for a dataset the preset has no recipe for, or a bad option.
     """
     dataset = options.dataset or DEFAULT_DATASET[options.preset]
     recipes = PRESETS[options.preset]
@@ -254,7 +240,7 @@ def resolve_recipe(options: Options) -> tuple[str, Recipe]:
     if options.lr is not None:  # an explicit --lr applies to every loss
         note = "--lr given on the command line, used for every loss"
         recipe = replace(recipe, lr_by_loss={}, lr_note=note)
-    return dataset, apply_options(recipe, options)
+    return apply_options(recipe, options, dataset=dataset)
 
 
 class ImageTask(ClassificationTask):
@@ -280,18 +266,17 @@ class ImageTask(ClassificationTask):
     record_fields = ("reliability",)
     presets = tuple(PRESETS)
     paper = PAPER_SETTINGS
+    dataset_in_out_name = True
+    resolve_recipe = staticmethod(resolve_recipe)
 
-    def prepare(self, options: Options) -> Prepared:
-        dataset_name, recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
-        dataset, splits = load_splits(dataset_name, options, recipe)
-        data = {"source": str(dataset.source), **split_sizes(splits)}
-        data.update(val_fraction=recipe.val_fraction, diagnostics_train=recipe.diagnostics_train)
-        config = run_config(options, recipe, lr_note=recipe.lr_note, data=data)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
+        dataset, splits = load_splits(options, recipe)
+        data = data_config(dataset.source, splits, val_fraction=recipe.val_fraction)
+        data["diagnostics_train"] = recipe.diagnostics_train
+        entries = {"lr_note": recipe.lr_note, "data": data}
         if recipe.best_test_over_epochs:  # only where on: older presets' results stay as they were
-            config["best_test_over_epochs"] = True
-        out_name = f"{self.name}-{options.preset}-{dataset_name}"
-        return Prepared(dataset_name, out_name, config, (recipe, splits), threads)
+            entries["best_test_over_epochs"] = True
+        return entries, (splits,)
 
     def measure(self, prepared, result, model, splits, run) -> None:
         """Diagnostics on train (the recipe's ``diagnostics_train``) and test, with cRT."""
@@ -321,7 +306,7 @@ class ImageTask(ClassificationTask):
         return test_accuracy
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
-        """The recipe's learning rate for ``spec`` (by exact name, then family, else base).
+        """The recipe's learning rate for ``spec``: by name, then family, else the base rate.
 
         Raises:
             ValueError: if ``spec`` is not a :class:`LossSpec`.

@@ -35,14 +35,7 @@ from .. import diagnostics, io, losses
 from ..experiment import Options, Prepared
 from ..losses import FAMILIES, Family, LossSpec
 from ..trainer import TrainConfig, resolve_device
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, split_sizes
 
 PROFILES = ("exp", "step")
 DRW_FAMILIES = ("ce", "el", "focal", "ldam")
@@ -79,7 +72,6 @@ class Recipe:
 
 # Cao et al.'s schedule: 5 warm-up epochs, the lr times 0.01 at 80% and again at 90% of training.
 _STEPS = {"schedule": "multistep", "milestones": (0.8, 0.9), "gamma": 0.01, "warmup_epochs": 5}
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, cosine schedule.
 PRESETS: dict[str, Recipe] = {
     # Long-tailed Fashion-MNIST, 2,480 training images: seconds per run on one CPU thread.
     "quick": Recipe(1000, val_per_class=50, test_per_class=300, train=TrainConfig(10, 64)),
@@ -414,6 +406,7 @@ class ImbalancedTask(ClassificationTask):
     datasets = ("fashion-mnist", "mnist", "cifar10")
     loss_families = LOSS_FAMILIES
     paper = PAPER_SETTINGS
+    resolve_recipe = staticmethod(resolve_recipe)
 
     def add_arguments(self, group) -> None:
         group.description = f"long-tailed data; losses e.g. {SUGGESTED_LOSSES}"
@@ -430,9 +423,7 @@ class ImbalancedTask(ClassificationTask):
             f"({r.train.schedule}), DRW at {r.drw_start:g}"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
         dataset = lab_data.load_dataset(recipe.dataset, options.data_root)
         splits, counts = long_tailed_splits(dataset, recipe)
         if options.train_size is not None:  # a smaller view with the same profile, for tests
@@ -449,9 +440,13 @@ class ImbalancedTask(ClassificationTask):
             "groups": groups,
             "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
         }
-        config = run_config(options, recipe, data=data, drw_start=recipe.drw_start)
-        out_name, state = f"{self.name}-{options.preset}", (recipe, splits, groups)
-        return Prepared(f"{recipe.dataset}-lt", out_name, config, state, threads, counts)
+        return {"data": data, "drw_start": recipe.drw_start}, (splits, groups)
+
+    def prepare(self, options: Options) -> Prepared:
+        """Every task's, named ``{dataset}-lt``, with the long-tailed view's class counts."""
+        prepared = super().prepare(options)
+        counts = prepared.config["data"]["train_counts"]
+        return replace(prepared, dataset=f"{prepared.dataset}-lt", class_counts=counts)
 
     def train_hooks(self, prepared, spec, model, criterion, config) -> dict:
         """Moves ``criterion`` to the device; ``*-drw`` losses re-weight from ``drw_start``."""

@@ -24,15 +24,8 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import against_ce
 from ..trainer import TrainConfig
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    load_splits,
-    run_config,
-    split_sizes,
-)
+from . import PAPER_CLAMPED_EL as PAPER_EL
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, data_config, load_splits
 
 SCORES = ("msp", "max_logit", "energy", "odin")
 
@@ -207,17 +200,7 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-# --- the paper's setting (encouraging-loss paper) -------------------------------------------
-# The paper's EL here is its repository's log_end=1: log(1 − p) with 1 − p clamped at 1e-5 (the
-# MNIST models bg-1_le1.0). The lab's el:log_end=1 is the exact, unbounded log bonus; log_end =
-# 1 − 1e-5 is the paper's bonus up to that clamp, and bounded past it as the clamp is.
-PAPER_EL = "el:log_end=0.99999"
-
-
-def _paper_row(label: str, metric: str, paper=None, direction=None) -> PaperRow:
-    return PaperRow(label, metric, treatment=PAPER_EL, paper=paper, direction=direction)
-
-
+# --- the paper's setting (encouraging-loss paper); its EL: the MNIST models bg-1_le1.0 ---------
 PAPER = (
     PaperSetting(
         name="MNIST against Fashion-MNIST and notMNIST, small BN CNN",
@@ -232,20 +215,22 @@ PAPER = (
             "gpu": dict(preset="paper", seeds=5, epochs=100, device="auto"),
         },
         rows=(
-            _paper_row(
+            PaperRow.clamped_el(
                 "AUROC, Fashion-MNIST, MSP (%)", "ood/fashion-mnist/msp/auroc", (95.68, 98.04)
             ),
-            _paper_row(
+            PaperRow.clamped_el(
                 "FPR at 95% TPR, Fashion-MNIST, MSP (%)",
                 "ood/fashion-mnist/msp/fpr95",
                 (20.92, 8.69),
             ),
-            _paper_row(
+            PaperRow.clamped_el(
                 "AUROC, Fashion-MNIST, logsumexp (%)", "ood/fashion-mnist/energy/auroc", None, +1
             ),
-            _paper_row("AUROC, notMNIST, MSP (%)", "ood/notmnist/msp/auroc", None, +1),
-            _paper_row("FPR at 95% TPR, notMNIST, MSP (%)", "ood/notmnist/msp/fpr95", None, -1),
-            _paper_row("MNIST test accuracy (%)", "test_accuracy", None, +1),
+            PaperRow.clamped_el("AUROC, notMNIST, MSP (%)", "ood/notmnist/msp/auroc", None, +1),
+            PaperRow.clamped_el(
+                "FPR at 95% TPR, notMNIST, MSP (%)", "ood/notmnist/msp/fpr95", None, -1
+            ),
+            PaperRow.clamped_el("MNIST test accuracy (%)", "test_accuracy", None, +1),
         ),
         departures=(
             "MNIST's first 10,000 training images only (9,000 train + 1,000 validation; the "
@@ -268,6 +253,7 @@ class OodTask(ClassificationTask):
     name = "ood"
     recipes = PRESETS
     paper = PAPER
+    resolve_recipe = staticmethod(resolve_recipe)
     summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
     datasets = ("mnist", "fashion-mnist")
 
@@ -285,18 +271,13 @@ class OodTask(ClassificationTask):
             f"{r.train.lr:g}, test {r.max_test or 'all'} per set; scores {','.join(r.scores)}"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
-        dataset, splits = load_splits(recipe.dataset, options, recipe)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
+        dataset, splits = load_splits(options, recipe)
         root, max_test = options.data_root, recipe.max_test
         ood_x = dict(load_ood_set(name, root, max_test, splits) for name in recipe.ood_sets)
-        data = {"source": str(dataset.source), **split_sizes(splits)}
-        data["ood_sets"] = {name: len(x) for name, x in ood_x.items()}
+        data = data_config(dataset.source, splits, ood_sets={n: len(x) for n, x in ood_x.items()})
         odin = {"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon}
-        config = run_config(options, recipe, data=data, scores=list(recipe.scores), odin=odin)
-        out_name = f"{self.name}-{options.preset}"
-        return Prepared(recipe.dataset, out_name, config, (recipe, splits, ood_x), threads)
+        return {"data": data, "scores": list(recipe.scores), "odin": odin}, (splits, ood_x)
 
     def measure(self, prepared, result, model, splits, run) -> None:
         """Test accuracy and energy of the in-distribution set, then every OOD metric."""
