@@ -1,18 +1,16 @@
 """Adversarial robustness: robust accuracy under FGSM and PGD-L∞ over an ε grid, per loss.
 
-Reads top-down: presets → data (pixels in [0, 1]; the model standardises inside, except in the
+Reads top-down: presets → data (pixels in [0, 1]; the model standardises inside, but in the
 paper preset, which feeds raw pixels as the torchattacks demo does) → model and attacks → one
-(loss, seed) run: train (``--adv-train``: on PGD examples, through the trainer's ``perturb``
-hook) → attacks over the ε grid → report spec with robust accuracy against ε.
+(loss, seed) run: train (``--adv-train``: on PGD examples, the trainer's ``perturb`` hook) →
+attacks over the ε grid → report spec with robust accuracy against ε.
 
-FGSM and PGD (uniform random start, ``--pgd-steps`` steps of ``2.5 ε / steps``, Madry et al.'s
-rule, or of a fixed ``--pgd-alpha``) come from ``torchattacks`` if installed (``pip install
---no-deps torchattacks``: they never import the torchvision it declares), else from
-:func:`pgd`, the same algorithms (FGSM is its one step of size ε from the clean image;
-``config.attack_backend`` says which ran). ``pgd-margin``
-is PGD on the CW margin, which, unlike CE, does not saturate on the confident examples EL
-trains, so it tells a real robustness gain from gradient masking. ε is in pixel units of [0, 1]
-images. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
+FGSM and PGD (uniform random start, ``--pgd-steps`` steps of ``2.5 ε / steps`` or of
+``--pgd-alpha``) come from ``torchattacks`` if installed (``pip install --no-deps
+torchattacks``), else from :func:`pgd`, the same algorithms (``config.attack_backend`` says
+which ran). ``pgd-margin`` is PGD on the CW margin, which, unlike CE, does not saturate on the
+confident examples EL trains: it tells a real robustness gain from gradient masking. ε is in
+pixel units. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
 ``robust_accuracy/<attack>/<ε>`` (ε as ``%.4g``).
 """
 
@@ -109,7 +107,7 @@ PRESETS: dict[str, Recipe] = {
 
 
 def parse_float_list(name: str, text: str | list | tuple) -> list[float]:
-    """``"0,0.05,8/255"`` (or a list) as floats; ``a/b`` fractions are allowed.
+    """``"0,0.05,8/255"`` (or a list) as floats.
 
     Raises:
         ValueError: naming ``name`` for an item that is not a number, or no items.
@@ -125,6 +123,18 @@ def parse_float_list(name: str, text: str | list | tuple) -> list[float]:
     if not values:
         raise ValueError(f"{name}: expected a comma-separated list of numbers, got {text!r}")
     return values
+
+
+def parse_pixel_step(name: str, text) -> float:
+    """One number in (0, 1] (``a/b`` allowed), e.g. ``--pgd-alpha 2/255``.
+
+    Raises:
+        ValueError: naming ``name`` for anything else.
+    """
+    (value, *more) = parse_float_list(name, text)
+    if more or not 0 < value <= 1:
+        raise ValueError(f"{name}: expected one number in (0, 1], got {text!r}")
+    return value
 
 
 def resolve_recipe(options: Options) -> Recipe:
@@ -151,16 +161,10 @@ def resolve_recipe(options: Options) -> Recipe:
         raise ValueError(f"pgd_steps: must be at least 1, got {steps}")
     alpha = recipe.pgd_alpha
     if options.get("pgd_alpha") is not None:
-        (alpha, *more) = parse_float_list("pgd_alpha", options.get("pgd_alpha"))
-        if more or not 0 < alpha <= 1:
-            raise ValueError(
-                f"pgd_alpha: expected one number in (0, 1], got {options.get('pgd_alpha')!r}"
-            )
-    adv_eps = parse_float_list(
+        alpha = parse_pixel_step("pgd_alpha", options.get("pgd_alpha"))
+    adv_eps = parse_pixel_step(
         "adv_epsilon", options.get("adv_epsilon") or [recipe.adv_train_epsilon]
     )
-    if len(adv_eps) != 1 or not 0 < adv_eps[0] <= 1:
-        raise ValueError(f"adv_epsilon: expected one number in (0, 1], got {adv_eps}")
     return apply_options(
         recipe,
         options,
@@ -168,7 +172,7 @@ def resolve_recipe(options: Options) -> Recipe:
         key_epsilon=recipe.key_epsilon if recipe.key_epsilon in epsilons else max(epsilons),
         pgd_steps=int(steps),
         pgd_alpha=alpha,
-        adv_train_epsilon=float(adv_eps[0]),
+        adv_train_epsilon=adv_eps,
         attacks=attacks,
         adv_train=bool(options.get("adv_train", False)),
     )
@@ -184,8 +188,8 @@ def raw_pixels(splits: lab_data.Splits) -> lab_data.Splits:
 
 # --- model and attacks -----------------------------------------------------------------------
 class Standardized(nn.Module):
-    """``model`` of inputs standardised by the ``(1, C, 1, 1)`` per-channel ``mean`` and ``std``,
-    taking pixels in [0, 1] instead: what attacks perturb."""
+    """``model`` taking pixels in [0, 1] (what attacks perturb), standardised inside by the
+    ``(1, C, 1, 1)`` per-channel ``mean`` and ``std``."""
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
@@ -242,12 +246,11 @@ def make_attack(
     """An attack as a callable ``attack(x, y) -> x_adv`` (run with the model in eval mode).
 
     Args:
-        name: ``"fgsm"``, ``"pgd"`` or ``"pgd-margin"`` (always built in).
+        name: one of :data:`ATTACKS` (``"pgd-margin"`` is always built in).
         model: takes pixels in [0, 1]; the attack runs on the device it is on now.
-        eps: L∞ radius, non-negative.
-        steps: PGD iterations, at least 1.
+        eps, steps: L∞ radius (≥ 0); PGD iterations (≥ 1).
         backend: ``"torchattacks"``, ``"builtin"`` or ``None`` (torchattacks if installed).
-        alpha: PGD's step size, positive; ``None`` = ``2.5 ε / steps`` (FGSM: always ε).
+        alpha: PGD's step size (> 0); ``None`` = ``2.5 ε / steps`` (FGSM: always ε).
 
     Raises:
         ValueError: naming an invalid argument.
@@ -351,16 +354,15 @@ PAPER = (
 )
 
 
-# --- the task: one run per (loss, seed): train → attacks → report spec -----------------
 class AdversarialTask(ClassificationTask):
     """Robust accuracy under FGSM, PGD and margin PGD, optionally with PGD adversarial training."""
 
     name = "adversarial"
-    recipes = PRESETS
-    paper = PAPER
-    resolve_recipe = staticmethod(resolve_recipe)
     summary = "adversarial robustness: FGSM / PGD-L∞ robust accuracy over an ε grid"
     datasets = ("mnist", "fashion-mnist", "cifar10")
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
+    paper = PAPER
 
     def add_arguments(self, group) -> None:
         group.description = "attacks: fgsm, pgd, pgd-margin (L∞)"

@@ -61,7 +61,6 @@ class Recipe:
             object.__setattr__(self, "lr_note", _SGD_NOTE.format(lr=self.train.lr))
 
 
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 _GPU = {"diagnostics_train": 50000, "threads": None}
 _CIFAR_RESNET = Recipe(
     "resnet18",
@@ -247,11 +246,12 @@ class ImageTask(ClassificationTask):
     """Image classification (the project's main job: ``encouraging-loss reproduce``)."""
 
     name = "image"
+    summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
+    datasets = lab_data.DATASETS[:2] + ("cifar10",)
     recipes = {
         f"{p}/{dataset}": r for p, by_data in PRESETS.items() for dataset, r in by_data.items()
     }
-    summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
-    datasets = lab_data.DATASETS[:2] + ("cifar10",)
+    resolve_recipe = staticmethod(resolve_recipe)
     downloads = True
     main_job = {
         "summary": "CE vs EL on Fashion-MNIST, 3 seeds",
@@ -263,11 +263,10 @@ class ImageTask(ClassificationTask):
         "preset": "standard",
         "seeds": 3,
     }
-    record_fields = ("reliability",)
     presets = tuple(PRESETS)
     paper = PAPER_SETTINGS
+    record_fields = ("reliability",)
     dataset_in_out_name = True
-    resolve_recipe = staticmethod(resolve_recipe)
 
     def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
         dataset, splits = load_splits(options, recipe)
@@ -291,8 +290,7 @@ class ImageTask(ClassificationTask):
             result.metrics["best_test_accuracy_over_epochs"] = best
 
     def epoch_hook(self, prepared, splits, run):
-        """With the recipe's ``best_test_over_epochs``: the test accuracy after every epoch
-        (``history[i]["test_accuracy"]``; the runner never asks for it in tuning runs)."""
+        """With the recipe's ``best_test_over_epochs``: the test accuracy after every epoch."""
         recipe = prepared.state[0]
         if not recipe.best_test_over_epochs:
             return None

@@ -38,8 +38,7 @@ class Recipe:
     Attributes:
         train, model, dataset: how it trains, the architecture, the in-distribution dataset.
         ood_sets, scores: OOD sets (dataset names or idx folders); scores from :data:`SCORES`.
-        max_train, max_test: training images (validation included); in-distribution test images
-            and images per OOD set (``None`` = all).
+        max_train, max_test: training images (validation included); test images per set.
         odin_temperature, odin_epsilon: ODIN's temperature and input step (standardised units).
         val_fraction, threads: training images held out for model selection; CPU threads.
     """
@@ -57,7 +56,6 @@ class Recipe:
     threads: int | None = 1  # None for the GPU preset (full)
 
 
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 PRESETS: dict[str, Recipe] = {
     "quick": Recipe(TrainConfig(5, 64), scores=SCORES[:3], max_test=2000),
     "standard": Recipe(TrainConfig(10)),
@@ -99,12 +97,9 @@ def resolve_recipe(options: Options) -> Recipe:
 
 # --- data ------------------------------------------------------------------------------------
 def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Splits, seed=0):
-    """Test images of the OOD set ``name`` (an idx dataset under ``data_root``, or a folder of
-    ``t10k-images-idx3-ubyte[.gz]``), standardised as the in-distribution ``splits`` are: a
-    random subset (drawn by ``seed``) of ``max_test`` of them (``None`` = all).
-
-    Returns:
-        ``(label, x)``: the name used in metric names and ``(N, C, H, W)`` float inputs.
+    """``(label, x)``: the name in metric names and ``max_test`` random test images (drawn by
+    ``seed``; ``None`` = all) of the OOD set ``name``, an idx dataset under ``data_root`` or a
+    folder of ``t10k-images-idx3-ubyte[.gz]``, standardised as the in-distribution ``splits``.
 
     Raises:
         ValueError: naming ``ood_sets`` for an unknown name, a non-idx dataset or images of
@@ -131,8 +126,8 @@ def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Sp
 
 # --- scores and metrics ----------------------------------------------------------------------
 def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """``{"msp", "max_logit", "energy"}`` float64 arrays: MSP, maximum logit and negative
-    energy (logsumexp) of each row of ``(N, C)`` logits; higher = more in-distribution.
+    """``{"msp", "max_logit", "energy"}``: float64 MSP, maximum logit and negative energy
+    (logsumexp) of each row of ``(N, C)`` logits.
 
     Raises:
         ValueError: if ``logits`` is not a 2-D tensor.
@@ -150,10 +145,8 @@ def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
 def odin_scores(
     model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float, batch_size: int, device
 ) -> np.ndarray:
-    """ODIN (Liang et al. 2018): MSP at temperature T after a small input step towards it.
-
-    ``(N,)`` scores of inputs ``x`` (standardised as ``model`` expects), higher = more
-    in-distribution; ``temperature`` > 0, input step ``epsilon`` ≥ 0, ``batch_size`` ≥ 1.
+    """ODIN (Liang et al. 2018): ``(N,)`` MSPs at ``temperature`` (> 0) of inputs ``x`` after an
+    input step ``epsilon`` (≥ 0) towards it.
 
     Raises:
         ValueError: naming ``temperature``, ``epsilon`` and ``batch_size`` if one is out of range.
@@ -175,9 +168,8 @@ def odin_scores(
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
-    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` (FPR at 95% TPR), from scikit-learn.
-
-    ``id_scores`` are the in-distribution images' (the positives), higher = more ID.
+    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` (FPR at 95% TPR) from scikit-learn, the
+    in-distribution ``id_scores`` the positives.
 
     Raises:
         ValueError: if either array is empty or not finite.
@@ -246,16 +238,15 @@ PAPER = (
 )
 
 
-# --- the task: one run per (loss, seed): train → measure → report spec ------------------
 class OodTask(ClassificationTask):
     """OOD detection of a classifier trained on MNIST, against other idx test sets."""
 
     name = "ood"
-    recipes = PRESETS
-    paper = PAPER
-    resolve_recipe = staticmethod(resolve_recipe)
     summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
     datasets = ("mnist", "fashion-mnist")
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
+    paper = PAPER
 
     def add_arguments(self, group) -> None:
         group.description = "in-distribution --dataset (default mnist)"
