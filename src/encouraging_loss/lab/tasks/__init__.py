@@ -114,8 +114,8 @@ class Task:
         return tuple(self.recipes)
 
     def default_seeds(self, preset: str) -> int:
-        """Seeds per loss when ``--seeds`` is not given."""
-        return 1
+        """Seeds per loss when ``--seeds`` is not given: the preset recipe's ``seeds``, else 1."""
+        return getattr(self.recipes.get(preset), "seeds", 1)
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Add the task's own options to its group of the ``run`` parser."""

@@ -471,11 +471,6 @@ class GraphTask(ClassificationTask):
     ship_prepared = False  # each graph pickles the storages it views: GiBs for PROTEINS
     dataset_in_out_name = True
 
-    def default_seeds(self, preset: str) -> int:
-        if preset not in PRESETS:
-            raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {preset!r}")
-        return PRESETS[preset].seeds
-
     def add_arguments(self, group) -> None:
         group.add_argument(
             "--patience",
