@@ -292,7 +292,7 @@ def test_sagpool_network_shapes_and_errors():
 def test_patience_option(tmp_path):
     def recipe(patience, preset="paper"):
         extra = {"patience": patience}
-        return graph.resolve_recipe(Options(task="graph", preset=preset, extra=extra))[1]
+        return graph.resolve_recipe(Options(task="graph", preset=preset, extra=extra))
 
     assert graph.PRESETS["quick"].train.patience is None
     assert recipe(None).train.patience == 50 and recipe(0).train.patience is None

@@ -1,10 +1,9 @@
-"""The lab's tasks: the :class:`Task` protocol and the registry.
+"""The lab's tasks: the :class:`Task` protocol, the classification template and the registry.
 
-A task is one module of this package that defines a :class:`Task` subclass and an instance of
-it named ``TASK``; adding a task is that module plus its name in :data:`TASKS`. The runner
-(:mod:`..experiment`) does everything tasks share — options, the (loss x seed) loop, resume,
-parallel workers, results and the report — and calls the task for what is its own. A task
-never imports another task.
+A task is a module of this package with a :class:`Task` instance named ``TASK`` and its name in
+:data:`TASKS`. The runner (:mod:`..experiment`) does what tasks share (options, the (loss x seed)
+loop, resume, workers, results, the report) and calls the task for the rest. A task never
+imports another task.
 """
 
 from __future__ import annotations
@@ -24,21 +23,23 @@ from ..trainer import TrainConfig, set_seed
 
 TASKS = ("image", "imbalanced", "ood", "adversarial", "graph", "translation")
 MAIN_JOB = "image"  # the task whose ``main_job`` is ``encouraging-loss reproduce``
+# The paper's repository's EL "log_end=1" is log(1 − p) with 1 − p clamped at 1e-5; the lab's
+# el:log_end=1 is the exact, unbounded log bonus (it diverges in the OOD and adversarial
+# recipes). log_end = 1 − 1e-5 is the paper's bonus up to that clamp, and bounded past it.
+PAPER_CLAMPED_EL = "el:log_end=0.99999"
 
 
 @dataclass(frozen=True)
 class PaperRow:
-    """One number the paper reports for a setting, and the metric of ours compared with it.
+    """One number the paper reports for a setting, and our metric compared with it.
 
     Attributes:
         label: what is measured, e.g. ``"PGD accuracy at ε = 0.3 (%)"``.
-        metric: our metric (a key of each run's ``metrics`` in ``results.json``).
-        baseline, treatment: the two losses compared (specs from the setting's ``losses``);
-            the verdict reads their per-seed ``treatment − baseline`` differences.
+        metric: a key of each run's ``metrics``.
+        baseline, treatment: the losses compared (the verdict reads their per-seed differences).
         paper: ``(baseline, treatment)`` as the paper reports them; ``None`` where it has none.
         scale: our metric times ``scale`` is in the paper's unit (100 for accuracy in %).
-        direction: the sign of the difference the paper claims; ``None`` = the sign of
-            ``paper[1] − paper[0]``.
+        direction: the sign of the difference the paper claims; ``None`` = that of ``paper``'s.
     """
 
     label: str
@@ -49,6 +50,11 @@ class PaperRow:
     scale: float = 100.0
     direction: int | None = None
 
+    @classmethod
+    def clamped_el(cls, label: str, metric: str, paper=None, direction=None) -> PaperRow:
+        """A row of CE against :data:`PAPER_CLAMPED_EL`, the paper's clamped log bonus."""
+        return cls(label, metric, treatment=PAPER_CLAMPED_EL, paper=paper, direction=direction)
+
 
 @dataclass(frozen=True)
 class PaperSetting:
@@ -57,14 +63,12 @@ class PaperSetting:
     Attributes:
         name: the setting, e.g. ``"MNIST, small CNN, FGSM/PGD (torchattacks demo)"``.
         losses: the ``--losses`` of its runs.
-        runs: for each page preset (``quick``, ``cpu``, ``gpu``) the setting runs at, the
-            :class:`~..experiment.Options` fields of that run (``preset``, ``seeds``,
-            ``dataset``, ``epochs``, ``extra`` ...); a page preset it lacks marks the setting
-            "not run here: needs a GPU" at that preset.
+        runs: the :class:`~..experiment.Options` fields of its run at each page preset
+            (``quick``, ``cpu``, ``gpu``); a preset it lacks reads "not run here: needs a GPU".
         rows: the paper's numbers compared.
         departures: how our setup departs from the paper's, in one or two sentences.
-        cost_case: the case of ``benchmarks/bench_presets.py`` that times one run of the
-            setting's largest recipe here (the page shows it for a setting it does not run).
+        cost_case: the ``benchmarks/bench_presets.py`` case timing one run of its largest
+            recipe (shown for a setting the page does not run).
     """
 
     name: str
@@ -79,19 +83,16 @@ class Task:
     """What a task declares and does; a subclass overrides the methods it needs.
 
     Attributes:
-        name: the task's name on the command line.
-        summary: one line for ``--help``.
-        default_preset: the preset of ``run`` when none is given.
-        default_losses: the ``--losses`` of ``run`` when none is given.
-        datasets: dataset names it takes (for ``--help``; the first is the default).
-        models: model names it takes (for ``--help``).
+        name, summary: the task's name on the command line; its line of ``--help``.
+        default_preset, default_losses: ``run``'s ``--preset`` and ``--losses`` when not given.
+        datasets, models: the names it takes (for ``--help``; the first dataset is the default).
         loss_families: the loss grammar's families it can build (the lab's, plus its own).
         downloads: whether ``--download`` can fetch its data.
         main_job: for :data:`MAIN_JOB`, the options of ``encouraging-loss reproduce``.
         recipes: the presets' recipes by name, for :meth:`describe_presets`.
-        ship_prepared: whether worker processes receive :meth:`prepare`'s result pickled
-            (faster than preparing again) rather than preparing it themselves.
-        paper: the paper's settings this task reproduces (``encouraging-loss paper``).
+        ship_prepared: whether workers receive :meth:`prepare`'s result pickled rather than
+            preparing it again.
+        paper: the paper's settings it reproduces (``encouraging-loss paper``).
     """
 
     name: str = ""
@@ -113,8 +114,8 @@ class Task:
         return tuple(self.recipes)
 
     def default_seeds(self, preset: str) -> int:
-        """Seeds per loss when ``--seeds`` is not given."""
-        return 1
+        """Seeds per loss when ``--seeds`` is not given: the preset recipe's ``seeds``, else 1."""
+        return getattr(self.recipes.get(preset), "seeds", 1)
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Add the task's own options to its group of the ``run`` parser."""
@@ -128,10 +129,8 @@ class Task:
         return "\n".join(f"{name}: {self.describe_recipe(r)}" for name, r in self.recipes.items())
 
     def prepare(self, options: Options) -> Prepared:
-        """Resolve the preset with the options, set the threads, and load the data.
-
-        Called once, by the runner; its workers receive the result pickled (see
-        :attr:`ship_prepared`; a result that cannot be pickled is prepared again in each).
+        """Resolve the preset with the options, set the threads, and load the data (once, in
+        the runner; see :attr:`ship_prepared`).
 
         Raises:
             ValueError: naming a bad option.
@@ -141,8 +140,7 @@ class Task:
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
         """Build the model and criterion, train with ``run.train(...)``, and measure.
 
-        ``run.lr``, when set, is the learning rate to train with; a ``run.tuning`` run must not
-        read the test set (its record's ``val_accuracy`` is what tuning compares).
+        A ``run.tuning`` run must not read the test set (tuning compares ``val_accuracy``).
         """
         raise NotImplementedError
 
@@ -156,21 +154,49 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """A task that trains one classifier per (loss, seed): :meth:`run_one` is the template.
+    """A task that trains one classifier per (loss, seed); :meth:`prepare` and :meth:`run_one`
+    are the templates.
 
-    ``prepared.state`` starts with the recipe (its ``train`` and ``model``) and, unless
-    :meth:`splits` is overridden, the ``data.Splits`` every run shares. A run seeds torch,
-    builds the model (:meth:`build`), trains it on ``spec``'s criterion with the task's
-    :meth:`train_hooks` (and, unless it is a tuning run, ``run.tuning``, :meth:`epoch_hook`),
-    and, unless it diverged or is a tuning run, lets :meth:`measure` fill the result.
+    :meth:`prepare` resolves the recipe (:meth:`resolve_recipe`, which has ``dataset``,
+    ``threads``, ``model`` and ``train``), sets the threads and lets :meth:`load` read the data;
+    ``prepared.state`` is the recipe, then what :meth:`load` returned (by default the
+    ``data.Splits`` every run shares). A run seeds torch, builds the model (:meth:`build`),
+    trains it with :meth:`train_hooks` (and, but in tuning runs, :meth:`epoch_hook`) and,
+    unless it diverged or is a tuning run, lets :meth:`measure` fill the result.
 
     Attributes:
         record_fields: fields each run's record adds (``None`` when it diverged).
         models: the lab's models (:data:`..models.MODELS`) unless the task has its own.
+        dataset_in_out_name: the output folder is ``{task}-{preset}-{dataset}``, not
+            ``{task}-{preset}``.
     """
 
     record_fields: tuple[str, ...] = ()
     models: tuple[str, ...] = MODELS
+    dataset_in_out_name: bool = False
+
+    def resolve_recipe(self, options: Options):
+        """The preset's recipe with the options applied.
+
+        Raises:
+            ValueError: naming a bad option.
+        """
+        raise NotImplementedError
+
+    def load(self, options: Options, recipe) -> tuple[dict, tuple]:
+        """Read the data: ``(entries, state)``, the config's entries after preset, model and
+        train (:func:`run_config`) and what ``prepared.state`` holds after the recipe."""
+        raise NotImplementedError
+
+    def prepare(self, options: Options) -> Prepared:
+        recipe = self.resolve_recipe(options)
+        threads = options.apply_threads(recipe.threads)
+        entries, state = self.load(options, recipe)
+        config = run_config(options, recipe, **entries)
+        out_name = f"{self.name}-{options.preset}"
+        if self.dataset_in_out_name:
+            out_name += f"-{recipe.dataset}"
+        return Prepared(recipe.dataset, out_name, config, (recipe, *state), threads)
 
     def run_one(self, prepared: Prepared, spec: LossSpec, seed: int, run: RunContext) -> RunResult:
         config = run.config(replace(prepared.state[0].train, lr=self.lr_for(prepared, spec)))
@@ -194,7 +220,7 @@ class ClassificationTask(Task):
 
     def build(self, prepared: Prepared, splits) -> tuple[nn.Module, object]:
         """``(model, batches)``: the freshly seeded model and what it trains on (default: the
-        recipe's ``models.build_model`` and ``splits``)."""
+        recipe's model and ``splits``)."""
         model = build_model(prepared.state[0].model, splits.input_shape, splits.num_classes)
         return model, splits
 
@@ -212,12 +238,9 @@ class ClassificationTask(Task):
         raise NotImplementedError
 
     def measure_classifier(self, prepared, result, model, splits, run, train, **options):
-        """A :meth:`measure`: the lab's classifier diagnostics of ``model`` into ``result``.
-
-        ``diagnostics.classifier_diagnostics`` on the ``(x, y)`` pair ``train`` and the test split
-        (``options`` passed on), the test histograms saved, the reliability bins as
-        ``result.extra["reliability"]`` and the last epoch's ``grad_share_well_classified``.
-        """
+        """A :meth:`measure`: ``diagnostics.classifier_diagnostics`` on the ``(x, y)`` pair
+        ``train`` and the test split (``options`` passed on), the test histograms saved, the
+        reliability bins in ``result.extra`` and the last epoch's gradient share."""
         device, test = next(model.parameters()).device, (splits.test_x, splits.test_y)
         batch_size = prepared.state[0].train.eval_batch_size
         result.metrics, test_logits = diagnostics.classifier_diagnostics(
@@ -232,8 +255,8 @@ class ClassificationTask(Task):
 
 def apply_options(recipe, options: Options, models=MODELS, sizes: bool = True, **fields):
     """``recipe`` with ``--model`` (one of ``models``), ``--train-size`` and ``--test-size`` (as
-    ``max_train`` and ``max_test``; ``sizes=False`` where the task gives them its own meaning),
-    the training overrides and ``fields`` applied.
+    ``max_train`` and ``max_test``, unless ``sizes=False``), the training overrides and
+    ``fields``.
 
     Raises:
         ValueError: naming an unknown model or a bad training override.
@@ -251,16 +274,21 @@ def run_config(options: Options, recipe, **entries) -> dict:
     return dict(preset=options.preset, model=recipe.model, train=asdict(recipe.train), **entries)
 
 
-def load_splits(dataset: str, options: Options, recipe):
-    """``data.load_splits`` of ``dataset`` from ``--data-root``, limited by the recipe's
-    ``max_train``, ``max_test`` and ``val_fraction``: ``(ImageDataset, Splits)``."""
+def load_splits(options: Options, recipe):
+    """``(ImageDataset, Splits)`` of the recipe's ``dataset`` from ``--data-root``, limited by
+    its ``max_train``, ``max_test`` and ``val_fraction``."""
     limits = recipe.max_train, recipe.max_test, recipe.val_fraction
-    return lab_data.load_splits(dataset, options.data_root, *limits)
+    return lab_data.load_splits(recipe.dataset, options.data_root, *limits)
 
 
 def split_sizes(splits) -> dict[str, int]:
     """``{"n_train", "n_val", "n_test"}``: the examples of each of ``splits``."""
     return {f"n_{p}": len(getattr(splits, f"{p}_y")) for p in ("train", "val", "test")}
+
+
+def data_config(source, splits, **entries) -> dict:
+    """``config["data"]``: the data's ``source``, the :func:`split_sizes`, then ``entries``."""
+    return {"source": str(source), **split_sizes(splits), **entries}
 
 
 def load_task(name: str) -> Task:

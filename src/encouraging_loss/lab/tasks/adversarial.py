@@ -1,18 +1,16 @@
 """Adversarial robustness: robust accuracy under FGSM and PGD-L∞ over an ε grid, per loss.
 
-Reads top-down: presets → data (pixels in [0, 1]; the model standardises inside, except in the
+Reads top-down: presets → data (pixels in [0, 1]; the model standardises inside, but in the
 paper preset, which feeds raw pixels as the torchattacks demo does) → model and attacks → one
-(loss, seed) run: train (``--adv-train``: on PGD examples, through the trainer's ``perturb``
-hook) → attacks over the ε grid → report spec with robust accuracy against ε.
+(loss, seed) run: train (``--adv-train``: on PGD examples, the trainer's ``perturb`` hook) →
+attacks over the ε grid → report spec with robust accuracy against ε.
 
-FGSM and PGD (uniform random start, ``--pgd-steps`` steps of ``2.5 ε / steps``, Madry et al.'s
-rule, or of a fixed ``--pgd-alpha``) come from ``torchattacks`` if installed (``pip install
---no-deps torchattacks``: they never import the torchvision it declares), else from
-:func:`pgd`, the same algorithms (FGSM is its one step of size ε from the clean image;
-``config.attack_backend`` says which ran). ``pgd-margin``
-is PGD on the CW margin, which, unlike CE, does not saturate on the confident examples EL
-trains, so it tells a real robustness gain from gradient masking. ε is in pixel units of [0, 1]
-images. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
+FGSM and PGD (uniform random start, ``--pgd-steps`` steps of ``2.5 ε / steps`` or of
+``--pgd-alpha``) come from ``torchattacks`` if installed (``pip install --no-deps
+torchattacks``), else from :func:`pgd`, the same algorithms (``config.attack_backend`` says
+which ran). ``pgd-margin`` is PGD on the CW margin, which, unlike CE, does not saturate on the
+confident examples EL trains: it tells a real robustness gain from gradient masking. ε is in
+pixel units. Metrics: ``clean_accuracy``, ``margin_mean``, ``energy_mean``,
 ``robust_accuracy/<attack>/<ε>`` (ε as ``%.4g``).
 """
 
@@ -29,15 +27,8 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import against_ce
 from ..trainer import TrainConfig, predict_logits
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    load_splits,
-    run_config,
-    split_sizes,
-)
+from . import PAPER_CLAMPED_EL as PAPER_EL
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, data_config, load_splits
 
 ATTACKS = ("fgsm", "pgd", "pgd-margin")
 MNIST_EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.3)
@@ -81,7 +72,6 @@ class Recipe:
     standardize: bool = True
 
 
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 PRESETS: dict[str, Recipe] = {
     # The MLP keeps 2 losses x 3 seeds (training + 8 attacks on 1,000 images) near 3 minutes on
     # one busy CPU core; the small CNN of the standard preset is the issue's default model.
@@ -117,7 +107,7 @@ PRESETS: dict[str, Recipe] = {
 
 
 def parse_float_list(name: str, text: str | list | tuple) -> list[float]:
-    """``"0,0.05,8/255"`` (or a list) as floats; ``a/b`` fractions are allowed.
+    """``"0,0.05,8/255"`` (or a list) as floats.
 
     Raises:
         ValueError: naming ``name`` for an item that is not a number, or no items.
@@ -133,6 +123,18 @@ def parse_float_list(name: str, text: str | list | tuple) -> list[float]:
     if not values:
         raise ValueError(f"{name}: expected a comma-separated list of numbers, got {text!r}")
     return values
+
+
+def parse_pixel_step(name: str, text) -> float:
+    """One number in (0, 1] (``a/b`` allowed), e.g. ``--pgd-alpha 2/255``.
+
+    Raises:
+        ValueError: naming ``name`` for anything else.
+    """
+    (value, *more) = parse_float_list(name, text)
+    if more or not 0 < value <= 1:
+        raise ValueError(f"{name}: expected one number in (0, 1], got {text!r}")
+    return value
 
 
 def resolve_recipe(options: Options) -> Recipe:
@@ -159,16 +161,10 @@ def resolve_recipe(options: Options) -> Recipe:
         raise ValueError(f"pgd_steps: must be at least 1, got {steps}")
     alpha = recipe.pgd_alpha
     if options.get("pgd_alpha") is not None:
-        (alpha, *more) = parse_float_list("pgd_alpha", options.get("pgd_alpha"))
-        if more or not 0 < alpha <= 1:
-            raise ValueError(
-                f"pgd_alpha: expected one number in (0, 1], got {options.get('pgd_alpha')!r}"
-            )
-    adv_eps = parse_float_list(
+        alpha = parse_pixel_step("pgd_alpha", options.get("pgd_alpha"))
+    adv_eps = parse_pixel_step(
         "adv_epsilon", options.get("adv_epsilon") or [recipe.adv_train_epsilon]
     )
-    if len(adv_eps) != 1 or not 0 < adv_eps[0] <= 1:
-        raise ValueError(f"adv_epsilon: expected one number in (0, 1], got {adv_eps}")
     return apply_options(
         recipe,
         options,
@@ -176,7 +172,7 @@ def resolve_recipe(options: Options) -> Recipe:
         key_epsilon=recipe.key_epsilon if recipe.key_epsilon in epsilons else max(epsilons),
         pgd_steps=int(steps),
         pgd_alpha=alpha,
-        adv_train_epsilon=float(adv_eps[0]),
+        adv_train_epsilon=adv_eps,
         attacks=attacks,
         adv_train=bool(options.get("adv_train", False)),
     )
@@ -192,8 +188,8 @@ def raw_pixels(splits: lab_data.Splits) -> lab_data.Splits:
 
 # --- model and attacks -----------------------------------------------------------------------
 class Standardized(nn.Module):
-    """``model`` of inputs standardised by the ``(1, C, 1, 1)`` per-channel ``mean`` and ``std``,
-    taking pixels in [0, 1] instead: what attacks perturb."""
+    """``model`` taking pixels in [0, 1] (what attacks perturb), standardised inside by the
+    ``(1, C, 1, 1)`` per-channel ``mean`` and ``std``."""
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
@@ -250,12 +246,11 @@ def make_attack(
     """An attack as a callable ``attack(x, y) -> x_adv`` (run with the model in eval mode).
 
     Args:
-        name: ``"fgsm"``, ``"pgd"`` or ``"pgd-margin"`` (always built in).
+        name: one of :data:`ATTACKS` (``"pgd-margin"`` is always built in).
         model: takes pixels in [0, 1]; the attack runs on the device it is on now.
-        eps: L∞ radius, non-negative.
-        steps: PGD iterations, at least 1.
+        eps, steps: L∞ radius (≥ 0); PGD iterations (≥ 1).
         backend: ``"torchattacks"``, ``"builtin"`` or ``None`` (torchattacks if installed).
-        alpha: PGD's step size, positive; ``None`` = ``2.5 ε / steps`` (FGSM: always ε).
+        alpha: PGD's step size (> 0); ``None`` = ``2.5 ε / steps`` (FGSM: always ε).
 
     Raises:
         ValueError: naming an invalid argument.
@@ -291,11 +286,6 @@ def make_attack(
     return attack
 
 
-def pgd_step_size(recipe: Recipe) -> str | float:
-    """PGD's step size as ``config["pgd"]`` records it: ``"2.5 * eps / steps"`` or α."""
-    return "2.5 * eps / steps" if recipe.pgd_alpha is None else recipe.pgd_alpha
-
-
 def robust_accuracy(attack, model: nn.Module, x, y, batch_size: int, device) -> float:
     """Accuracy of ``model`` on ``attack``'s adversarial ``(x, y)`` (``attack=None``: clean)."""
     correct = 0
@@ -319,12 +309,8 @@ def robust_key(attack: str, eps: float) -> str:
 
 
 # --- the paper's setting (encouraging-loss paper) -------------------------------------------
-# The paper's MNIST attack numbers (its repository's adversarial_robustness/readme.sh: one CE and
-# one EL model of the torchattacks demo). Its EL is log(1 − p) with 1 − p clamped at 1e-5 (the
-# paper's EncouragingLoss.py, "log_end=1"); the lab's el:log_end=1 is the exact, unbounded log
-# bonus, which drove the training loss to −2e7 and validation accuracy to 0.64 in this recipe.
-# log_end = 1 − 1e-5 is the paper's bonus up to that clamp, and bounded past it as the clamp is.
-PAPER_EL = "el:log_end=0.99999"
+# Its numbers: the repository's adversarial_robustness/readme.sh (one CE and one EL model of the
+# torchattacks demo). The lab's unbounded el:log_end=1 drove the training loss to −2e7 here.
 PAPER = (
     PaperSetting(
         name="MNIST, torchattacks demo CNN, FGSM and PGD-40",
@@ -345,33 +331,15 @@ PAPER = (
             "gpu": dict(preset="paper", seeds=10, test_size=10_000, device="auto"),
         },
         rows=(
-            PaperRow(
-                "Clean accuracy (%)", "clean_accuracy", treatment=PAPER_EL, paper=(98.69, 99.04)
+            PaperRow.clamped_el("Clean accuracy (%)", "clean_accuracy", (98.69, 99.04)),
+            PaperRow.clamped_el(
+                "PGD-40 accuracy at ε = 0.3 (%)", robust_key("pgd", 0.3), (0.53, 11.21)
             ),
-            PaperRow(
-                "PGD-40 accuracy at ε = 0.3 (%)",
-                robust_key("pgd", 0.3),
-                treatment=PAPER_EL,
-                paper=(0.53, 11.21),
+            PaperRow.clamped_el(
+                "FGSM accuracy at ε = 0.3 (%)", robust_key("fgsm", 0.3), (21.72, 34.80)
             ),
-            PaperRow(
-                "FGSM accuracy at ε = 0.3 (%)",
-                robust_key("fgsm", 0.3),
-                treatment=PAPER_EL,
-                paper=(21.72, 34.80),
-            ),
-            PaperRow(
-                "PGD-40 accuracy at ε = 0.1 (%)",
-                robust_key("pgd", 0.1),
-                treatment=PAPER_EL,
-                direction=+1,
-            ),
-            PaperRow(
-                "FGSM accuracy at ε = 0.1 (%)",
-                robust_key("fgsm", 0.1),
-                treatment=PAPER_EL,
-                direction=+1,
-            ),
+            PaperRow.clamped_el("PGD-40 accuracy at ε = 0.1 (%)", robust_key("pgd", 0.1), None, +1),
+            PaperRow.clamped_el("FGSM accuracy at ε = 0.1 (%)", robust_key("fgsm", 0.1), None, +1),
         ),
         departures=(
             "MNIST's first 10,000 training images only (9,000 train + 1,000 validation; the "
@@ -386,15 +354,15 @@ PAPER = (
 )
 
 
-# --- the task: one run per (loss, seed): train → attacks → report spec -----------------
 class AdversarialTask(ClassificationTask):
     """Robust accuracy under FGSM, PGD and margin PGD, optionally with PGD adversarial training."""
 
     name = "adversarial"
-    recipes = PRESETS
-    paper = PAPER
     summary = "adversarial robustness: FGSM / PGD-L∞ robust accuracy over an ε grid"
     datasets = ("mnist", "fashion-mnist", "cifar10")
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
+    paper = PAPER
 
     def add_arguments(self, group) -> None:
         group.description = "attacks: fgsm, pgd, pgd-margin (L∞)"
@@ -416,30 +384,25 @@ class AdversarialTask(ClassificationTask):
             f"--adv-train ε {eps_label(r.adv_train_epsilon)}, PGD-{r.adv_train_steps}"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
-        dataset, splits = load_splits(recipe.dataset, options, recipe)
-        splits = raw_pixels(splits)
-        config = run_config(
-            options,
-            recipe,
-            data={"source": str(dataset.source), **split_sizes(splits)},
-            attack_backend=attack_backend(),
-            attacks=list(recipe.attacks),
-            epsilons=list(recipe.epsilons),
-            pgd=dict(steps=recipe.pgd_steps, step_size=pgd_step_size(recipe), random_start=True),
-            adversarial_training={
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
+        dataset, splits = load_splits(options, recipe)
+        step_size = "2.5 * eps / steps" if recipe.pgd_alpha is None else recipe.pgd_alpha
+        entries = {
+            "data": data_config(dataset.source, splits),
+            "attack_backend": attack_backend(),
+            "attacks": list(recipe.attacks),
+            "epsilons": list(recipe.epsilons),
+            "pgd": {"steps": recipe.pgd_steps, "step_size": step_size, "random_start": True},
+            "adversarial_training": {
                 "enabled": recipe.adv_train,
                 "attack": "pgd",
                 "epsilon": recipe.adv_train_epsilon,
                 "steps": recipe.adv_train_steps,
             },
-        )
+        }
         if not recipe.standardize:  # only then: the other presets' configs stay as they were
-            config["standardized_inputs"] = False
-        out_name = f"{self.name}-{options.preset}"
-        return Prepared(recipe.dataset, out_name, config, (recipe, splits), threads)
+            entries["standardized_inputs"] = False
+        return entries, (raw_pixels(splits),)
 
     def build(self, prepared: Prepared, splits: lab_data.Splits):
         """The recipe's model taking pixels in [0, 1]: behind :class:`Standardized`, unless the

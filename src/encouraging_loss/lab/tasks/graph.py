@@ -2,14 +2,13 @@
 
 Reads top-down: presets → data (TUDataset from a local root, stratified 80/10/10 split per
 seed) → models (PyG GIN/GCN + global pooling; the hierarchical SAGPool network) → one (loss,
-seed) run: train (the one trainer, on :class:`GraphBatches`) → diagnostics → report spec.
+seed) run: train (on :class:`GraphBatches`) → diagnostics → report spec.
 
-The protocol follows the paper's graph experiments: a random stratified split per seed, model
-selection on validation accuracy, test accuracy reported, and EL with ``log_end=0.5`` whose
-bonus the loss spec's schedule keys switch on late (``el:log_end=0.5,start=0.5,ramp=0.2``:
-bonus scale 0 for the first half of training, then a linear ramp to 1 over the next 20%).
-The ``paper`` preset is the paper's PROTEINS setting (SAGPool, early stopping, the bonus off
-for the first 25 epochs: :data:`PAPER_EL`), declared as :attr:`GraphTask.paper`.
+The paper's protocol: a random stratified split per seed, model selection on validation
+accuracy, and EL with ``log_end=0.5`` whose bonus the loss spec's schedule switches on late
+(``el:log_end=0.5,start=0.5,ramp=0.2``: off for the first half of training, then a linear ramp
+to 1 over the next 20%). The ``paper`` preset is its PROTEINS setting (SAGPool, early
+stopping, the bonus off for the first 25 epochs: :data:`PAPER_EL`).
 
 Needs ``torch_geometric`` (pure Python; ``torch-scatter``/``torch-sparse`` are not used).
 """
@@ -32,14 +31,7 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import table_columns
 from ..trainer import ClassificationBatches, TrainConfig
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, split_sizes
 
 DATASETS = ("PROTEINS", "MUTAG", "ENZYMES", "AIDS", "Mutagenicity")
 MODELS = ("gin", "gcn", "sagpool")
@@ -78,6 +70,7 @@ class GraphRecipe:
         seeds, train, threads: default number of seeds; optimiser and schedule; CPU threads.
         max_graphs: use a fixed random subset of this many graphs (``None`` = all).
         ratio: share of nodes each ``sagpool`` pooling keeps (unused by ``gin``/``gcn``).
+        dataset: the TU dataset.
     """
 
     model: str
@@ -89,6 +82,7 @@ class GraphRecipe:
     max_graphs: int | None = None
     threads: int | None = 1
     ratio: float = 0.5
+    dataset: str = DEFAULT_DATASET
 
 
 # AdamW lr 0.01, weight decay 1e-4 and TrainConfig's cosine schedule: how every preset trains.
@@ -135,12 +129,11 @@ def lr_note(train: TrainConfig) -> str:
     return note
 
 
-def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
-    """``(dataset, recipe)``: the preset's recipe with the invocation's options applied.
+def resolve_recipe(options: Options) -> GraphRecipe:
+    """The preset's recipe with the invocation's options applied.
 
-    ``train_size`` caps the number of graphs used (a fixed random subset, before splitting);
-    ``test_size`` has no meaning here and is refused. The task's ``--patience`` (extra
-    ``patience``; 0 = off) sets the early stopping of ``TrainConfig.patience``.
+    ``train_size`` caps the graphs used (a fixed random subset, before splitting); ``test_size``
+    is refused. ``--patience`` (0 = off) sets ``TrainConfig.patience``.
 
     Raises:
         ValueError: naming the first bad option.
@@ -158,25 +151,26 @@ def resolve_recipe(options: Options) -> tuple[str, GraphRecipe]:
     if options.train_size is not None and options.train_size < MIN_GRAPHS:
         raise ValueError(f"train_size: need at least {MIN_GRAPHS} graphs, got {options.train_size}")
     max_graphs = options.train_size if options.train_size is not None else recipe.max_graphs
-    recipe = apply_options(recipe, options, MODELS, sizes=False, max_graphs=max_graphs)
+    recipe = apply_options(
+        recipe, options, MODELS, sizes=False, dataset=dataset, max_graphs=max_graphs
+    )
     patience = options.get("patience")
     if patience is not None:
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience: must be a non-negative int (0 = off), got {patience!r}")
         train = replace(recipe.train, patience=patience or None)
         recipe = replace(recipe, train=train)
-    return dataset, recipe
+    return recipe
 
 
 # --- data --------------------------------------------------------------------------------
 def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | None = None):
-    """Load the TU dataset ``name`` from ``DATA_ROOT/tu/NAME/raw`` into memory as a list of graphs.
+    """The TU dataset ``name`` of ``DATA_ROOT/tu/NAME/raw`` as a list of graphs in memory.
 
-    PyG's ``TUDataset`` writes ``processed/`` next to ``raw/``; the shared data folder is
-    read-only, so each process copies ``raw/`` into a private temporary folder, processes it
-    there and removes the folder once the graphs are in memory (no races under ``torchrun``).
-    Node features are PyG's defaults (one-hot node labels), or a constant one where there are none.
-    ``max_graphs`` keeps a fixed random subset (seed 0) of that many graphs (``None`` = all).
+    PyG writes ``processed/`` next to ``raw/``, and the shared data folder is read-only, so each
+    process processes a private temporary copy of ``raw/`` (no races under ``torchrun``). Node
+    features are PyG's one-hot node labels, or a constant where there are none. ``max_graphs``
+    keeps a fixed random subset (seed 0) of that many graphs (``None`` = all).
 
     Returns:
         ``(graphs, num_features, num_classes, source_folder)``.
@@ -218,9 +212,8 @@ def load_tu_dataset(name: str, data_root: str | None = None, max_graphs: int | N
 def stratified_split(
     labels: torch.Tensor, seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random stratified, sorted ``(train_idx, val_idx, test_idx)`` of ``(N,)`` class labels.
-
-    Each class is split by ``fractions`` (train, validation and test shares summing to 1).
+    """Random stratified, sorted ``(train_idx, val_idx, test_idx)`` of ``(N,)`` class labels,
+    each class split by ``fractions`` (train, validation and test shares summing to 1).
 
     Raises:
         ValueError: if ``fractions`` do not sum to 1 or a split would be empty.
@@ -243,12 +236,9 @@ def stratified_split(
 
 
 class GraphList:
-    """PyG ``Data`` graphs indexed like a tensor of examples: ``graphs[index]`` is one ``Batch``.
-
-    A tensor of positions (a training batch) or a slice (an evaluation chunk) collates those
-    graphs, so the trainer's batches and the diagnostics' ``x[i:j]`` passes take graphs as
-    they take image tensors.
-    """
+    """PyG ``Data`` graphs indexed like a tensor of examples: ``graphs[index]`` (positions or a
+    slice) collates them into one ``Batch``, so the trainer and the diagnostics take graphs as
+    they take image tensors."""
 
     def __init__(self, graphs: list):
         self.graphs = list(graphs)
@@ -266,8 +256,8 @@ class GraphList:
 
 
 def make_graph_splits(graphs: list, num_classes: int, seed: int) -> lab_data.Splits:
-    """Split graphs 80/10/10 (stratified by ``seed``, the run's: every loss of one seed sees the
-    same split) into ``data.Splits`` of :class:`GraphList` graphs and label tensors.
+    """``data.Splits`` of :class:`GraphList` graphs and labels, split 80/10/10 by class (drawn by
+    ``seed``, the run's: every loss of one seed sees the same split).
 
     Raises:
         ValueError: for no graphs, or a split that would be empty.
@@ -281,8 +271,8 @@ def make_graph_splits(graphs: list, num_classes: int, seed: int) -> lab_data.Spl
 
 
 class GraphBatches(ClassificationBatches):
-    """One seed's :func:`make_graph_splits` as the trainer's batches: each step collates its
-    graphs into one PyG ``Batch`` and trains on it as the other classification tasks do.
+    """One seed's :func:`make_graph_splits` as the trainer's batches (a step collates its
+    graphs into one PyG ``Batch``).
 
     Raises:
         ValueError: if ``splits`` are not ``data.Splits`` of :class:`GraphList` graphs.
@@ -298,8 +288,8 @@ class GraphBatches(ClassificationBatches):
 class GraphClassifier(nn.Module):
     """GIN (sum pooling) or GCN (mean pooling) with a two-layer head, from PyG layers.
 
-    ``features(batch)`` is the penultimate graph embedding and ``classifier`` the last linear
-    layer, the interface the lab's diagnostics use.
+    ``features(batch)`` (the penultimate embedding) and ``classifier`` (the last linear layer)
+    are the interface the lab's diagnostics use.
 
     Args:
         kind: ``"gin"`` or ``"gcn"``.
@@ -359,18 +349,15 @@ class GraphClassifier(nn.Module):
 class SAGPoolClassifier(nn.Module):
     """The hierarchical SAGPool network (Lee et al., ICML 2019), the paper's PROTEINS model.
 
-    ``levels`` times: a GCN layer (ReLU), then self-attention graph pooling (``SAGPooling``
-    with a GCN scoring layer, keeping ``ratio`` of each graph's nodes) and a readout of the
-    pooled graph, global max pool ‖ global mean pool (``2 * hidden``). The levels' readouts
-    are summed and classified by an MLP ``2h → h → h/2 → classes`` with ReLUs and dropout after
-    its first layer (256-128-64 for ``hidden`` 128). ``features(batch)`` is the ``h/2``-wide
-    penultimate embedding and ``classifier`` the last linear layer (the diagnostics'
-    interface).
+    ``levels`` times: a GCN layer (ReLU), self-attention graph pooling (a GCN scoring layer,
+    keeping ``ratio`` of each graph's nodes) and a readout, global max ‖ mean pool
+    (``2 * hidden``). The summed readouts go through an MLP ``2h → h → h/2 → classes`` (ReLUs,
+    dropout after its first layer). ``features`` and ``classifier`` as in
+    :class:`GraphClassifier`.
 
     Args:
         in_features, num_classes: node feature size; classes.
-        hidden: width of the GCN layers (the readout is twice as wide).
-        levels: conv + pool levels.
+        hidden, levels: width of the GCN layers; conv + pool levels.
         dropout: dropout after the MLP's first layer.
         ratio: share of nodes each pooling keeps, in (0, 1].
 
@@ -433,7 +420,7 @@ class SAGPoolClassifier(nn.Module):
 
 
 def build_graph_model(recipe: GraphRecipe, in_features: int, num_classes: int) -> nn.Module:
-    """The recipe's freshly initialised model (seed torch first).
+    """The recipe's freshly initialised model.
 
     Raises:
         ValueError: for an unknown model or bad sizes.
@@ -469,24 +456,20 @@ PAPER_SETTING = PaperSetting(
 )
 
 
-# --- the task: one run per (loss, seed) -------------------------------------------------
 class GraphTask(ClassificationTask):
     """Graph classification on TU datasets: GIN or GCN, one stratified split per seed."""
 
     name = "graph"
-    recipes = PRESETS
     summary = "graph classification: TU datasets (PROTEINS, MUTAG ...) with GIN, GCN or SAGPool"
-    default_losses = DEFAULT_LOSSES
     datasets = DATASETS
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
+    paper = (PAPER_SETTING,)
     models = MODELS
+    default_losses = DEFAULT_LOSSES
     record_fields = ("reliability",)
     ship_prepared = False  # each graph pickles the storages it views: GiBs for PROTEINS
-    paper = (PAPER_SETTING,)
-
-    def default_seeds(self, preset: str) -> int:
-        if preset not in PRESETS:
-            raise ValueError(f"preset: graph has presets {', '.join(PRESETS)}, got {preset!r}")
-        return PRESETS[preset].seeds
+    dataset_in_out_name = True
 
     def add_arguments(self, group) -> None:
         group.add_argument(
@@ -501,35 +484,29 @@ class GraphTask(ClassificationTask):
         pool = f", pool ratio {r.ratio:g}" if r.model == "sagpool" else ""
         stop = "" if r.train.patience is None else f", patience {r.train.patience}"
         return (
-            f"{DEFAULT_DATASET} {r.model} {r.layers}x{r.hidden}{pool}, {r.seeds} seeds, "
+            f"{r.dataset} {r.model} {r.layers}x{r.hidden}{pool}, {r.seeds} seeds, "
             f"{r.train.epochs} epochs{stop}, batch {r.train.batch_size}, {r.train.optimizer} lr "
             f"{r.train.lr:g} ({r.train.schedule})"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        dataset, recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
+    def load(self, options: Options, recipe: GraphRecipe) -> tuple[dict, tuple]:
         graphs, num_features, num_classes, source = load_tu_dataset(
-            dataset, options.data_root, recipe.max_graphs
+            recipe.dataset, options.data_root, recipe.max_graphs
         )
         first_split = make_graph_splits(graphs, num_classes, seed=0)
-        config = run_config(
-            options,
-            recipe,
-            **{key: getattr(recipe, key) for key in ("hidden", "layers", "dropout")},
-            **({"pool_ratio": recipe.ratio} if recipe.model == "sagpool" else {}),
-            lr_note=lr_note(recipe.train),
-            data={
-                "source": str(source),
-                "n_graphs": len(graphs),
-                "num_features": num_features,
-                "num_classes": num_classes,
-                "split": "stratified 80/10/10, re-drawn per seed",
-                **split_sizes(first_split),
-            },
-        )
-        state = (recipe, graphs, num_features, num_classes)
-        return Prepared(dataset, f"{self.name}-{options.preset}-{dataset}", config, state, threads)
+        entries = {key: getattr(recipe, key) for key in ("hidden", "layers", "dropout")}
+        if recipe.model == "sagpool":
+            entries["pool_ratio"] = recipe.ratio
+        entries["lr_note"] = lr_note(recipe.train)
+        entries["data"] = {
+            "source": str(source),
+            "n_graphs": len(graphs),
+            "num_features": num_features,
+            "num_classes": num_classes,
+            "split": "stratified 80/10/10, re-drawn per seed",
+            **split_sizes(first_split),
+        }
+        return entries, (graphs, num_features, num_classes)
 
     def splits(self, prepared: Prepared, seed: int) -> lab_data.Splits:
         """This seed's stratified split (every loss of one seed sees the same)."""

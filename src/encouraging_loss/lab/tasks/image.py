@@ -11,15 +11,7 @@ from .. import data as lab_data
 from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..trainer import TrainConfig, predict_logits
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    load_splits,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, data_config, load_splits
 
 REPRODUCE_LOSSES = "ce,el,el:log_end=1,ls-ce:0.1,ls-el:0.1"
 _SGD_NOTE = (
@@ -39,18 +31,17 @@ class Recipe:
 
     Attributes:
         model, train: ``mlp``, ``cnn`` or ``resnet18``; optimiser and schedule.
-        max_train, max_test: train examples used (a fixed random subset, validation included),
-            test examples scored; None = all.
+        max_train, max_test: train examples (a fixed random subset, validation included), test
+            examples scored; None = all.
         lr_by_loss: learning-rate overrides by loss name or family (``"el:log_end=1"``, ``"el"``).
         lr_note: why these learning rates (default: the note of one SGD rate for every loss).
         diagnostics_train: training examples used for probe/cRT features and train diagnostics.
         val_fraction: share of the training subset held out for model selection.
-        threads: CPU threads for torch (``None`` = torch's default). The CPU presets use 1:
-            their small models gain little from intra-op threads, and on a busy 2-core machine
-            two spinning threads measured ~50x slower per epoch than one.
-        best_test_over_epochs: also score the test set after every epoch (never in tuning
-            runs) and record ``best_test_accuracy_over_epochs``, the paper's optimistic MNIST
-            and CIFAR protocol, beside the validation-selected ``test_accuracy``.
+        threads: CPU threads (``None`` = torch's default). The CPU presets use 1: on a busy
+            2-core machine two spinning threads measured ~50x slower per epoch than one.
+        best_test_over_epochs: also score the test set after every epoch (not in tuning runs)
+            for ``best_test_accuracy_over_epochs``, the paper's optimistic protocol.
+        dataset: the dataset (the preset table's key, set by :func:`resolve_recipe`).
     """
 
     model: str
@@ -63,13 +54,13 @@ class Recipe:
     val_fraction: float = 0.1
     threads: int | None = 1
     best_test_over_epochs: bool = False
+    dataset: str = ""
 
     def __post_init__(self):
         if not self.lr_note:  # a frozen dataclass: set once, at construction
             object.__setattr__(self, "lr_note", _SGD_NOTE.format(lr=self.train.lr))
 
 
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 _GPU = {"diagnostics_train": 50000, "threads": None}
 _CIFAR_RESNET = Recipe(
     "resnet18",
@@ -92,7 +83,7 @@ _PAPER_CPU = {
     "lr_note": "lr 0.05 for every loss unless --tune lr picks one per loss (the paper page "
     "tunes every loss over the same grid, on validation).",
 }
-PRESETS: dict[str, dict[str, Recipe]] = {
+PRESETS: dict[str, dict[str, Recipe]] = {  # a preset's first dataset is its default
     # ≤ 3 minutes for `reproduce --preset quick` on 2 CPU cores (5 losses × 3 seeds).
     "quick": {
         "fashion-mnist": Recipe("mlp", 10000, 5000, TrainConfig(5)),
@@ -121,12 +112,6 @@ PRESETS: dict[str, dict[str, Recipe]] = {
         "fashion-mnist": Recipe("cnn", 10000, None, _PAPER_TRAIN, **_PAPER_CPU),
         "cifar10": replace(_CIFAR_RESNET, best_test_over_epochs=True),  # GPU, as full's
     },
-}
-DEFAULT_DATASET = {
-    "quick": "fashion-mnist",
-    "standard": "fashion-mnist",
-    "full": "cifar10",
-    "paper": "mnist",
 }
 # The paper's MNIST used the plain log bonus (log_end = 1, per the project's notes on the paper).
 # On the lab's CNN it collapsed to chance after its first epoch at every rate of the tuning
@@ -219,32 +204,26 @@ LR_HELP = (
 
 
 def best_test_accuracy_over_epochs(history: list[dict]) -> float | None:
-    """The best of the per-epoch ``test_accuracy`` entries of a run's ``history`` (the paper's
-    optimistic protocol); ``None`` if some epoch was not scored (e.g. resumed from a run
-    that did not score them).
+    """The best per-epoch ``test_accuracy`` of a run's ``history``; ``None`` if some epoch was
+    not scored (e.g. resumed from a run that did not score them).
 
     Raises:
         ValueError: for an empty history or one that is not a list of dicts.
     """
-    if (
-        not isinstance(history, list)
-        or not history
-        or not all(isinstance(h, dict) for h in history)
-    ):
+    if not (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)):
         raise ValueError(f"history: expected a non-empty list of epoch dicts, got {history!r}")
     scores = [h.get("test_accuracy") for h in history]
     return None if None in scores else max(scores)
 
 
-def resolve_recipe(options: Options) -> tuple[str, Recipe]:
-    """``(dataset, recipe)``: the preset's recipe for the dataset with the options applied.
+def resolve_recipe(options: Options) -> Recipe:
+    """The preset's recipe for ``--dataset`` with the options applied.
 
     Raises:
-        ValueError: for a dataset the preset has no recipe for, an unknown model or a bad
-            override.
+        ValueError: for a dataset the preset has no recipe for, or a bad option.
     """
-    dataset = options.dataset or DEFAULT_DATASET[options.preset]
     recipes = PRESETS[options.preset]
+    dataset = options.dataset or next(iter(recipes))
     if dataset not in recipes:
         raise ValueError(
             f"dataset: preset {options.preset!r} has no recipe for {dataset!r}; "
@@ -254,18 +233,19 @@ def resolve_recipe(options: Options) -> tuple[str, Recipe]:
     if options.lr is not None:  # an explicit --lr applies to every loss
         note = "--lr given on the command line, used for every loss"
         recipe = replace(recipe, lr_by_loss={}, lr_note=note)
-    return dataset, apply_options(recipe, options)
+    return apply_options(recipe, options, dataset=dataset)
 
 
 class ImageTask(ClassificationTask):
     """Image classification (the project's main job: ``encouraging-loss reproduce``)."""
 
     name = "image"
+    summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
+    datasets = lab_data.DATASETS[:2] + ("cifar10",)
     recipes = {
         f"{p}/{dataset}": r for p, by_data in PRESETS.items() for dataset, r in by_data.items()
     }
-    summary = "image classification: Fashion-MNIST, MNIST or CIFAR-10 (MLP, CNN, ResNet-18)"
-    datasets = lab_data.DATASETS[:2] + ("cifar10",)
+    resolve_recipe = staticmethod(resolve_recipe)
     downloads = True
     main_job = {
         "summary": "CE vs EL on Fashion-MNIST, 3 seeds",
@@ -277,21 +257,19 @@ class ImageTask(ClassificationTask):
         "preset": "standard",
         "seeds": 3,
     }
-    record_fields = ("reliability",)
     presets = tuple(PRESETS)
     paper = PAPER_SETTINGS
+    record_fields = ("reliability",)
+    dataset_in_out_name = True
 
-    def prepare(self, options: Options) -> Prepared:
-        dataset_name, recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
-        dataset, splits = load_splits(dataset_name, options, recipe)
-        data = {"source": str(dataset.source), **split_sizes(splits)}
-        data.update(val_fraction=recipe.val_fraction, diagnostics_train=recipe.diagnostics_train)
-        config = run_config(options, recipe, lr_note=recipe.lr_note, data=data)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
+        dataset, splits = load_splits(options, recipe)
+        data = data_config(dataset.source, splits, val_fraction=recipe.val_fraction)
+        data["diagnostics_train"] = recipe.diagnostics_train
+        entries = {"lr_note": recipe.lr_note, "data": data}
         if recipe.best_test_over_epochs:  # only where on: older presets' results stay as they were
-            config["best_test_over_epochs"] = True
-        out_name = f"{self.name}-{options.preset}-{dataset_name}"
-        return Prepared(dataset_name, out_name, config, (recipe, splits), threads)
+            entries["best_test_over_epochs"] = True
+        return entries, (splits,)
 
     def measure(self, prepared, result, model, splits, run) -> None:
         """Diagnostics on train (the recipe's ``diagnostics_train``) and test, with cRT."""
@@ -306,8 +284,7 @@ class ImageTask(ClassificationTask):
             result.metrics["best_test_accuracy_over_epochs"] = best
 
     def epoch_hook(self, prepared, splits, run):
-        """With the recipe's ``best_test_over_epochs``: the test accuracy after every epoch
-        (``history[i]["test_accuracy"]``; the runner never asks for it in tuning runs)."""
+        """With the recipe's ``best_test_over_epochs``: the test accuracy after every epoch."""
         recipe = prepared.state[0]
         if not recipe.best_test_over_epochs:
             return None
@@ -321,7 +298,7 @@ class ImageTask(ClassificationTask):
         return test_accuracy
 
     def lr_for(self, prepared: Prepared, spec: LossSpec) -> float:
-        """The recipe's learning rate for ``spec`` (by exact name, then family, else base).
+        """The recipe's learning rate for ``spec``: by name, then family, else the base rate.
 
         Raises:
             ValueError: if ``spec`` is not a :class:`LossSpec`.

@@ -35,14 +35,7 @@ from .. import diagnostics, io, losses
 from ..experiment import Options, Prepared
 from ..losses import FAMILIES, Family, LossSpec
 from ..trainer import TrainConfig, resolve_device
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    run_config,
-    split_sizes,
-)
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, split_sizes
 
 PROFILES = ("exp", "step")
 DRW_FAMILIES = ("ce", "el", "focal", "ldam")
@@ -79,7 +72,6 @@ class Recipe:
 
 # Cao et al.'s schedule: 5 warm-up epochs, the lr times 0.01 at 80% and again at 90% of training.
 _STEPS = {"schedule": "multistep", "milestones": (0.8, 0.9), "gamma": 0.01, "warmup_epochs": 5}
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, cosine schedule.
 PRESETS: dict[str, Recipe] = {
     # Long-tailed Fashion-MNIST, 2,480 training images: seconds per run on one CPU thread.
     "quick": Recipe(1000, val_per_class=50, test_per_class=300, train=TrainConfig(10, 64)),
@@ -229,11 +221,9 @@ def long_tail_counts(
 
 
 def class_groups(counts: list[int]) -> dict[str, list[int]]:
-    """Class indices of ``many`` (``n_c > n_max/5``), ``few`` (``n_c < n_max/25``), ``medium``.
-
-    The CIFAR-100-LT / ImageNet-LT convention (many > 100, few < 20 training images with 500 in
-    the largest class) scaled to the largest of the per-class training ``counts``; for
-    exponential profiles with ratio 100 it puts 4 / 3 / 3 of 10 classes in many / medium / few.
+    """Class indices of ``many`` (``n_c > n_max/5``), ``few`` (``n_c < n_max/25``), ``medium``:
+    the CIFAR-100-LT convention (many > 100, few < 20 of 500) scaled to the largest of the
+    training ``counts`` (ratio 100, exponential: 4 / 3 / 3 of 10 classes).
 
     Raises:
         ValueError: for no counts.
@@ -257,9 +247,8 @@ def _balanced_take(labels: np.ndarray, per_class: int | None, rng) -> np.ndarray
 
 
 def long_tailed_splits(data: lab_data.ImageDataset, recipe: Recipe, seed: int = 0):
-    """Long-tailed training view, balanced validation (left-out train images), balanced test.
-
-    ``seed`` draws the images (fixed, so every loss and seed sees the same data).
+    """Long-tailed training view, balanced validation (left-out train images), balanced test,
+    drawn by ``seed`` (fixed: every loss and seed sees the same data).
 
     Returns:
         ``(splits, counts)``: standardised :class:`lab_data.Splits` and per-class train counts.
@@ -308,11 +297,8 @@ def _check_counts(counts) -> torch.Tensor:
 
 
 class LDAMLoss(nn.Module):
-    """LDAM (Cao et al. 2019): cross-entropy on ``s (z − Δ_y e_y)``, ``Δ_c ∝ n_c^{−1/4}``.
-
-    ``max_margin`` (the rarest class's) and the logit scale ``s`` are positive; ``weight``:
-    optional class weights (DRW replaces this buffer late in training).
-    """
+    """LDAM (Cao et al. 2019): cross-entropy on ``s (z − Δ_y e_y)``, ``Δ_c ∝ n_c^{−1/4}``, the
+    rarest class's ``Δ = max_margin``; ``weight``: class weights (DRW replaces them late)."""
 
     def __init__(self, counts: list[int], max_margin: float = 0.5, s: float = 1.0, weight=None):
         super().__init__()
@@ -370,9 +356,8 @@ LOSS_FAMILIES |= {f"{n}-drw": LOSS_FAMILIES[n].with_name(f"{n}-drw") for n in DR
 
 
 def drw_hook(criterion: nn.Module, counts: list[int], start: float, device: torch.device):
-    """Progress hook of deferred re-weighting: no class weights before ``start``, CB after.
-
-    A pure function of progress, so resumed runs switch at the same step.
+    """Progress hook of deferred re-weighting: no class weights before ``start``, CB after (a
+    function of progress alone: resumed runs switch at the same step).
 
     Raises:
         ValueError: for ``start`` outside [0, 1], or counts that are not positive.
@@ -388,8 +373,8 @@ def drw_hook(criterion: nn.Module, counts: list[int], start: float, device: torc
 
 
 def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: dict) -> dict:
-    """``test_accuracy`` of ``(N,)`` predicted classes, and ``{group}_accuracy`` over the
-    classes of each of :func:`class_groups`' ``groups`` (``None`` for an empty group).
+    """``test_accuracy`` of ``(N,)`` predictions, and ``{group}_accuracy`` over each of
+    :func:`class_groups`' ``groups`` (``None`` for an empty group).
 
     Raises:
         ValueError: if ``predictions`` and ``labels`` differ in shape.
@@ -404,15 +389,15 @@ def group_accuracies(predictions: torch.Tensor, labels: torch.Tensor, groups: di
     return out
 
 
-# --- task ------------------------------------------------------------------------------------
 class ImbalancedTask(ClassificationTask):
     """Long-tailed classification: re-weighting, DRW, LDAM, logit adjustment and EL variants."""
 
     name = "imbalanced"
-    recipes = PRESETS
     summary = "imbalanced classification: long-tailed Fashion-MNIST, MNIST or CIFAR-10"
-    datasets = ("fashion-mnist", "mnist", "cifar10")
     loss_families = LOSS_FAMILIES
+    datasets = ("fashion-mnist", "mnist", "cifar10")
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
     paper = PAPER_SETTINGS
 
     def add_arguments(self, group) -> None:
@@ -430,9 +415,7 @@ class ImbalancedTask(ClassificationTask):
             f"({r.train.schedule}), DRW at {r.drw_start:g}"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
         dataset = lab_data.load_dataset(recipe.dataset, options.data_root)
         splits, counts = long_tailed_splits(dataset, recipe)
         if options.train_size is not None:  # a smaller view with the same profile, for tests
@@ -449,9 +432,13 @@ class ImbalancedTask(ClassificationTask):
             "groups": groups,
             "group_rule": "many: n_c > n_max/5; few: n_c < n_max/25; medium: the rest",
         }
-        config = run_config(options, recipe, data=data, drw_start=recipe.drw_start)
-        out_name, state = f"{self.name}-{options.preset}", (recipe, splits, groups)
-        return Prepared(f"{recipe.dataset}-lt", out_name, config, state, threads, counts)
+        return {"data": data, "drw_start": recipe.drw_start}, (splits, groups)
+
+    def prepare(self, options: Options) -> Prepared:
+        """Every task's, named ``{dataset}-lt``, with the long-tailed view's class counts."""
+        prepared = super().prepare(options)
+        counts = prepared.config["data"]["train_counts"]
+        return replace(prepared, dataset=f"{prepared.dataset}-lt", class_counts=counts)
 
     def train_hooks(self, prepared, spec, model, criterion, config) -> dict:
         """Moves ``criterion`` to the device; ``*-drw`` losses re-weight from ``drw_start``."""

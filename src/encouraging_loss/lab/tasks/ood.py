@@ -24,15 +24,8 @@ from ..experiment import Options, Prepared
 from ..losses import LossSpec
 from ..report import against_ce
 from ..trainer import TrainConfig
-from . import (
-    ClassificationTask,
-    PaperRow,
-    PaperSetting,
-    apply_options,
-    load_splits,
-    run_config,
-    split_sizes,
-)
+from . import PAPER_CLAMPED_EL as PAPER_EL
+from . import ClassificationTask, PaperRow, PaperSetting, apply_options, data_config, load_splits
 
 SCORES = ("msp", "max_logit", "energy", "odin")
 
@@ -45,8 +38,7 @@ class Recipe:
     Attributes:
         train, model, dataset: how it trains, the architecture, the in-distribution dataset.
         ood_sets, scores: OOD sets (dataset names or idx folders); scores from :data:`SCORES`.
-        max_train, max_test: training images (validation included); in-distribution test images
-            and images per OOD set (``None`` = all).
+        max_train, max_test: training images (validation included); test images per set.
         odin_temperature, odin_epsilon: ODIN's temperature and input step (standardised units).
         val_fraction, threads: training images held out for model selection; CPU threads.
     """
@@ -64,7 +56,6 @@ class Recipe:
     threads: int | None = 1  # None for the GPU preset (full)
 
 
-# TrainConfig's defaults: SGD (momentum 0.9), lr 0.05, weight decay 5e-4, batch 128, cosine.
 PRESETS: dict[str, Recipe] = {
     "quick": Recipe(TrainConfig(5, 64), scores=SCORES[:3], max_test=2000),
     "standard": Recipe(TrainConfig(10)),
@@ -106,12 +97,9 @@ def resolve_recipe(options: Options) -> Recipe:
 
 # --- data ------------------------------------------------------------------------------------
 def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Splits, seed=0):
-    """Test images of the OOD set ``name`` (an idx dataset under ``data_root``, or a folder of
-    ``t10k-images-idx3-ubyte[.gz]``), standardised as the in-distribution ``splits`` are: a
-    random subset (drawn by ``seed``) of ``max_test`` of them (``None`` = all).
-
-    Returns:
-        ``(label, x)``: the name used in metric names and ``(N, C, H, W)`` float inputs.
+    """``(label, x)``: the name in metric names and ``max_test`` random test images (drawn by
+    ``seed``; ``None`` = all) of the OOD set ``name``, an idx dataset under ``data_root`` or a
+    folder of ``t10k-images-idx3-ubyte[.gz]``, standardised as the in-distribution ``splits``.
 
     Raises:
         ValueError: naming ``ood_sets`` for an unknown name, a non-idx dataset or images of
@@ -138,8 +126,8 @@ def load_ood_set(name: str, data_root, max_test: int | None, splits: lab_data.Sp
 
 # --- scores and metrics ----------------------------------------------------------------------
 def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """``{"msp", "max_logit", "energy"}`` float64 arrays: MSP, maximum logit and negative
-    energy (logsumexp) of each row of ``(N, C)`` logits; higher = more in-distribution.
+    """``{"msp", "max_logit", "energy"}``: float64 MSP, maximum logit and negative energy
+    (logsumexp) of each row of ``(N, C)`` logits.
 
     Raises:
         ValueError: if ``logits`` is not a 2-D tensor.
@@ -157,10 +145,8 @@ def scores_from_logits(logits: torch.Tensor) -> dict[str, np.ndarray]:
 def odin_scores(
     model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float, batch_size: int, device
 ) -> np.ndarray:
-    """ODIN (Liang et al. 2018): MSP at temperature T after a small input step towards it.
-
-    ``(N,)`` scores of inputs ``x`` (standardised as ``model`` expects), higher = more
-    in-distribution; ``temperature`` > 0, input step ``epsilon`` ≥ 0, ``batch_size`` ≥ 1.
+    """ODIN (Liang et al. 2018): ``(N,)`` MSPs at ``temperature`` (> 0) of inputs ``x`` after an
+    input step ``epsilon`` (≥ 0) towards it.
 
     Raises:
         ValueError: naming ``temperature``, ``epsilon`` and ``batch_size`` if one is out of range.
@@ -182,9 +168,8 @@ def odin_scores(
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
-    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` (FPR at 95% TPR), from scikit-learn.
-
-    ``id_scores`` are the in-distribution images' (the positives), higher = more ID.
+    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` (FPR at 95% TPR) from scikit-learn, the
+    in-distribution ``id_scores`` the positives.
 
     Raises:
         ValueError: if either array is empty or not finite.
@@ -207,17 +192,7 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-# --- the paper's setting (encouraging-loss paper) -------------------------------------------
-# The paper's EL here is its repository's log_end=1: log(1 − p) with 1 − p clamped at 1e-5 (the
-# MNIST models bg-1_le1.0). The lab's el:log_end=1 is the exact, unbounded log bonus; log_end =
-# 1 − 1e-5 is the paper's bonus up to that clamp, and bounded past it as the clamp is.
-PAPER_EL = "el:log_end=0.99999"
-
-
-def _paper_row(label: str, metric: str, paper=None, direction=None) -> PaperRow:
-    return PaperRow(label, metric, treatment=PAPER_EL, paper=paper, direction=direction)
-
-
+# --- the paper's setting (encouraging-loss paper); its EL: the MNIST models bg-1_le1.0 ---------
 PAPER = (
     PaperSetting(
         name="MNIST against Fashion-MNIST and notMNIST, small BN CNN",
@@ -232,20 +207,22 @@ PAPER = (
             "gpu": dict(preset="paper", seeds=5, epochs=100, device="auto"),
         },
         rows=(
-            _paper_row(
+            PaperRow.clamped_el(
                 "AUROC, Fashion-MNIST, MSP (%)", "ood/fashion-mnist/msp/auroc", (95.68, 98.04)
             ),
-            _paper_row(
+            PaperRow.clamped_el(
                 "FPR at 95% TPR, Fashion-MNIST, MSP (%)",
                 "ood/fashion-mnist/msp/fpr95",
                 (20.92, 8.69),
             ),
-            _paper_row(
+            PaperRow.clamped_el(
                 "AUROC, Fashion-MNIST, logsumexp (%)", "ood/fashion-mnist/energy/auroc", None, +1
             ),
-            _paper_row("AUROC, notMNIST, MSP (%)", "ood/notmnist/msp/auroc", None, +1),
-            _paper_row("FPR at 95% TPR, notMNIST, MSP (%)", "ood/notmnist/msp/fpr95", None, -1),
-            _paper_row("MNIST test accuracy (%)", "test_accuracy", None, +1),
+            PaperRow.clamped_el("AUROC, notMNIST, MSP (%)", "ood/notmnist/msp/auroc", None, +1),
+            PaperRow.clamped_el(
+                "FPR at 95% TPR, notMNIST, MSP (%)", "ood/notmnist/msp/fpr95", None, -1
+            ),
+            PaperRow.clamped_el("MNIST test accuracy (%)", "test_accuracy", None, +1),
         ),
         departures=(
             "MNIST's first 10,000 training images only (9,000 train + 1,000 validation; the "
@@ -261,15 +238,15 @@ PAPER = (
 )
 
 
-# --- the task: one run per (loss, seed): train → measure → report spec ------------------
 class OodTask(ClassificationTask):
     """OOD detection of a classifier trained on MNIST, against other idx test sets."""
 
     name = "ood"
-    recipes = PRESETS
-    paper = PAPER
     summary = "out-of-distribution detection: MNIST against Fashion-MNIST, notMNIST (AUROC, FPR95)"
     datasets = ("mnist", "fashion-mnist")
+    recipes = PRESETS
+    resolve_recipe = staticmethod(resolve_recipe)
+    paper = PAPER
 
     def add_arguments(self, group) -> None:
         group.description = "in-distribution --dataset (default mnist)"
@@ -285,18 +262,13 @@ class OodTask(ClassificationTask):
             f"{r.train.lr:g}, test {r.max_test or 'all'} per set; scores {','.join(r.scores)}"
         )
 
-    def prepare(self, options: Options) -> Prepared:
-        recipe = resolve_recipe(options)
-        threads = options.apply_threads(recipe.threads)
-        dataset, splits = load_splits(recipe.dataset, options, recipe)
+    def load(self, options: Options, recipe: Recipe) -> tuple[dict, tuple]:
+        dataset, splits = load_splits(options, recipe)
         root, max_test = options.data_root, recipe.max_test
         ood_x = dict(load_ood_set(name, root, max_test, splits) for name in recipe.ood_sets)
-        data = {"source": str(dataset.source), **split_sizes(splits)}
-        data["ood_sets"] = {name: len(x) for name, x in ood_x.items()}
+        data = data_config(dataset.source, splits, ood_sets={n: len(x) for n, x in ood_x.items()})
         odin = {"temperature": recipe.odin_temperature, "epsilon": recipe.odin_epsilon}
-        config = run_config(options, recipe, data=data, scores=list(recipe.scores), odin=odin)
-        out_name = f"{self.name}-{options.preset}"
-        return Prepared(recipe.dataset, out_name, config, (recipe, splits, ood_x), threads)
+        return {"data": data, "scores": list(recipe.scores), "odin": odin}, (splits, ood_x)
 
     def measure(self, prepared, result, model, splits, run) -> None:
         """Test accuracy and energy of the in-distribution set, then every OOD metric."""

@@ -129,11 +129,8 @@ class TranslationTask(Task):
     def default_seeds(self, preset: str) -> int:
         return recipes.preset_recipe(preset).seeds
 
-    def add_arguments(self, group) -> None:
-        recipes.add_arguments(group)
-
-    def describe_presets(self) -> str:
-        return recipes.describe_presets()
+    add_arguments = staticmethod(recipes.add_arguments)
+    describe_presets = staticmethod(recipes.describe_presets)
 
     def prepare(self, options: Options) -> Prepared:
         recipe = recipes.resolve_recipe(options)

@@ -66,10 +66,8 @@ def load_multi30k(data_root: str | None = None) -> tuple[dict[str, tuple[list, l
 
 
 def subset(pairs: tuple[list, list], limit: int | None, seed: int) -> tuple[list, list]:
-    """A fixed random subset of ``limit`` ``(sources, targets)`` pairs in original order.
-
-    ``limit=None`` (or at least the number of pairs) keeps all; ``seed`` seeds the choice.
-    """
+    """A fixed random subset (drawn by ``seed``) of ``limit`` ``(sources, targets)`` pairs in
+    their order; ``None`` keeps all."""
     if limit is None or limit >= len(pairs[0]):
         return pairs
     keep = torch.randperm(len(pairs[0]), generator=torch.Generator().manual_seed(seed))[:limit]
@@ -79,10 +77,10 @@ def subset(pairs: tuple[list, list], limit: int | None, seed: int) -> tuple[list
 
 def train_tokenizer(sentences: list[str], vocab_size: int, path: Path | None = None):
     """A ``tokenizers.Tokenizer``: joint BPE of ``vocab_size`` ids (specials included) learned
-    on the training sentences of both languages, saved to ``path`` (atomically) unless ``None``.
+    on both languages' training sentences, saved to ``path`` (atomically) unless ``None``.
 
-    Metaspace pre-tokenisation and decoding make decoding the exact inverse on whitespace, so
-    hypotheses are detokenised by ``decode`` alone and scored against the raw references.
+    Metaspace pre-tokenisation makes ``decode`` the exact inverse on whitespace, so hypotheses
+    are scored against the raw references.
 
     Raises:
         ValueError: if ``vocab_size`` is too small.
@@ -162,16 +160,12 @@ def encode_pairs(tokenizer, pairs: tuple[list, list], max_tokens: int) -> Encode
 
 
 def epoch_batches(lengths: torch.Tensor, batch: int, seed: int, pool: int = 32) -> list:
-    """One epoch's batches of pair indices: shuffled, then length-bucketed, then shuffled.
+    """One epoch's ``N // batch`` batches of pair indices, for ``(N,)`` target ``lengths``.
 
     Pairs are shuffled, cut into pools of ``pool`` batches, sorted by target length inside a
-    pool (a batch pads little: about half the compute of random batches on Multi30k), cut into
-    batches, and the batches shuffled, all drawn from a generator seeded by ``seed`` (the
-    trainer passes ``(seed, epoch)``: a resumed run needs no sampler state). The last partial
-    batch is dropped, as in the shared trainer.
-
-    Returns:
-        ``N // batch`` index tensors of ``batch`` pairs each, for ``(N,)`` target ``lengths``.
+    pool (about half the padding compute of random batches on Multi30k), cut into batches, and
+    the batches shuffled, all drawn by ``seed`` (a resumed run needs no sampler state). The
+    last partial batch is dropped, as in the shared trainer.
 
     Raises:
         ValueError: if ``batch`` or ``pool`` is not positive, or ``batch > N``.

@@ -31,11 +31,9 @@ def _forced(model, src, tgt, device, states: bool = False) -> tuple[torch.Tensor
 
 
 def fused_loss_options(criterion: nn.Module) -> dict:
-    """The keywords of :func:`encouraging_loss.linear_encouraging_loss` for ``criterion``.
-
-    ``criterion`` is an ``nn.CrossEntropyLoss`` (computed as EL with bonus scale 0) or an
-    ``EncouragingLoss``, with mean reduction; read at every step, so that a schedule's updates
-    of ``criterion.bonus_scale`` apply.
+    """The keywords of :func:`encouraging_loss.linear_encouraging_loss` for ``criterion``, an
+    ``nn.CrossEntropyLoss`` (EL with bonus scale 0) or ``EncouragingLoss`` of mean reduction
+    (read at every step, so that a schedule's ``bonus_scale`` applies).
 
     Raises:
         ValueError: naming ``criterion`` for another loss or reduction.
@@ -71,19 +69,18 @@ def teacher_forced_loss(
 ) -> tuple[torch.Tensor, Callable[[], dict]]:
     """The loss of one batch of ``(B, Ls)`` source and ``(B, Lt)`` target ids, and its statistics.
 
-    Materialised: ``criterion(logits, targets)`` on the flat ``(tokens, vocab)`` logits. With
-    ``fused_linear``: the decoder states, ``model.output`` and the targets go to
-    :func:`encouraging_loss.linear_encouraging_loss` with ``criterion``'s settings, which never
-    forms those logits (the same loss within rounding). ``amp``: bfloat16 autocast on CUDA (the
-    fused loss then gets bfloat16 states and weight, as autocast gives the projection).
-    ``forward``: the module the forward runs through (the DDP wrapper of ``model`` under
-    ``torchrun``, so that gradients reach its hooks); ``None`` = ``model``.
+    Materialised: ``criterion`` on the flat ``(tokens, vocab)`` logits. ``fused_linear``: the
+    decoder states, ``model.output`` and the targets go to
+    :func:`encouraging_loss.linear_encouraging_loss`, which never forms those logits (the same
+    loss within rounding). ``amp``: bfloat16 autocast on CUDA (the fused loss then gets
+    bfloat16 states and weight). ``forward``: the module the forward runs through (the DDP
+    wrapper under ``torchrun``, so that gradients reach its hooks); ``None`` = ``model``.
 
     Returns:
-        ``(loss, statistics)``. Call ``statistics()`` after ``loss.backward()`` and before the
-        optimiser step: over non-pad tokens, ``loss`` (x tokens), ``ce`` (plain CE sum),
-        ``correct``, ``count`` (tokens), and ``well_norm``/``total_norm``, the summed norms of
-        the loss's gradient on each token's logits (tokens with p_y > 0.5 / all).
+        ``(loss, statistics)``; ``statistics()``, called after ``loss.backward()`` and before the
+        optimiser step, sums over non-pad tokens ``loss`` (x tokens), ``ce`` (plain CE),
+        ``correct``, ``count``, and ``well_norm``/``total_norm``, the norms of the loss's
+        gradient on each token's logits (tokens with p_y > 0.5 / all).
 
     Raises:
         ValueError: from :func:`fused_loss_options` for a criterion the fused path lacks.
@@ -134,13 +131,10 @@ def _mean_denominator(criterion: nn.Module, gold: torch.Tensor) -> float | torch
 
 @torch.no_grad()
 def _fused_statistics(criterion, states, weight, bias, targets) -> dict:
-    """:func:`teacher_forced_loss`'s statistics from decoder states, in row chunks.
-
-    Each chunk's logits are formed again (``states @ weight.T + bias``, at most
-    :data:`STATISTICS_CHUNK_LOGITS` of them) and its loss recomputed with autograd on them,
-    scaled by the chunk's share of the batch's mean denominator, so that its gradient is the
-    batch loss's gradient on those rows: the materialised path's numbers without its logits.
-    """
+    """:func:`teacher_forced_loss`'s statistics from decoder states, in row chunks of at most
+    :data:`STATISTICS_CHUNK_LOGITS` logits: each chunk's loss is recomputed with autograd and
+    scaled by its share of the batch's mean denominator, so that its gradient is the batch
+    loss's on those rows (the materialised path's numbers without its logits)."""
     keep = targets != IGNORE_INDEX
     states, gold = states.detach()[keep], targets[keep]
     weight = weight.detach()
@@ -169,13 +163,9 @@ def _fused_statistics(criterion, states, weight, bias, targets) -> dict:
 
 @torch.no_grad()
 def evaluate(model, data: Encoded, batch_size: int, device, collect: bool = False) -> dict:
-    """Teacher-forced token accuracy and plain CE (``ppl = exp(CE)``) over non-pad tokens of
-    ``data``, ``batch_size`` sentences at a time on ``device``; with ``collect``, also per-token
-    margins and energies (``-logsumexp``, ``-z_y``).
-
-    Returns:
-        ``{"token_accuracy", "ce", "ppl", "tokens"}`` (+ ``margin``/``energy``/``energy_true``
-        tensors when ``collect``).
+    """Teacher-forced ``{"token_accuracy", "ce", "ppl", "tokens"}`` (plain CE, ``ppl =
+    exp(CE)``) over the non-pad tokens of ``data``; with ``collect``, also per-token
+    ``margin``, ``energy`` (``-logsumexp``) and ``energy_true`` (``-z_y``) tensors.
 
     Raises:
         ValueError: if ``data`` is not :class:`Encoded` or ``batch_size`` is not positive.
@@ -207,11 +197,9 @@ def evaluate(model, data: Encoded, batch_size: int, device, collect: bool = Fals
 
 
 class TranslationBatches:
-    """Padded sentence pairs as the shared trainer's batches.
-
-    Length-bucketed batches (:func:`data.epoch_batches`), a teacher-forced loss ignoring padding
-    (:func:`teacher_forced_loss`; under ``torchrun`` each rank averages over its own tokens, so
-    ranks weigh equally rather than tokens), epochs selected on validation token accuracy.
+    """Padded sentence pairs as the shared trainer's batches: length-bucketed
+    (:func:`data.epoch_batches`), the teacher-forced loss ignoring padding (under ``torchrun``
+    each rank averages over its own tokens), epochs selected on validation token accuracy.
 
     Args:
         train, val: encoded training and validation pairs.
