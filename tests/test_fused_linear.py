@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import reference_loss
+from conftest import make_case, reference_loss
 from encouraging_loss import LinearEncouragingLoss, encouraging_loss, linear_encouraging_loss
 from encouraging_loss.ops.fused_linear import default_chunk_size
 
@@ -494,6 +494,39 @@ def test_logit_terms_float32_and_lse_match_materialised(reduction):
         with_lse, _ = linear_encouraging_loss(hidden, weight, target, bias, reduction=reduction,
                                               return_lse=True)
     assert torch.equal(off, plain) and torch.equal(with_lse, plain)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_float32_softcap_is_exact_to_the_float64_cap(label_smoothing):
+    """As the function's (tests/test_functional.py): float32 fused EL with a softcap errs about
+    a unit against the float64 loss of the float64 capped logits (here the logits are exactly
+    the hidden states: an identity projection), where the loss of the float32 capped logits
+    errs several; per row and reduced, with and without a gradient, chunk by chunk."""
+    logits, target = make_case((64,), 50, dtype=torch.float32, scale=10.0, seed=11)
+    logits, identity = logits.detach(), torch.eye(50)
+    unit = torch.finfo(torch.float32).eps
+    options = dict(softcap=30.0, label_smoothing=label_smoothing)
+    expected = reference_loss(logits.double(), target, reduction="none", **options)
+    hidden = logits.clone().requires_grad_()
+    value = linear_encouraging_loss(hidden, identity, target, reduction="none", chunk_size=24,
+                                    **options)  # fmt: skip
+    uncorrected = encouraging_loss(30.0 * torch.tanh(logits / 30.0), target, reduction="none",
+                                   label_smoothing=label_smoothing)  # fmt: skip
+    error = ((value.double() - expected).abs() / (expected.abs() + 1)).max().item()
+    old = ((uncorrected.double() - expected).abs() / (expected.abs() + 1)).max().item()
+    assert error <= 1.5 * unit < 3 * unit < old, (error / unit, old / unit)
+    value.sum().backward()  # the gradient of the rounded cap, as the function's
+    reference = logits.detach().clone().requires_grad_()
+    encouraging_loss(reference, target, reduction="sum", **options).backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
+    for reduction in ("mean", "sum"):
+        exact = reference_loss(logits.double(), target, reduction=reduction, **options).item()
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                reduced = linear_encouraging_loss(logits.clone().requires_grad_(grad), identity,
+                                                  target, reduction=reduction, chunk_size=24,
+                                                  **options)  # fmt: skip
+            assert abs(reduced.item() - exact) <= unit * (abs(exact) + 1), (reduced.item(), exact)
 
 
 def test_logit_terms_module_and_validation():

@@ -12,7 +12,13 @@ from ._validate import (
     check_token_weight,
 )
 from .ops.index_targets import IndexTargetRows, row_token_weight, target_weights
-from .ops.logit_terms import ZLoss, softcapped, z_row_weight
+from .ops.logit_terms import (
+    CompensatedSoftcap,
+    ZLoss,
+    compensates,
+    softcapped,
+    z_row_weight,
+)
 from .ops.rowwise import ROW_DTYPE, DenseTargetEL
 from .ops.small import small_encouraging_loss, small_path_supports
 from .ops.small_common import hard_log_bonus_loss
@@ -257,33 +263,42 @@ def encouraging_loss_with_options(
 
 def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight, return_lse):
     """The loss of the softcapped logits plus the z-loss, as torch operations (autograd carries
-    the gradients through them); the logsumexp too with ``return_lse``."""
+    the gradients through them); the logsumexp too with ``return_lse``. For float32 logits the
+    cap is exact to float64 (:class:`.ops.logit_terms.CompensatedSoftcap`)."""
     is_index = check_input_and_target(input, target)
     dtype = compute_dtype_for(input.dtype)
-    capped = softcapped(input, options.softcap, dtype)
-    if options.z_loss != 0.0:
-        # The loss and the z-loss summed in the compute dtype: one rounding to a half dtype.
-        capped = capped.to(dtype)
-    loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(), weight,
-                                         bonus_weight, token_weight)  # fmt: skip
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
-    rows = class_last(capped).to(dtype)  # a view: no copy
-    if options.z_loss != 0.0:
-        if is_index:
-            row_weight = z_row_weight(target, options.ignore_index, token_weight)
-        else:
-            row_weight = row_token_weight(token_weight)
-        z_rows, lse = ZLoss.apply(rows, row_weight, options.z_loss)
-        z_rows, lse = z_rows.reshape(index_shape), lse.reshape(index_shape)
-        if options.reduction == "none":
+
+    def loss_of_capped(capped):
+        if options.z_loss != 0.0:
+            # The loss and the z-loss summed in the compute dtype: one rounding to a half dtype.
+            capped = capped.to(dtype)
+        loss = encouraging_loss_with_options(capped, target, options.without_logit_terms(),
+                                             weight, bonus_weight, token_weight)  # fmt: skip
+        rows = class_last(capped).to(dtype)  # a view: no copy
+        lse = None
+        if options.z_loss != 0.0:
+            if is_index:
+                row_weight = z_row_weight(target, options.ignore_index, token_weight)
+            else:
+                row_weight = row_token_weight(token_weight)
+            z_rows, lse = ZLoss.apply(rows, row_weight, options.z_loss)
+            z_rows, lse = z_rows.reshape(index_shape), lse.reshape(index_shape)
+            if options.reduction != "none":
+                z_rows = z_rows.sum()
+            if options.reduction == "mean":
+                z_rows = z_rows / _mean_denominator(target, is_index, weight, token_weight,
+                                                    options, dtype)  # fmt: skip
             loss = loss + z_rows
-        elif options.reduction == "sum":
-            loss = loss + z_rows.sum()
-        else:
-            loss = loss + z_rows.sum() / _mean_denominator(target, is_index, weight, token_weight,
-                                                           options, dtype)  # fmt: skip
-    elif return_lse:
-        lse = torch.logsumexp(rows, dim=-1).reshape(index_shape)
+        elif return_lse:
+            lse = torch.logsumexp(rows, dim=-1).reshape(index_shape)
+        return loss, lse
+
+    if compensates(input, options.softcap):
+        loss, lse = CompensatedSoftcap.apply(input, options.softcap, loss_of_capped,
+                                             1 if input.dim() > 1 else 0)  # fmt: skip
+    else:
+        loss, lse = loss_of_capped(softcapped(input, options.softcap, dtype))
     loss = loss.to(input.dtype)
     return (loss, lse.detach()) if return_lse else loss
 

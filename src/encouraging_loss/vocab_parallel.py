@@ -497,8 +497,9 @@ def vocab_parallel_linear_encouraging_loss(
     logit_terms = None
     if options.softcap is not None:
         # Only the softcap, per chunk (the z-loss needs the global logsumexp: the rows add it).
+        # Capped in the compute dtype: a row's float64 remainder would need every rank's.
         logit_terms = ChunkLogitTerms(options.replace(z_loss=0.0), target.reshape(-1), None,
-                                      dtype, False)  # fmt: skip
+                                      dtype, False, compensate=False)  # fmt: skip
     if hidden.requires_grad and torch.is_grad_enabled():
         hidden = _SumGradOverRanks.apply(hidden, group)
     flat_hidden = hidden.reshape(-1, hidden_size).contiguous()

@@ -212,6 +212,17 @@ def chunked_linear_el(
             if not want_grads:
                 continue
             buffer = grad_logits
+        elif logit_terms is not None and logit_terms.compensated(extra):
+            # The float32 cap's remainder corrects the value through the unit row gradient.
+            loss, buffer, state = rows.terms(logits, chunk, consume=True)
+            ones = torch.ones(buffer.shape[0], dtype=ROW_DTYPE, device=buffer.device)
+            grad_logits = rows.grad_(buffer, state, ones)
+            loss = loss + logit_terms.correction(extra, grad_logits)
+            row_losses[chunk] = loss if z_rows is None else loss + z_rows
+            del logits, loss, state
+            if not want_grads:
+                continue
+            grad_logits = grad_logits.mul_(grad_rows[chunk].to(grad_logits.dtype).unsqueeze(1))
         else:
             loss, buffer, state = rows.terms(logits, chunk, consume=True)
             row_losses[chunk] = loss if z_rows is None else loss + z_rows

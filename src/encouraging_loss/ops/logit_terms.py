@@ -11,6 +11,17 @@ softcap as torch operations (autograd takes the gradient through the tanh), the 
 :class:`ZLoss`; the fused linear loss, chunk by chunk with :class:`ChunkLogitTerms`, which adds
 the closed-form gradients to each chunk's logits gradient. The Triton kernels compute both
 inside (see :mod:`.triton_el`).
+
+Exactness of the softcap for float32 logits: the capped logits ``s`` are rounded to float32, a
+half unit of each (up to ~1e-6 at ``|s|`` near 30), and EL, whose target gradient stays near -1
+where CE's vanishes, passes that rounding on to its value at several float32 units where CE of
+the same capped logits errs about two. So for float32 logits the cap is taken in float64,
+``s = s32 + low`` with ``s32`` its rounding, the loss computed from ``s32`` and its value
+corrected to first order, ``loss(s) = loss(s32) + sum_j g_j low_j`` with ``g`` the gradient of
+each element's loss with respect to its capped logits, which the closed-form paths build
+anyway (:class:`CompensatedSoftcap`, :meth:`ChunkLogitTerms.correction`). The second-order
+remainder is ~|g'| low**2, far below a unit; the gradient is that of ``s32``, as accurate as
+CE's.
 """
 
 from __future__ import annotations
@@ -25,6 +36,86 @@ def softcapped(logits: torch.Tensor, softcap: float | None, dtype: torch.dtype) 
     if softcap is None:
         return logits
     return torch.tanh(logits.to(dtype) / softcap) * softcap
+
+
+def _float64_softcap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``c * tanh(z / c)`` in float64 as ``c sign(z) (1 - t) / (1 + t)``, t = exp(-2|z| / c): a
+    float64 exp costs a fifth of torch's float64 tanh on CPU. Near z = 0 the difference 1 - t
+    loses relative digits, never absolute ones (an error of ~c 1e-16, far below a float32 unit
+    of the capped logit or of the loss)."""
+    z = logits.double()
+    t = torch.exp(z.abs().mul_(-2.0 / softcap))
+    denominator = t + 1.0
+    return t.neg_().add_(1.0).div_(denominator).mul_(softcap).copysign_(z)
+
+
+#: Logits capped in float64 at a time by :func:`exact_softcapped` (8 MiB of float64).
+EXACT_CAP_BLOCK = 1 << 20
+
+
+def exact_softcapped(logits: torch.Tensor, softcap: float):
+    """(``c * tanh(logits / c)`` rounded to float32, the rounding's remainder as float32) of
+    float32 logits: the cap taken in float64, a block of :data:`EXACT_CAP_BLOCK` logits at a
+    time (the float64 values are never all held). The remainder is 0 where the logits are not
+    finite (an ignored element's NaN contributes nothing)."""
+    flat = logits.reshape(-1)
+    capped, low = torch.empty_like(flat), torch.empty_like(flat)
+    for start in range(0, flat.numel(), EXACT_CAP_BLOCK):
+        block = slice(start, start + EXACT_CAP_BLOCK)
+        exact = _float64_softcap(flat[block], softcap)
+        capped[block] = exact
+        low[block] = exact.sub_(capped[block])
+    low = torch.nan_to_num_(low, nan=0.0, posinf=0.0, neginf=0.0)
+    return capped.view(logits.shape), low.view(logits.shape)
+
+
+def compensates(logits: torch.Tensor, softcap: float | None) -> bool:
+    """Whether the softcap of these logits is taken in float64 and the loss compensated (float32
+    logits, outside ``torch.compile``: the compiled graph caps in float32)."""
+    return (softcap is not None and logits.dtype == torch.float32
+            and not torch.compiler.is_compiling())  # fmt: skip
+
+
+class CompensatedSoftcap(torch.autograd.Function):
+    """The loss of softcapped float32 logits, exact to the float64 cap (see the module docstring).
+
+    ``loss_of_capped(capped) -> (loss, extra)`` is any loss of the (..., C, ...) capped logits,
+    each element's loss depending on its own logits only (reduced or not: ``"none"`` gives one
+    value per element of the index shape); ``extra`` (None or a tensor without gradient, e.g.
+    the logsumexp) is passed through. The gradient of ``loss`` is computed in forward with the
+    library's closed-form paths (which build it there anyway) and kept, times the cap's
+    derivative; backward scales it by the incoming gradient.
+
+    Inputs: input (float32 logits, class dimension ``class_dim``), softcap, loss_of_capped,
+    class_dim. Outputs: (loss, extra).
+    """
+
+    @staticmethod
+    def forward(ctx, input, softcap, loss_of_capped, class_dim):
+        capped, low = exact_softcapped(input, softcap)
+        with torch.enable_grad():
+            leaf = capped.requires_grad_()
+            loss, extra = loss_of_capped(leaf)
+            (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+        correction = (grad * low).sum(class_dim, dtype=torch.float64)
+        if loss.dim() == 0:
+            correction = correction.sum()
+        value = (loss.detach().double() + correction).to(loss.dtype)
+        ctx.class_dim = class_dim
+        # d s / d z = 1 - tanh(z / c)**2, from the rounded cap: a relative unit, as autograd's.
+        tanh = capped.detach().div_(softcap)
+        ctx.save_for_backward(grad.mul_(tanh.square_().neg_().add_(1.0)))
+        if extra is not None:
+            extra = extra.detach()
+            ctx.mark_non_differentiable(extra)
+        return value, extra
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_extra):
+        (grad,) = ctx.saved_tensors
+        if grad_loss.dim() == 0:
+            return grad * grad_loss.to(grad.dtype), None, None, None
+        return grad * grad_loss.to(grad.dtype).unsqueeze(ctx.class_dim), None, None, None
 
 
 def z_loss_rows(lse: torch.Tensor, z_loss: float, row_weight) -> torch.Tensor:
@@ -92,10 +183,15 @@ class ChunkLogitTerms:
         token_weight: optional checked per-token weights, or None.
         dtype: the compute dtype of the terms (float32, float64 for float64 inputs).
         return_lse: keep each row's logsumexp in :attr:`lse`.
+        compensate: take the cap of float32 logits in float64 and correct the row losses (see
+            the module docstring); False where a row's correction would need the other ranks'
+            columns (the vocabulary-parallel loss).
     """
 
-    def __init__(self, options, target, token_weight, dtype, return_lse: bool):
+    def __init__(self, options, target, token_weight, dtype, return_lse: bool,
+                 compensate: bool = True):  # fmt: skip
         self.softcap, self.z_loss, self.dtype = options.softcap, options.z_loss, dtype
+        self.compensate = compensate
         self.row_weight = None
         if self.z_loss != 0.0:
             self.row_weight = z_row_weight(target, options.ignore_index, token_weight)
@@ -107,7 +203,11 @@ class ChunkLogitTerms:
     def before(self, logits: torch.Tensor, chunk: slice, want_grads: bool):
         """(the logits the loss takes, the state :meth:`grad_` needs, the chunk's z-loss rows
         (float64) or None)."""
-        capped = softcapped(logits, self.softcap, self.dtype)
+        low = None
+        if self.compensate and compensates(logits, self.softcap):
+            capped, low = exact_softcapped(logits, self.softcap)
+        else:
+            capped = softcapped(logits, self.softcap, self.dtype)
         tanh = capped / self.softcap if self.softcap is not None and want_grads else None
         lse = softmax = z_rows = None
         if self.z_loss != 0.0 or self.lse is not None:
@@ -118,12 +218,27 @@ class ChunkLogitTerms:
             z_rows = z_loss_rows(lse.to(ROW_DTYPE), self.z_loss, self.row_weight[chunk])
             if want_grads:
                 softmax = torch.exp(capped.to(self.dtype) - lse.unsqueeze(1))
-        return capped, (tanh, lse, softmax), z_rows
+        return capped, (tanh, lse, softmax, low), z_rows
+
+    @staticmethod
+    def correction(state, unit_grad: torch.Tensor) -> torch.Tensor | None:
+        """The chunk's row-loss corrections (float64) for the float32 rounding of the capped
+        logits, ``sum_j g_j low_j`` (see the module docstring), from each row's gradient for a
+        unit incoming gradient; None where the cap is not compensated."""
+        low = state[3]
+        if low is None:
+            return None
+        return (unit_grad * low).sum(-1, dtype=ROW_DTYPE)
+
+    @staticmethod
+    def compensated(state) -> bool:
+        """Whether :meth:`correction` applies to this chunk (see :func:`compensates`)."""
+        return state[3] is not None
 
     def grad_(self, grad_logits: torch.Tensor, state, chunk: slice, grad_rows) -> torch.Tensor:
         """Add the z-loss's gradient to the capped logits' gradient, then take it through the
         softcap (in place where the dtypes allow)."""
-        tanh, lse, softmax = state
+        tanh, lse, softmax, _ = state
         if softmax is not None:
             softmax = _z_loss_softmax_(softmax, lse, self.z_loss, self.row_weight[chunk],
                                        grad_rows)  # fmt: skip
