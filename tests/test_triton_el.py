@@ -7,6 +7,8 @@ lowered to 16 so that rows span several blocks and end in a partial one.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # The repository's conftest.py sets it before anything imports triton (see there); this covers
 # running the module from elsewhere.
@@ -515,6 +517,49 @@ def test_softcap_correction_does_not_depend_on_the_gradient(label_smoothing):
     with_grad = linear_encouraging_loss(leaf, projection, target, **options)
     with_grad.sum().backward()
     assert torch.equal(without, with_grad.detach())
+
+
+CUDA_COMPILE = """
+import sys
+import triton
+from triton.backends import backends
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from encouraging_loss.ops import triton_kernels
+
+if "nvidia" not in backends:
+    sys.exit(77)
+pointers = dict(logits_ptr="*bf16", grad_ptr="*bf16", target_ptr="*i64", weight_ptr="*fp32",
+                bonus_weight_ptr="*fp32", loss_ptr="*fp32", lse_ptr="*fp32", scale_ptr="*fp32")
+integers = dict(logits_stride="i64", grad_stride="i64", n_cols="i32", ignore_index="i32")
+flags = ("HAS_WEIGHT", "HAS_BONUS_WEIGHT", "HAS_Z_LOSS", "HAS_SOFTCAP", "HAS_START")
+cases = [("hard_target_kernel", bonus, on) for bonus in (0, 1, 2, 3) for on in (False, True)]
+cases += [("smoothed_kernel", bonus, on) for bonus in (0, 1) for on in (False, True)]
+for name, bonus, on in cases:
+    kernel = getattr(triton_kernels, name)
+    constants = {flag: on for flag in flags if flag in kernel.arg_names}
+    constants.update(BONUS=bonus, BLOCK=1024)
+    types = {**pointers, **integers}
+    signature = {arg: "constexpr" if arg in constants else types.get(arg, "fp32")
+                 for arg in kernel.arg_names}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                   target=GPUTarget("cuda", 90, 32))
+print(len(cases))
+"""
+
+
+def test_kernels_compile_for_cuda(tmp_path):
+    """The kernels compile for a CUDA target (sm_90, no GPU needed), every bonus code with the
+    flags off and on: the interpreter does not check what the compiler does (a loop-carried
+    variable that changes type, a float64 operation without a lowering)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", CUDA_COMPILE], env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    if result.returncode == 77:
+        pytest.skip("triton has no CUDA backend here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "12"
 
 
 # The interpreter's numpy warns on the ignored row's NaN logits.

@@ -314,7 +314,7 @@ def smoothed_kernel(
     # The row's scalars in float64; the target's term beta (m - z_y) when y is not s.
     z_y = tl.load(logits_ptr + y).to(tl.float32)
     if HAS_SOFTCAP:
-        z_y, _ = _softcap(z_y, softcap)
+        z_y = _softcap(z_y, softcap)[0]  # (no "_": pass 3 assigns it blocks)
     target_mass = tl.where(special == y, 0.0, beta).to(tl.float64)
     ce_rest += target_mass * (row_max.to(tl.float64) - z_y.to(tl.float64))
     mass_rest += target_mass
