@@ -25,8 +25,12 @@ z lse**2 to its loss and 2 z lse softmax_j (times the row's gradient scale: its 
 over the mean's denominator) to its gradient, lse the logsumexp of the capped logits, which the
 kernels write for every row (ignored ones too) for ``return_lse``.
 
-Accumulation is in float32 for every input dtype (float32, bfloat16, float16); the gradient is
-written in the logits' dtype, into a new tensor or, with ``in_place=True``, over the logits
+The elementwise work is float32 for every input dtype (float32, bfloat16, float16), each row's
+scalars (the sums across blocks, logs, p, the bonus, the row loss, the lse) float64; under a
+softcap the row loss is corrected to first order for the rounding of the float32 capped logits
+(from a float64 tanh in the gradient pass; see :mod:`.triton_kernels`), so that the float32 loss
+and gradient err no more than torch's float32 cross-entropy does. The gradient is written in
+the logits' dtype, into a new tensor or, with ``in_place=True``, over the logits
 themselves (the caller must not use the logits afterwards; saves one (N, C) tensor).
 
 The kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests
