@@ -65,10 +65,18 @@ CASES = {
     ),
     "linear_token_weight_sum": ("linear", EVEN, 7,
                                 {"token_weight": True, "reduction": "sum", "log_end": 1.0}),
+    # float32 under a softcap: also against the float64 loss of the float64 capped logits.
+    "float32_softcap": ("logits", UNEVEN, 32,
+                        {"dtype": torch.float32, "scale": 10.0, "softcap": 30.0,
+                         "reduction": "none", "label_smoothing": 0.1}),
+    "linear_float32_softcap": ("linear", UNEVEN, 32,
+                               {"dtype": torch.float32, "softcap": 30.0, "reduction": "none",
+                                "chunk_size": 8}),
 }
 
 #: The keys of a case's options that say how to build the inputs, not loss options.
-BUILD_KEYS = ("ignore", "weight", "bonus_weight", "token_weight", "confident", "dtype", "bias")
+BUILD_KEYS = ("ignore", "weight", "bonus_weight", "token_weight", "confident", "dtype", "bias",
+              "scale")
 HIDDEN = 3
 
 
@@ -78,7 +86,8 @@ def _inputs(name, widths, rows, spec):
     vocab = sum(widths)
     shape = (rows,) if isinstance(rows, int) else tuple(rows)
     dtype = spec.get("dtype", torch.float64)
-    logits = 3.0 * torch.randn(*shape, vocab, generator=generator, dtype=torch.float64)
+    logits = spec.get("scale", 3.0) * torch.randn(*shape, vocab, generator=generator,
+                                                  dtype=torch.float64)  # fmt: skip
     target = torch.randint(0, vocab, shape, generator=generator)
     if spec.get("confident") == "target":
         # p_y = 1 - 1e-17 or so: the target far above the rest (on both ranks' columns).
@@ -140,6 +149,9 @@ def run_logits_case(name, form, widths, rows, spec, rank):
     }
     if options.get("return_lse"):
         result["lse"] = _relative_error(got[1], expected[1])
+    if full.dtype == torch.float32 and "softcap" in options:
+        result.update(_float64_cap_errors(got, expected, encouraging_loss(
+            moved.detach().double(), target, **options)))  # fmt: skip
     if spec.get("confident") == "target":
         # rho = 1 and the plain log bonus: the target logit's gradient is -1 / (number of rows)
         # exactly, however close p_y is to 1.
@@ -150,6 +162,16 @@ def run_logits_case(name, form, widths, rows, spec, rank):
         result["target_grad"] = float((at_target * rows_n + 1.0).abs().max()) if owned.any() \
             else 0.0  # fmt: skip
     return result
+
+
+def _float64_cap_errors(got, single, exact) -> dict:
+    """The float32 vocabulary-parallel and single-process losses' errors against the float64
+    loss of the float64 capped logits, relative to 1 + |value| (test_vocab_parallel.py reads
+    them apart from the other errors)."""
+    def error(value):
+        value, exact_value = _loss_value(value).detach().double(), exact.double()
+        return float(((value - exact_value).abs() / (exact_value.abs() + 1)).max())
+    return {"cap_float64": error(got), "cap_float64_single": error(single)}
 
 
 def run_linear_case(name, widths, rows, spec, rank):
@@ -177,6 +199,19 @@ def run_linear_case(name, widths, rows, spec, rank):
     got = vocab_parallel_linear_encouraging_loss(
         mine[0], mine[1], target, mine[2] if bias is not None else None, **extra, **options
     )
+    if spec.get("dtype") == torch.float32:
+        # Logits of float32 values whose products are exact (3 bits each): float32 inputs,
+        # the same logits on every path.
+        scale = 8.0
+        hidden32 = ((hidden * scale).round() / scale).float().requires_grad_()
+        projection32 = ((projection * scale).round() / scale).float()
+        expected = linear_encouraging_loss(hidden32, projection32, target, **options)
+        got = vocab_parallel_linear_encouraging_loss(hidden32, projection32[columns].clone(),
+                                                     target, **options)  # fmt: skip
+        logit_options = {k: v for k, v in options.items() if k != "chunk_size"}
+        exact = encouraging_loss((hidden32 @ projection32.t()).double(), target, **logit_options)
+        return {"loss": _relative_error(got, expected), "value": got.double().sum().item(),
+                **_float64_cap_errors(got, expected, exact)}  # fmt: skip
     grads = torch.autograd.grad(_loss_value(got).sum(), mine)
     result = {
         "loss": _relative_error(_loss_value(got), _loss_value(expected)),

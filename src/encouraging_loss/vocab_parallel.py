@@ -26,7 +26,7 @@ from ._validate import check_bool, check_tensor, check_token_weight
 from .functional import compute_dtype_for
 from .linear import check_linear_inputs, finished_loss
 from .ops.fused_linear import check_accumulation_dtype, default_chunk_size, fused_linear_loss
-from .ops.logit_terms import ChunkLogitTerms, softcapped
+from .ops.logit_terms import ChunkLogitTerms, CompensatedSoftcap, compensates, softcapped
 from .ops.vocab_shard import VocabShard, VocabShardEL, VocabShardRows
 from .options import LinearLossOptions, LossOptions, option_attributes, takes_options
 
@@ -367,12 +367,21 @@ def vocab_parallel_loss_with_options(
     dtype = compute_dtype_for(logits_shard.dtype)
     rows = _shard_rows(target, shard, weight, bonus_weight, token_weight, options, dtype,
                        return_lse)  # fmt: skip
-    # The softcap is elementwise: each rank caps its own columns (autograd takes the tanh).
-    capped = softcapped(logits_shard, options.softcap, dtype)
-    loss = VocabShardEL.apply(capped.reshape(-1, shard.width), rows)
-    if options.reduction != "none":
+
+    def loss_of_capped(capped):
+        loss = VocabShardEL.apply(capped.reshape(-1, shard.width), rows)
+        if options.reduction == "none":
+            return loss.reshape(target.shape), None
         loss = loss.sum()
-        loss = loss / rows.denominator if options.reduction == "mean" else loss
+        return (loss / rows.denominator if options.reduction == "mean" else loss), None
+
+    # The softcap is elementwise: each rank caps its own columns (autograd takes the tanh); a
+    # float32 cap's remainder corrects each row by a sum over every rank's columns.
+    if compensates(logits_shard, options.softcap):
+        loss, _ = CompensatedSoftcap.apply(logits_shard, options.softcap, loss_of_capped, -1,
+                                           shard.sum_over_ranks)  # fmt: skip
+    else:
+        loss, _ = loss_of_capped(softcapped(logits_shard, options.softcap, dtype))
     return finished_loss(loss, options.reduction, target.shape, logits_shard.dtype, rows.lse)
 
 
@@ -497,9 +506,9 @@ def vocab_parallel_linear_encouraging_loss(
     logit_terms = None
     if options.softcap is not None:
         # Only the softcap, per chunk (the z-loss needs the global logsumexp: the rows add it).
-        # Capped in the compute dtype: a row's float64 remainder would need every rank's.
+        # A float32 cap's remainder corrects each row by a sum over every rank's columns.
         logit_terms = ChunkLogitTerms(options.replace(z_loss=0.0), target.reshape(-1), None,
-                                      dtype, False, compensate=False)  # fmt: skip
+                                      dtype, False, shard.sum_over_ranks)  # fmt: skip
     if hidden.requires_grad and torch.is_grad_enabled():
         hidden = _SumGradOverRanks.apply(hidden, group)
     flat_hidden = hidden.reshape(-1, hidden_size).contiguous()

@@ -222,7 +222,9 @@ def chunked_linear_el(
             del logits, loss, state
             if not want_grads:
                 continue
-            grad_logits = grad_logits.mul_(grad_rows[chunk].to(grad_logits.dtype).unsqueeze(1))
+            # Rows without a gradient stay 0 whatever theirs is (a mean over zero items: inf).
+            scale = grad_rows[chunk].to(grad_logits.dtype).unsqueeze(1)
+            grad_logits = torch.where(grad_logits == 0, 0.0, grad_logits * scale)
         else:
             loss, buffer, state = rows.terms(logits, chunk, consume=True)
             row_losses[chunk] = loss if z_rows is None else loss + z_rows

@@ -87,11 +87,13 @@ class CompensatedSoftcap(torch.autograd.Function):
     derivative; backward scales it by the incoming gradient.
 
     Inputs: input (float32 logits, class dimension ``class_dim``), softcap, loss_of_capped,
-    class_dim. Outputs: (loss, extra).
+    class_dim, and ``sum_over_shards`` (None, or for logits sharded over the classes across
+    ranks a function that sums the corrections of every rank's columns, e.g. an all-reduce).
+    Outputs: (loss, extra).
     """
 
     @staticmethod
-    def forward(ctx, input, softcap, loss_of_capped, class_dim):
+    def forward(ctx, input, softcap, loss_of_capped, class_dim, sum_over_shards=None):
         capped, low = exact_softcapped(input, softcap)
         with torch.enable_grad():
             leaf = capped.requires_grad_()
@@ -100,6 +102,8 @@ class CompensatedSoftcap(torch.autograd.Function):
         correction = (grad * low).sum(class_dim, dtype=torch.float64)
         if loss.dim() == 0:
             correction = correction.sum()
+        if sum_over_shards is not None:
+            correction = sum_over_shards(correction)
         value = (loss.detach().double() + correction).to(loss.dtype)
         ctx.class_dim = class_dim
         # d s / d z = 1 - tanh(z / c)**2, from the rounded cap: a relative unit, as autograd's.
@@ -114,8 +118,8 @@ class CompensatedSoftcap(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_extra):
         (grad,) = ctx.saved_tensors
         if grad_loss.dim() == 0:
-            return grad * grad_loss.to(grad.dtype), None, None, None
-        return grad * grad_loss.to(grad.dtype).unsqueeze(ctx.class_dim), None, None, None
+            return grad * grad_loss.to(grad.dtype), None, None, None, None
+        return grad * grad_loss.to(grad.dtype).unsqueeze(ctx.class_dim), None, None, None, None
 
 
 def z_loss_rows(lse: torch.Tensor, z_loss: float, row_weight) -> torch.Tensor:
@@ -183,15 +187,15 @@ class ChunkLogitTerms:
         token_weight: optional checked per-token weights, or None.
         dtype: the compute dtype of the terms (float32, float64 for float64 inputs).
         return_lse: keep each row's logsumexp in :attr:`lse`.
-        compensate: take the cap of float32 logits in float64 and correct the row losses (see
-            the module docstring); False where a row's correction would need the other ranks'
-            columns (the vocabulary-parallel loss).
+        sum_over_shards: for logits sharded over the classes across ranks (the
+            vocabulary-parallel loss), a function summing each row's cap correction (see the
+            module docstring) over every rank's columns; None for whole rows.
     """
 
     def __init__(self, options, target, token_weight, dtype, return_lse: bool,
-                 compensate: bool = True):  # fmt: skip
+                 sum_over_shards=None):  # fmt: skip
         self.softcap, self.z_loss, self.dtype = options.softcap, options.z_loss, dtype
-        self.compensate = compensate
+        self.sum_over_shards = sum_over_shards
         self.row_weight = None
         if self.z_loss != 0.0:
             self.row_weight = z_row_weight(target, options.ignore_index, token_weight)
@@ -204,7 +208,7 @@ class ChunkLogitTerms:
         """(the logits the loss takes, the state :meth:`grad_` needs, the chunk's z-loss rows
         (float64) or None)."""
         low = None
-        if self.compensate and compensates(logits, self.softcap):
+        if compensates(logits, self.softcap):
             capped, low = exact_softcapped(logits, self.softcap)
         else:
             capped = softcapped(logits, self.softcap, self.dtype)
@@ -220,15 +224,14 @@ class ChunkLogitTerms:
                 softmax = torch.exp(capped.to(self.dtype) - lse.unsqueeze(1))
         return capped, (tanh, lse, softmax, low), z_rows
 
-    @staticmethod
-    def correction(state, unit_grad: torch.Tensor) -> torch.Tensor | None:
+    def correction(self, state, unit_grad: torch.Tensor) -> torch.Tensor:
         """The chunk's row-loss corrections (float64) for the float32 rounding of the capped
         logits, ``sum_j g_j low_j`` (see the module docstring), from each row's gradient for a
-        unit incoming gradient; None where the cap is not compensated."""
-        low = state[3]
-        if low is None:
-            return None
-        return (unit_grad * low).sum(-1, dtype=ROW_DTYPE)
+        unit incoming gradient (where :meth:`compensated`)."""
+        correction = (unit_grad * state[3]).sum(-1, dtype=ROW_DTYPE)
+        if self.sum_over_shards is not None:
+            correction = self.sum_over_shards(correction)
+        return correction
 
     @staticmethod
     def compensated(state) -> bool:

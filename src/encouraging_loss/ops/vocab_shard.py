@@ -67,6 +67,10 @@ class VocabShard:
         dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the group's ranks, in place (an all-reduce)."""
+        return self.all_reduce_(tensor, dist.ReduceOp.SUM)
+
 
 def row_sum(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Float64 row sums of (M, width) ``values``, weighted by a (width,) vector when given."""
