@@ -264,9 +264,15 @@ def encouraging_loss_with_options(
 def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight, return_lse):
     """The loss of the softcapped logits plus the z-loss, as torch operations (autograd carries
     the gradients through them); the logsumexp too with ``return_lse``. For float32 logits the
-    cap is exact to float64 (:class:`.ops.logit_terms.CompensatedSoftcap`)."""
+    cap is exact to float64 (:class:`.ops.logit_terms.CompensatedSoftcap`; under
+    ``torch.compile``, which cannot take that gradient inside forward, the loss of the float64
+    cap is computed in float64)."""
     is_index = check_input_and_target(input, target)
     dtype = compute_dtype_for(input.dtype)
+    float64_cap = (options.softcap is not None and input.dtype == torch.float32
+                   and torch.compiler.is_compiling())  # fmt: skip
+    if float64_cap:
+        dtype = torch.float64
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
 
     def loss_of_capped(capped):
@@ -300,7 +306,9 @@ def _with_logit_terms(input, target, options, weight, bonus_weight, token_weight
     else:
         loss, lse = loss_of_capped(softcapped(input, options.softcap, dtype))
     loss = loss.to(input.dtype)
-    return (loss, lse.detach()) if return_lse else loss
+    if not return_lse:
+        return loss
+    return loss, (lse.float() if float64_cap else lse).detach()
 
 
 def _mean_denominator(target, is_index, weight, token_weight, options, dtype) -> torch.Tensor:

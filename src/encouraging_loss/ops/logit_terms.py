@@ -70,8 +70,10 @@ def exact_softcapped(logits: torch.Tensor, softcap: float):
 
 
 def compensates(logits: torch.Tensor, softcap: float | None) -> bool:
-    """Whether the softcap of these logits is taken in float64 and the loss compensated (float32
-    logits, outside ``torch.compile``: the compiled graph caps in float32)."""
+    """Whether :class:`CompensatedSoftcap` takes the softcap of these logits (float32 logits,
+    outside ``torch.compile``, which cannot take its gradient inside forward: the compiled
+    function computes the loss of the float64 cap in float64 instead). The fused linear
+    loss's chunks compensate compiled too (their gradient is closed-form)."""
     return (softcap is not None and logits.dtype == torch.float32
             and not torch.compiler.is_compiling())  # fmt: skip
 
@@ -208,7 +210,7 @@ class ChunkLogitTerms:
         """(the logits the loss takes, the state :meth:`grad_` needs, the chunk's z-loss rows
         (float64) or None)."""
         low = None
-        if compensates(logits, self.softcap):
+        if self.softcap is not None and logits.dtype == torch.float32:  # compiled too
             capped, low = exact_softcapped(logits, self.softcap)
         else:
             capped = softcapped(logits, self.softcap, self.dtype)
