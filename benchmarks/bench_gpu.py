@@ -172,6 +172,11 @@ def loss_contenders(num_rows, num_classes, dtype, device, liger_ce):
                                                                    validate_args=False))),
         "el-triton": (leaf, backward(lambda x, t: encouraging_loss(x, t, backend="triton",
                                                                     validate_args=False))),
+        # Gemma 2's cap: the kernels' exact-cap correction costs float64 arithmetic per logit.
+        "torch-ce-softcap30": (leaf, backward(lambda x, t: F.cross_entropy(
+            30.0 * torch.tanh(x / 30.0), t))),
+        "el-triton-softcap30": (leaf, backward(lambda x, t: encouraging_loss(
+            x, t, backend="triton", softcap=30.0, validate_args=False))),
     }  # fmt: skip
 
     def inplace_prepare():
