@@ -170,7 +170,9 @@ class ZLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, _grad_lse):
         logits, lse = ctx.saved_tensors
-        softmax = torch.exp(logits - lse.unsqueeze(-1))
+        # From the logits less their maximum: exp(z - lse) would carry lse's rounding (a unit
+        # of ~|lse|) into every entry.
+        softmax = torch.softmax(logits, dim=-1)
         grad = _z_loss_softmax_(softmax, lse, ctx.z_loss, ctx.row_weight, grad_rows.to(ROW_DTYPE))
         return grad, None, None
 
@@ -226,7 +228,7 @@ class ChunkLogitTerms:
         if self.z_loss != 0.0:
             z_rows = z_loss_rows(lse.to(ROW_DTYPE), self.z_loss, self.row_weight[chunk])
             if want_grads:
-                softmax = torch.exp(capped.to(self.dtype) - lse.unsqueeze(1))
+                softmax = torch.softmax(capped.to(self.dtype), dim=-1)
         return capped, (tanh, lse, softmax, low), z_rows
 
     def correction(self, state, unit_grad: torch.Tensor) -> torch.Tensor:
