@@ -212,26 +212,24 @@ def chunked_linear_el(
             if not want_grads:
                 continue
             buffer = grad_logits
-        elif logit_terms is not None and logit_terms.compensated(extra):
-            # The float32 cap's remainder corrects the value through the unit row gradient.
-            loss, buffer, state = rows.terms(logits, chunk, consume=True)
-            ones = torch.ones(buffer.shape[0], dtype=ROW_DTYPE, device=buffer.device)
-            grad_logits = rows.grad_(buffer, state, ones)
-            loss = loss + logit_terms.correction(extra, grad_logits)
-            row_losses[chunk] = loss if z_rows is None else loss + z_rows
-            del logits, loss, state
-            if not want_grads:
-                continue
-            # Rows without a gradient stay 0 whatever theirs is (a mean over zero items: inf).
-            scale = grad_rows[chunk].to(grad_logits.dtype).unsqueeze(1)
-            grad_logits = torch.where(grad_logits == 0, 0.0, grad_logits * scale)
         else:
             loss, buffer, state = rows.terms(logits, chunk, consume=True)
+            compensated = logit_terms is not None and logit_terms.compensated(extra)
+            if compensated:
+                # The float32 cap's remainder corrects the value through the unit row gradient.
+                ones = torch.ones(buffer.shape[0], dtype=ROW_DTYPE, device=buffer.device)
+                grad_logits = rows.grad_(buffer, state, ones)
+                loss = loss + logit_terms.correction(extra, grad_logits)
             row_losses[chunk] = loss if z_rows is None else loss + z_rows
             del logits, loss
             if not want_grads:
                 continue
-            grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
+            if compensated:
+                # Rows without a gradient stay 0 whatever theirs is (a mean over zero items: inf).
+                scale = grad_rows[chunk].to(grad_logits.dtype).unsqueeze(1)
+                grad_logits = torch.where(grad_logits == 0, 0.0, grad_logits * scale)
+            else:
+                grad_logits = rows.grad_(buffer, state, grad_rows[chunk])
             del state
         if logit_terms is not None:
             grad_logits = logit_terms.grad_(grad_logits, extra, chunk, grad_rows[chunk])
